@@ -12,7 +12,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from . import analyze, models  # noqa: E402,F401  (registers commands)
+# One import per line: each registers its commands on `app`.
+from . import analyze  # noqa: E402,F401
+from . import models  # noqa: E402,F401
 
 
 def main() -> None:
