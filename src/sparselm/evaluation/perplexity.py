@@ -1,0 +1,269 @@
+"""Causal-LM perplexity in one pass: the papers' token perplexity and the harness's word/byte perplexity together.
+
+Two protocols are in use and their numbers are not comparable (protocols.md):
+
+* **token_ppl** (SparseGPT/Wanda): the text is tokenised once as one stream, exactly as `tokenizer(text)` returns it
+  (special tokens included), cut into non-overlapping windows of `seqlen` tokens with the remainder dropped; each
+  window contributes the mean cross-entropy of its `seqlen - 1` shifted predictions; token_ppl = exp(mean over
+  windows).
+* **word_ppl / byte_ppl / bits_per_byte** (lm-evaluation-harness `loglikelihood_rolling`): the summed log-likelihood
+  of every text token, the first conditioned on BOS (else EOS), the rest in disjoint windows of at most `seqlen`
+  tokens, normalised by the words (`re.split(r"\\s+")`, as the harness's wikitext task counts) or UTF-8 bytes of the
+  text.
+
+How one pass yields both: each window's logits are scored against the *next* token at every position, including the
+last position, which predicts the first token of the following window. The window's first `seqlen - 1` predictions
+give token_ppl exactly; together with the last-position predictions they give the log-likelihood of every token
+after the first one up to the end of the last window. Two small extra forwards complete the harness's sum: the first
+text token given the BOS/EOS prefix (only when the tokenizer does not put a special token in front by itself), and
+one tail window for the remainder the papers drop (context of up to `seqlen` earlier tokens, as the harness's last
+window has). Each text token is therefore predicted once, from at most `seqlen` tokens of context; the windows are
+shifted by one token against the harness's, which changes the result by far less than 0.1%
+(benchmarks/eval_parity.py). The whole evaluated text is treated as one document (for `ptb` and `text:` it is one;
+for `wiki` the articles joined with blank lines). With `max_windows` the harness metrics cover the same prefix of
+the text the windows cover, and words and bytes are counted in that prefix only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from torch import nn
+
+from ..errors import SparselmError
+
+DEFAULT_SEQLEN = 2048
+LOGITS_BUDGET_BYTES = 1 << 30
+# Families whose learned positions start after the padding index, so max_position_embeddings overstates the context.
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """The text as one token stream; `ids[text_start:text_end]` are the text's own tokens (no added specials)."""
+
+    ids: torch.Tensor
+    text_start: int
+    text_end: int
+    offsets: list[tuple[int, int]] | None
+
+
+def model_context(model: nn.Module) -> int | None:
+    """How many positions the model can attend to, or None when its positions are unbounded (relative)."""
+    config = model.config
+    config = getattr(config, "get_text_config", lambda: config)()
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            if getattr(config, "model_type", "") in PADDING_OFFSET_POSITIONS:
+                value -= (getattr(config, "pad_token_id", None) or 0) + 1
+            return value
+    return None
+
+
+def resolve_seqlen(model: nn.Module, seqlen: int | None) -> int:
+    """The window length: as asked (checked against the context) or the context clamped to DEFAULT_SEQLEN."""
+    context = model_context(model)
+    if seqlen is None:
+        return min(context or DEFAULT_SEQLEN, DEFAULT_SEQLEN)
+    if seqlen < 2:
+        raise SparselmError(f"--seqlen must be at least 2 tokens, got {seqlen}")
+    if context is not None and seqlen > context:
+        raise SparselmError(
+            f"--seqlen {seqlen} is above the model's context of {context} tokens; use --seqlen {context} or less"
+        )
+    return seqlen
+
+
+def tokenize_stream(tokenizer: Any, text: str) -> TokenStream:
+    """Tokenise once as the papers do, and locate the text's own tokens inside the stream."""
+    full = tokenizer(text, return_attention_mask=False)["input_ids"]
+    plain_enc = tokenizer(text, add_special_tokens=False, return_attention_mask=False, **_offsets_kwargs(tokenizer))
+    plain = plain_enc["input_ids"]
+    start = _find_run(full, plain)
+    offsets = [tuple(o) for o in plain_enc["offset_mapping"]] if "offset_mapping" in plain_enc else None
+    return TokenStream(torch.tensor(full, dtype=torch.long), start, start + len(plain), offsets)
+
+
+def _offsets_kwargs(tokenizer: Any) -> dict[str, bool]:
+    return {"return_offsets_mapping": True} if getattr(tokenizer, "is_fast", False) else {}
+
+
+def _find_run(full: list[int], plain: list[int]) -> int:
+    """Where the special-token-free tokens sit inside the full stream (after a BOS/CLS prefix, typically)."""
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return start
+    raise SparselmError(
+        "the tokenizer splits the text differently with and without special tokens; evaluate with a standard "
+        "Hugging Face tokenizer"
+    )
+
+
+def window_logits_batch(seqlen: int, vocab: int, batch_size: int) -> int:
+    """Windows per forward: as asked, but small enough that the float32 logits stay within LOGITS_BUDGET_BYTES."""
+    per_window = seqlen * vocab * 4 * 2  # logits and the log-softmax inside cross_entropy
+    return max(1, min(batch_size, LOGITS_BUDGET_BYTES // per_window))
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    seqlen: int | None,
+    max_windows: int | None = None,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """token_ppl (SparseGPT/Wanda protocol) and word_ppl, byte_ppl, bits_per_byte (harness) in one pass.
+
+    The model is used as it is (a causal LM whose output has `.logits`); it is not modified and its train/eval
+    mode is restored afterwards. `progress` (a rich Progress) gets one task advanced per window.
+    """
+    if not text:
+        raise SparselmError("the text to evaluate is empty; give a source with text in it")
+    seqlen = resolve_seqlen(model, seqlen)
+    stream = tokenize_stream(tokenizer, text)
+    n = len(stream.ids)
+    available = n // seqlen
+    if available == 0:
+        raise SparselmError(f"the text has {n} tokens, fewer than one window of {seqlen}; use a smaller --seqlen")
+    windows = available if max_windows is None else min(available, max_windows)
+    if windows < 1:
+        raise SparselmError(f"--max-windows must be at least 1, got {max_windows}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            nll, micro = _window_nll(model, stream.ids, seqlen, windows, batch_size, device, progress)
+            token_nll = nll[:, : seqlen - 1].double().mean(dim=1)
+            per_token = torch.full((n,), math.nan, dtype=torch.float64)
+            covered = min(windows * seqlen, n - 1)
+            per_token[1 : covered + 1] = nll.double().flatten()[:covered]
+            truncated = windows < available
+            first_scored = _score_first_token(model, tokenizer, stream, per_token, device)
+            if not truncated:
+                _score_tail(model, stream, per_token, covered, seqlen, device)
+    finally:
+        model.train(was_training)
+    text_end = stream.text_end if not truncated else min(stream.text_end, covered + 1)
+    scored = per_token[stream.text_start if first_scored else stream.text_start + 1 : text_end]
+    loglikelihood = -float(scored.sum())
+    covered_text = text if not truncated else _text_prefix(tokenizer, stream, text_end, text)
+    words = len(re.split(r"\s+", covered_text))
+    n_bytes = len(covered_text.encode("utf-8"))
+    return {
+        "token_ppl": math.exp(float(token_nll.mean())),
+        "word_ppl": math.exp(-loglikelihood / words),
+        "byte_ppl": math.exp(-loglikelihood / n_bytes),
+        "bits_per_byte": -loglikelihood / n_bytes / math.log(2),
+        "seqlen": seqlen,
+        "windows": windows,
+        "windows_available": available,
+        "tokens": n,
+        "token_ppl_predictions": windows * (seqlen - 1),
+        "loglikelihood": loglikelihood,
+        "scored_text_tokens": int(scored.numel()),
+        "first_token_scored": first_scored,
+        "words": words,
+        "bytes": n_bytes,
+        "text_truncated": truncated,
+        "batch_size": micro,
+    }
+
+
+def _window_nll(
+    model: nn.Module,
+    ids: torch.Tensor,
+    seqlen: int,
+    windows: int,
+    batch_size: int,
+    device: torch.device,
+    progress: Progress | None,
+) -> tuple[torch.Tensor, int]:
+    """Per-position NLL of the next token for each window (the last position predicts the next window's first)."""
+    n = len(ids)
+    inputs = ids[: windows * seqlen].view(windows, seqlen)
+    labels = torch.full((windows * seqlen,), -100, dtype=torch.long)
+    stop = min(windows * seqlen + 1, n)
+    labels[: stop - 1] = ids[1:stop]
+    labels = labels.view(windows, seqlen)
+    vocab = _vocab_size(model)
+    micro = window_logits_batch(seqlen, vocab, batch_size)
+    task = progress.add_task(f"perplexity ({windows}×{seqlen} tokens)", total=windows) if progress else None
+    out = torch.empty(windows, seqlen, dtype=torch.float32)
+    for start in range(0, windows, micro):
+        x = inputs[start : start + micro].to(device)
+        y = labels[start : start + micro].to(device)
+        logits = model(input_ids=x).logits
+        out[start : start + micro] = _next_token_nll(logits, y).cpu()
+        if progress is not None:
+            progress.advance(task, len(x))
+    return out, micro
+
+
+def _next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per position in float32; positions labelled -100 get 0."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(flat, labels.reshape(-1), reduction="none").view(labels.shape)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return int(getattr(model.config, "vocab_size", 50_000))
+
+
+def prefix_token_id(tokenizer: Any) -> int | None:
+    """What the harness conditions the first token on: BOS, else EOS."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return None
+
+
+def _score_first_token(
+    model: nn.Module, tokenizer: Any, stream: TokenStream, per_token: torch.Tensor, device: torch.device
+) -> bool:
+    """The first text token's NLL given the BOS/EOS prefix, unless the stream already has a special token before it."""
+    if stream.text_start > 0 or stream.text_end == 0:
+        return stream.text_end > stream.text_start
+    prefix = prefix_token_id(tokenizer)
+    if prefix is None:
+        return False
+    logits = model(input_ids=torch.tensor([[prefix]], device=device)).logits
+    per_token[0] = _next_token_nll(logits[:, -1:], stream.ids[:1].view(1, 1).to(device)).double().cpu().item()
+    return True
+
+
+def _score_tail(
+    model: nn.Module, stream: TokenStream, per_token: torch.Tensor, covered: int, seqlen: int, device: torch.device
+) -> None:
+    """The text tokens after the last full window, predicted from up to `seqlen` earlier tokens (harness style)."""
+    end = stream.text_end
+    remaining = end - 1 - covered
+    if remaining <= 0:
+        return
+    start = max(0, end - 1 - seqlen)
+    x = stream.ids[start : end - 1].view(1, -1).to(device)
+    logits = model(input_ids=x).logits[:, -remaining:]
+    y = stream.ids[end - remaining : end].view(1, -1).to(device)
+    per_token[end - remaining : end] = _next_token_nll(logits, y).double().cpu().flatten()
+
+
+def _text_prefix(tokenizer: Any, stream: TokenStream, text_end: int, text: str) -> str:
+    """The part of the original text covered by the stream's tokens before `text_end`."""
+    last = text_end - stream.text_start
+    if last <= 0:
+        return ""
+    if stream.offsets is not None:
+        return text[: stream.offsets[last - 1][1]]
+    return tokenizer.decode(stream.ids[stream.text_start : text_end].tolist())
