@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..weights import Matrix, model_family, select_matrices
@@ -28,7 +29,7 @@ class Distribution:
     overall_hist: Histogram
     matrices: list[dict[str, Any]]
     sides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    block_hists: dict[tuple[str, int], Histogram] = field(default_factory=dict)
+    block_abs_counts: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
     @property
     def source_note(self) -> str | None:
@@ -61,7 +62,7 @@ def measure_distribution(
     rows: list[dict[str, Any]] = []
     overall = Histogram()
     side_hists: dict[str, Histogram] = {}
-    block_hists: dict[tuple[str, int], Histogram] = {}
+    block_abs_counts: dict[tuple[str, int], torch.Tensor] = {}
     for m in matrices:
         stats, hist = summarize(lambda m=m: [m.weight()])
         rows.append({**_matrix_labels(m), **stats})
@@ -69,7 +70,8 @@ def measure_distribution(
         side_hists.setdefault(m.side, Histogram()).merge(hist)
         if m.block is not None and m.prunable:
             side = "encoder" if m.side == "encoder" else "decoder"
-            block_hists.setdefault((side, m.block), Histogram()).merge(hist)
+            key = (side, m.block)
+            block_abs_counts[key] = block_abs_counts[key] + hist.abs_counts if key in block_abs_counts else hist.abs_counts
         if on_matrix:
             on_matrix(m.name)
     overall_stats, _ = summarize(lambda: (m.weight() for m in matrices), overall)
@@ -88,7 +90,7 @@ def measure_distribution(
         overall_hist=overall,
         matrices=rows,
         sides=sides,
-        block_hists=block_hists,
+        block_abs_counts=block_abs_counts,
     )
 
 

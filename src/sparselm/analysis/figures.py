@@ -10,10 +10,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from ..io import atomic_write_bytes  # noqa: E402
 from .distribution import Distribution  # noqa: E402
-from .stats import Histogram, bin_upper_edges  # noqa: E402
+from .stats import Histogram, bin_upper_edges, cdf_from_counts  # noqa: E402
 
 
 def _title(dist: Distribution, what: str) -> str:
@@ -54,8 +55,8 @@ def weight_histogram_figure(dist: Distribution, path: Path, bins: int = 201) -> 
     _save(fig, path)
 
 
-def _plot_cdf(ax: plt.Axes, hist: Histogram, **kwargs: object) -> None:
-    edges, cdf = hist.cdf()
+def _plot_cdf(ax: plt.Axes, abs_counts: torch.Tensor, **kwargs: object) -> None:
+    edges, cdf = cdf_from_counts(abs_counts)
     nonzero = edges > 0
     ax.plot(np.log2(edges[nonzero]), cdf[nonzero], drawstyle="steps-post", **kwargs)
 
@@ -69,7 +70,7 @@ def _style_cdf_axes(ax: plt.Axes) -> None:
 
 def weight_cdf_figure(dist: Distribution, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
-    _plot_cdf(ax, dist.overall_hist, color="#3b6ea5")
+    _plot_cdf(ax, dist.overall_hist.abs_counts, color="#3b6ea5")
     for q in ("0.5", "0.9", "0.99"):
         x = dist.overall["abs_quantiles"][q]
         if x > 0:
@@ -82,13 +83,13 @@ def weight_cdf_figure(dist: Distribution, path: Path) -> None:
 
 def layer_cdf_figure(dist: Distribution, path: Path) -> None:
     """One CDF per block coloured by depth; encoder and decoder in separate panels for encoder-decoder models."""
-    sides = sorted({side for side, _ in dist.block_hists}, key=lambda s: 0 if s == "encoder" else 1)
+    sides = sorted({side for side, _ in dist.block_abs_counts}, key=lambda s: 0 if s == "encoder" else 1)
     fig, axes = plt.subplots(1, len(sides), figsize=(7 * len(sides), 4), squeeze=False)
     for ax, side in zip(axes[0], sides):
-        blocks = sorted(b for s, b in dist.block_hists if s == side)
+        blocks = sorted(b for s, b in dist.block_abs_counts if s == side)
         cmap = plt.get_cmap("viridis")
         for i, b in enumerate(blocks):
-            _plot_cdf(ax, dist.block_hists[(side, b)], color=cmap(i / max(1, len(blocks) - 1)), lw=1)
+            _plot_cdf(ax, dist.block_abs_counts[(side, b)], color=cmap(i / max(1, len(blocks) - 1)), lw=1)
         _style_cdf_axes(ax)
         ax.set_title(f"{side} blocks (dark = first, yellow = last)" if len(sides) > 1 else "per block")
         norm = matplotlib.colors.Normalize(vmin=0, vmax=max(blocks) if blocks else 1)
@@ -102,7 +103,7 @@ def compare_cdf_figure(dists: list[Distribution], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for dist in dists:
         label = f"{dist.model} ({dist.source_note})" if dist.source_note else dist.model
-        _plot_cdf(ax, dist.overall_hist, label=label)
+        _plot_cdf(ax, dist.overall_hist.abs_counts, label=label)
     _style_cdf_axes(ax)
     ax.legend(fontsize=8)
     ax.set_title("CDF of |w| across models")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 N_ABS_BINS = 32769  # bin 0 = exact zero, bins 1..32768 by the high 16 bits of (bits(|w|) − 1)
-CHUNK = 1 << 20
+CHUNK = 1 << 17
 QUANTILES: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
 POW2_EXPONENTS: tuple[int, ...] = tuple(range(21))
 
@@ -33,10 +33,10 @@ def abs_bin_keys(chunk: torch.Tensor) -> torch.Tensor:
 def bin_upper_edges() -> np.ndarray:
     """Upper edge of each |w| bin (float64); bin 0 is the zero bin with edge 0; the NaN bin has edge inf."""
     keys = np.arange(N_ABS_BINS, dtype=np.int64)
-    bits = (keys << 16).astype(np.uint32)
+    finite = keys < 0x7F80
+    bits = np.where(finite, keys << 16, 0).astype(np.uint32)
     edges = bits.view(np.float32).astype(np.float64)
-    edges[0] = 0.0
-    edges[keys >= 0x7F80] = np.inf
+    edges[~finite] = np.inf
     return edges
 
 
@@ -61,9 +61,10 @@ class Histogram:
             keys = abs_bin_keys(c)
             keys += (c < 0).long() * N_ABS_BINS
             self.signed += torch.bincount(keys, minlength=2 * N_ABS_BINS)
-            self.total += float(c.sum(dtype=torch.float64))
-            self.total_abs += float(c.abs().sum(dtype=torch.float64))
-            self.total_sq += float(torch.dot(c.double(), c.double()))
+            c64 = c.double()
+            self.total += float(c64.sum())
+            self.total_abs += float(c64.abs().sum())
+            self.total_sq += float(torch.dot(c64, c64))
 
     @property
     def positive(self) -> torch.Tensor:
@@ -88,11 +89,15 @@ class Histogram:
         return int(self.abs_counts.sum())
 
     def cdf(self) -> tuple[np.ndarray, np.ndarray]:
-        """(upper edge of |w| bin, fraction of weights with |w| ≤ edge) over non-empty bins."""
-        counts = self.abs_counts.numpy()
-        keep = counts > 0
-        cum = np.cumsum(counts) / max(1, counts.sum())
-        return bin_upper_edges()[keep], cum[keep]
+        return cdf_from_counts(self.abs_counts)
+
+
+def cdf_from_counts(abs_counts: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(upper edge of |w| bin, fraction of weights with |w| ≤ edge) over non-empty bins."""
+    counts = abs_counts.numpy()
+    keep = counts > 0
+    cum = np.cumsum(counts) / max(1, counts.sum())
+    return bin_upper_edges()[keep], cum[keep]
 
 
 def order_statistics(source: TensorSource, hist: Histogram, ranks: Sequence[int]) -> dict[int, float]:
@@ -103,7 +108,9 @@ def order_statistics(source: TensorSource, hist: Histogram, ranks: Sequence[int]
         b = int(torch.searchsorted(cum, torch.tensor(r), right=True))
         wanted[r] = (b, r - (int(cum[b - 1]) if b > 0 else 0))
     bins = sorted({b for b, _ in wanted.values() if b > 0})
-    gathered: dict[int, list[torch.Tensor]] = {b: [] for b in bins}
+    # the histogram says exactly how many values each wanted bin holds: fill preallocated buffers (no fragmentation)
+    buffers = {b: torch.empty(int(hist.abs_counts[b]), dtype=torch.float32) for b in bins}
+    filled = dict.fromkeys(bins, 0)
     if bins:
         wanted_bin = torch.zeros(N_ABS_BINS, dtype=torch.bool)
         wanted_bin[bins] = True
@@ -112,16 +119,15 @@ def order_statistics(source: TensorSource, hist: Histogram, ranks: Sequence[int]
                 a = chunk.float().abs()
                 keys = abs_bin_keys(a)
                 hit = wanted_bin[keys]
-                if hit.any():
-                    for b, v in _split_by_key(keys[hit], a[hit]):
-                        gathered[b].append(v)
-    sorted_bins = {b: torch.sort(torch.cat(vs)).values for b, vs in gathered.items()}
+                if not hit.any():
+                    continue
+                hit_keys, hit_values = keys[hit], a[hit]
+                for b in torch.unique(hit_keys).tolist():
+                    v = hit_values[hit_keys == b]
+                    buffers[b][filled[b] : filled[b] + v.numel()] = v
+                    filled[b] += v.numel()
+    sorted_bins = {b: torch.sort(buf).values for b, buf in buffers.items()}
     return {r: 0.0 if b == 0 else float(sorted_bins[b][i]) for r, (b, i) in wanted.items()}
-
-
-def _split_by_key(keys: torch.Tensor, values: torch.Tensor) -> Iterable[tuple[int, torch.Tensor]]:
-    for k in torch.unique(keys).tolist():
-        yield k, values[keys == k]
 
 
 def _lerp(a: float, b: float, t: float) -> float:
