@@ -29,27 +29,38 @@ def _save(fig: plt.Figure, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _signed_values(hist: Histogram) -> tuple[np.ndarray, np.ndarray]:
-    """Representative value (bin upper edge, signed) and count for every non-empty bin."""
+def _cumulative_at(counts: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """How many |w| ≤ x, spreading each bin's count evenly over its (lower, upper] interval."""
     edges = bin_upper_edges()
+    finite = np.isfinite(edges)
+    return np.interp(x, edges[finite], np.cumsum(counts)[finite])
+
+
+def linear_histogram(hist: Histogram, limit: float, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of w in `bins` equal bins over [-limit, limit], redistributed from the fine log-spaced bins."""
+    edges = np.linspace(-limit, limit, bins + 1)
     pos, neg = hist.positive.numpy(), hist.negative.numpy()
-    values = np.concatenate([-edges[neg > 0], edges[pos > 0]])
-    counts = np.concatenate([neg[neg > 0], pos[pos > 0]])
-    finite = np.isfinite(values)
-    return values[finite], counts[finite]
+    zeros = pos[0] + neg[0]
+    pos, neg = pos.copy(), neg.copy()
+    pos[0] = neg[0] = 0
+    upper = np.maximum(edges[1:], 0.0)
+    lower = np.maximum(edges[:-1], 0.0)
+    counts = _cumulative_at(pos, upper) - _cumulative_at(pos, lower)
+    counts += _cumulative_at(neg, np.maximum(-edges[:-1], 0.0)) - _cumulative_at(neg, np.maximum(-edges[1:], 0.0))
+    counts[np.searchsorted(edges, 0.0, side="right") - 1] += zeros
+    return edges, counts
 
 
 def weight_histogram_figure(dist: Distribution, path: Path, bins: int = 201) -> None:
     """Histogram of w over the central 99.9% of |w| (log counts), the tails summarised in the legend."""
-    values, counts = _signed_values(dist.overall_hist)
     limit = float(dist.overall["abs_quantiles"]["0.999"]) * 1.25 or 1.0
-    inside = np.abs(values) <= limit
+    edges, counts = linear_histogram(dist.overall_hist, limit, bins)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(values[inside], bins=np.linspace(-limit, limit, bins), weights=counts[inside], color="#3b6ea5")
+    ax.stairs(counts, edges, fill=True, color="#3b6ea5")
     ax.set_yscale("log")
     ax.set_xlabel("weight value w")
     ax.set_ylabel("count (log scale)")
-    outside = counts[~inside].sum() / max(1, counts.sum())
+    outside = 1.0 - counts.sum() / max(1, dist.overall["count"])
     ax.set_title(_title(dist, "weight distribution"))
     ax.legend([f"{dist.overall['count']:,} weights; {outside:.3%} beyond ±{limit:.3g}"], loc="upper right", fontsize=8)
     _save(fig, path)
