@@ -15,6 +15,9 @@ app = typer.Typer(
 # One import per line: each registers its commands on `app`.
 from . import analyze  # noqa: E402,F401
 from . import models  # noqa: E402,F401
+from . import prune  # noqa: E402,F401
+from . import evaluate  # noqa: E402,F401
+from . import study  # noqa: E402,F401
 
 
 def main() -> None:

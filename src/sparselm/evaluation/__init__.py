@@ -1,5 +1,6 @@
 """Evaluation: causal-LM and masked-LM perplexity, and sentence(-pair) classification."""
 
 from .perplexity import perplexity
+from .run import evaluate
 
-__all__ = ["perplexity"]
+__all__ = ["evaluate", "perplexity"]

@@ -1,0 +1,100 @@
+"""Which language-modelling head scores which model family (the seed evaluated every model on causal LM).
+
+* decoder-only: the model's own causal-LM head;
+* encoder-only: the family's `*ForCausalLM` class with `is_decoder=True` (causal attention mask). The encoder was
+  trained bidirectionally, so its causal perplexity means something only after causal-LM fine-tuning;
+* encoder-decoder: the family's `*ForCausalLM` decoder (Pegasus, BART: the decoder alone, cross-attention skipped);
+  families without one (T5) get a clear message;
+* `mlm` (encoders only): the masked-LM head, the pre-training-faithful measure (`mlm.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Literal
+
+from torch import nn
+
+from ..errors import SparselmError
+from ..models import load_with_source, read_provenance, resolve
+from ..weights import model_family
+
+Objective = Literal["clm", "mlm"]
+OBJECTIVES: tuple[str, ...] = ("clm", "mlm")
+CAUSAL_HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+MASKED_HEAD_SUFFIXES = ("ForMaskedLM", "ForPreTraining")
+
+
+@dataclass
+class LanguageModel:
+    model: nn.Module
+    tokenizer: Any
+    family: str
+    head: str
+    quantized_from: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+def config_family(config: Any) -> str:
+    return model_family(SimpleNamespace(config=config))
+
+
+def load_language_model(model_or_dir: str, objective: str = "clm") -> LanguageModel:
+    """The model with the head that scores `objective` for its family, its tokenizer, and notes for the reader."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if objective not in OBJECTIVES:
+        raise SparselmError(f"unknown objective '{objective}'; use clm or mlm")
+    source = resolve(model_or_dir)
+    config = AutoConfig.from_pretrained(source.path)
+    family = config_family(config)
+    archs = getattr(config, "architectures", None) or []
+    finetuned_on = read_provenance(source.path).get("finetuned_task")
+    notes: list[str] = []
+    if objective == "mlm":
+        if family != "encoder-only":
+            raise SparselmError(
+                f"--objective mlm needs an encoder-only (BERT-like) model; '{model_or_dir}' is {family}: use --objective clm"
+            )
+        head, overrides = "masked-lm", {}
+        if not any(a.endswith(MASKED_HEAD_SUFFIXES) for a in archs):
+            notes.append("the checkpoint has no masked-LM head weights: the head is newly initialised, so mlm_ppl "
+                         "measures an untrained head")
+    else:
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise SparselmError(
+                f"{config.model_type} has no causal-LM (*ForCausalLM) class in transformers, so '{model_or_dir}' has no "
+                "causal perplexity; evaluate it on a classification task (e.g. --task wiki-pair)"
+                + (" or with --objective mlm" if family == "encoder-only" else "")
+            )
+        head = "causal-lm"
+        overrides = {"is_decoder": True} if family == "encoder-only" else {}
+        if family == "encoder-only":
+            notes.append("encoder-only model scored through its causal-LM head (is_decoder=True): meaningful only "
+                         "after causal-LM fine-tuning" + (f" (fine-tuned on {finetuned_on})" if finetuned_on else
+                                                          "; this one was not fine-tuned for it"))
+        elif family == "encoder-decoder":
+            notes.append(f"encoder-decoder model scored through its decoder alone ({MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]}, no encoder input)")
+        if not any(a.endswith(CAUSAL_HEAD_SUFFIXES) for a in archs) and family != "encoder-only":
+            notes.append("the checkpoint has no LM head weights of its own: the head is newly initialised or tied")
+    model, source = load_with_source(model_or_dir, head=head, config_overrides=overrides)
+    tokenizer = load_text_tokenizer(model_or_dir)
+    return LanguageModel(model, tokenizer, family, head, source.quantized_from, notes)
+
+
+def load_text_tokenizer(model_or_dir: str) -> Any:
+    """The model's tokenizer, or a clear message when the directory has none."""
+    from ..models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(model_or_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SparselmError(
+            f"no usable tokenizer for '{model_or_dir}' ({str(exc).splitlines()[0][:120]}); save the tokenizer in the "
+            "model directory (tokenizer.save_pretrained(DIR))"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer

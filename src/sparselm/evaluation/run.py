@@ -1,0 +1,101 @@
+"""`evaluate`: one entry point for every task and objective, returning a JSON-able dict with the settings used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.progress import Progress
+
+from ..data import joined_text, normalise_split, parse_source
+from ..errors import SparselmError
+from ..weights import select_matrices, sparsity_of
+from .classification import DEFAULT_MAX_LENGTH, classify, load_classifier
+from .mlm import masked_perplexity
+from .objectives import load_language_model
+from .perplexity import model_context, perplexity
+from .tasks import check_task, classification_task, is_classification
+
+
+def evaluate(
+    model_or_dir: str,
+    task: str,
+    *,
+    split: str = "test",
+    seqlen: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 8,
+    objective: str = "clm",
+    data_dir: Path | None = None,
+    max_examples: int | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Evaluate a model on a language-modelling source (perplexities) or a classification task (accuracy, F1)."""
+    check_task(task)
+    split = normalise_split(split)
+    if batch_size < 1:
+        raise SparselmError(f"--batch-size must be at least 1, got {batch_size}")
+    if is_classification(task):
+        return _evaluate_classification(model_or_dir, task, split, batch_size, data_dir, max_examples, seed, progress)
+    return _evaluate_lm(model_or_dir, task, split, seqlen, max_windows, batch_size, objective, data_dir, seed, progress)
+
+
+def _evaluate_lm(
+    model_or_dir: str, task: str, split: str, seqlen: int | None, max_windows: int | None, batch_size: int,
+    objective: str, data_dir: Path | None, seed: int, progress: Progress | None,
+) -> dict[str, Any]:
+    source = parse_source(task)
+    text = joined_text(source, split, data_dir)
+    lm = load_language_model(model_or_dir, objective)
+    if objective == "mlm":
+        metrics = masked_perplexity(lm.model, lm.tokenizer, text, seqlen, max_windows, batch_size, seed, progress)
+    else:
+        metrics = perplexity(lm.model, lm.tokenizer, text, seqlen, max_windows, batch_size, progress)
+    return {
+        "model": model_or_dir,
+        "task": source.describe(),
+        "split": "whole file" if source.kind == "text" else split,
+        "objective": objective,
+        **metrics,
+        "settings": {
+            "join": source.join, "seqlen": metrics["seqlen"], "max_windows": max_windows, "batch_size": batch_size,
+            "data_dir": str(data_dir) if data_dir else None, "head": lm.head, "family": lm.family,
+            "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        },
+        "sparsity": sparsity_of(select_matrices(lm.model)),
+        "quantized_from": lm.quantized_from,
+        "notes": lm.notes,
+    }
+
+
+def _evaluate_classification(
+    model_or_dir: str, task: str, split: str, batch_size: int, data_dir: Path | None, max_examples: int | None,
+    seed: int, progress: Progress | None,
+) -> dict[str, Any]:
+    spec = classification_task(task)
+    examples = spec.examples(split, data_dir, max_examples)
+    loaded = load_classifier(model_or_dir, spec, seed)
+    max_length = min(DEFAULT_MAX_LENGTH, model_context(loaded.model) or DEFAULT_MAX_LENGTH)
+    metrics = classify(loaded.model, loaded.tokenizer, examples, spec.num_labels, batch_size, max_length, progress)
+    notes = [] if loaded.head_trained else [
+        f"the {loaded.head} head was not fine-tuned on {task}: it is randomly initialised (seed {seed}), so these "
+        f"numbers are a chance baseline; fine-tune first with `sparselm finetune MODEL --task {task}`"
+    ]
+    return {
+        "model": model_or_dir,
+        "task": task,
+        "split": spec.split_used(split),
+        **metrics,
+        "settings": {
+            "max_examples": max_examples, "batch_size": batch_size, "max_length": max_length, "head": loaded.head,
+            "head_trained": loaded.head_trained, "num_labels": spec.num_labels, "seed": seed,
+            "data_dir": str(data_dir) if data_dir else None,
+        },
+        "sparsity": sparsity_of(select_matrices(_backbone(loaded.model))),
+        "notes": notes,
+    }
+
+
+def _backbone(model: Any) -> Any:
+    return getattr(model, "backbone", model)
