@@ -1,0 +1,320 @@
+"""What one cell of the study is and what it does.
+
+A cell is (model, method, options, sparsity, task). `plan` lists them in an order where every cell comes after the
+prune cell whose model it measures; `run_cell` does one, calling the toolkit's own APIs (pruning, evaluation,
+fine-tuning, packing, benchmarking, analysis) exactly as a user would, and returns JSON-able metrics.
+
+Pruned models live in a shared directory, DIR/models/<model>/<method>-s<sparsity>/, written atomically by
+`prune_to_dir`; a later cell (or a restarted study, or a Ray worker on another node sharing DIR) reuses a complete one.
+Scratch outputs (fine-tuned and packed copies) live in DIR/work/ and are removed once measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..errors import SparselmError
+from ..models import EMBEDDED, model_slug
+from .config import MethodSpec, StudyConfig, task_kind
+from .store import Row, canonical
+
+DENSE = "dense"
+MODELS_DIR = "models"
+WORK_DIR = "work"
+ANALYSIS_DIR = "analysis"
+PACKAGES = ("sparselm", "torch", "transformers", "safetensors", "accelerate", "numpy", "ray")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work; its key (without the config hash, which the store adds) identifies its result."""
+
+    model: str
+    method: str
+    options: str  # canonical JSON of the method's options ("{}" for the dense model)
+    sparsity: float
+    task: str  # analyze | prune | a task name (ptb, wiki-pair, ...) | pack | bench
+
+    @property
+    def key(self) -> tuple[str, str, str, float, str]:
+        return (self.model, self.method, self.options, self.sparsity, self.task)
+
+    @property
+    def kind(self) -> str:
+        return self.task if self.task in ("analyze", "prune", "pack", "bench") else task_kind(self.task)
+
+    @property
+    def prune_cell(self) -> Cell | None:
+        """The cell that makes this cell's model (None for the dense model and for the prune cell itself)."""
+        if self.method == DENSE or self.task == "prune":
+            return None
+        return Cell(self.model, self.method, self.options, self.sparsity, "prune")
+
+    @property
+    def label(self) -> str:
+        what = "dense" if self.method == DENSE else f"{self.method} s={self.sparsity:g}"
+        return f"{model_slug(self.model)} {what} {self.task}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def scratch_name(self) -> str:
+        return hashlib.sha256(canonical(self.to_json()).encode()).hexdigest()[:16]
+
+
+def plan(config: StudyConfig) -> list[Cell]:
+    """Every cell of the study, each after the prune cell it depends on."""
+    cells: list[Cell] = []
+    for spec in config.models:
+        measures = [*spec.tasks, *(["pack"] if config.size.enabled else []), *(["bench"] if config.runtime.enabled else [])]
+        if config.analyze:
+            cells.append(Cell(spec.name, DENSE, "{}", 0.0, "analyze"))
+        if 0.0 in config.sparsities:
+            cells += [Cell(spec.name, DENSE, "{}", 0.0, task) for task in measures]
+        for method in config.methods:
+            options = canonical(method.options())
+            for sparsity in (s for s in config.sparsities if s > 0):
+                cells.append(Cell(spec.name, method.method, options, sparsity, "prune"))
+                cells += [Cell(spec.name, method.method, options, sparsity, task) for task in measures]
+    return cells
+
+
+def method_spec(cell: Cell) -> MethodSpec:
+    return MethodSpec(method=cell.method, **json.loads(cell.options))
+
+
+def model_dir(out: Path, cell: Cell) -> Path:
+    """Where the pruned model of this cell lives in the shared directory."""
+    return Path(out) / MODELS_DIR / model_slug(cell.model) / f"{method_spec(cell).slug}-s{cell.sparsity:g}"
+
+
+def model_ref(out: Path, cell: Cell) -> str:
+    """What the measuring APIs are given: the original model for dense cells, else the pruned directory."""
+    return cell.model if cell.method == DENSE else str(model_dir(out, cell))
+
+
+def is_complete_model_dir(path: Path) -> bool:
+    """A pruned directory appears by one rename once fully written, so its presence with both files means complete."""
+    return (path / "config.json").is_file() and (path / "sparsity.json").is_file()
+
+
+def run_cell(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
+    """Do one cell and return {metrics, settings}; raises on failure (the executor records the error)."""
+    runners = {
+        "analyze": _analyze,
+        "prune": _prune,
+        "perplexity": _perplexity,
+        "classification": _classification,
+        "pack": _pack,
+        "bench": _bench,
+    }
+    return runners[cell.kind](cell, config, Path(out))
+
+
+def execute(cell_json: dict[str, Any], config_json: dict[str, Any], out: str, executor: str) -> dict[str, Any]:
+    """Run a cell and describe the outcome as a stored row (as JSON); never raises for a failing cell.
+
+    This is the function a worker process or Ray task runs: everything in and out is plain JSON.
+    """
+    cell = Cell(**cell_json)
+    config = StudyConfig.model_validate(config_json)
+    started = time.time()
+    t0 = time.perf_counter()
+    try:
+        result = run_cell(cell, config, Path(out))
+        status, error = "ok", None
+    except SparselmError as exc:
+        result, status, error = {}, "failed", str(exc)
+    except Exception as exc:  # noqa: BLE001 - a broken cell must not stop the study; its row says what happened
+        tb = traceback.extract_tb(exc.__traceback__)[-1]
+        result, status, error = {}, "failed", f"{type(exc).__name__}: {exc} (at {Path(tb.filename).name}:{tb.lineno})"
+    row = Row(
+        model=cell.model,
+        method=cell.method,
+        options=json.loads(cell.options),
+        sparsity=cell.sparsity,
+        task=cell.task,
+        kind=cell.kind,
+        status=status,
+        metrics=result.get("metrics", {}),
+        settings=result.get("settings", {}),
+        provenance=provenance(config, executor),
+        error=error,
+        started=started,
+        seconds=time.perf_counter() - t0,
+    )
+    return row.to_json()
+
+
+def skipped(cell: Cell, config: StudyConfig, executor: str, reason: str) -> dict[str, Any]:
+    """The row of a cell that could not run because the cell it depends on failed."""
+    return Row(
+        model=cell.model, method=cell.method, options=json.loads(cell.options), sparsity=cell.sparsity,
+        task=cell.task, kind=cell.kind, status="failed", metrics={}, settings={},
+        provenance=provenance(config, executor), error=reason, started=time.time(), seconds=0.0,
+    ).to_json()
+
+
+def provenance(config: StudyConfig, executor: str) -> dict[str, Any]:
+    import torch
+
+    return {
+        "packages": {p: _version(p) for p in PACKAGES},
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "seed": config.seed,
+        "config_hash": config.hash,
+        "executor": executor,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def estimated_memory_bytes(model: str) -> int | None:
+    """A cell's memory need for Ray scheduling: a few copies of the fp32 weights plus working room."""
+    if model in EMBEDDED:
+        weights = EMBEDDED[model].parameters * 4
+    else:
+        files = list(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []
+        if not files:
+            return None
+        weights = sum(f.stat().st_size for f in files)
+    return int(4 * weights + 512 * 2**20)
+
+
+def scratch_dir(out: Path, cell: Cell) -> Path:
+    return Path(out) / WORK_DIR / cell.scratch_name
+
+
+# --- the six kinds of cell --------------------------------------------------------------------------------------
+
+
+def _analyze(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
+    from ..analysis import measure_distribution, write_distribution
+    from ..models import load_with_source
+
+    model, source = load_with_source(cell.model)
+    slug = model_slug(cell.model)
+    dist = measure_distribution(model, slug, source.quantized_from)
+    path = write_distribution(dist, out / ANALYSIS_DIR, slug)
+    overall = dist.overall
+    return {
+        "metrics": {
+            "weights": overall["count"],
+            "matrices": len(dist.matrices),
+            "zero_fraction": overall["zero_fraction"],
+            "median_abs": overall["abs_quantiles"]["0.5"],
+            "fraction_abs_le_2^-10": overall["fraction_abs_le_2pow_minus_k"]["10"],
+            "quantized_from": dist.quantized_from,
+            "dir": str(path.relative_to(out)),
+        },
+        "settings": {"include_embeddings": False},
+    }
+
+
+def prune_settings(cell: Cell, config: StudyConfig) -> Any:
+    from ..pruning import PruneSettings
+
+    spec = method_spec(cell)
+    cal = config.calibration
+    return PruneSettings(
+        method=spec.method,
+        sparsity=cell.sparsity,
+        scope=spec.scope,
+        pattern=spec.pattern,
+        allocation=spec.allocation,
+        calib=cal.source,
+        calib_samples=cal.samples,
+        calib_seqlen=cal.seqlen,
+        seed=cal.seed,
+        include_embeddings=spec.include_embeddings,
+    )
+
+
+def _prune(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
+    from ..pruning import prune_to_dir
+
+    target = model_dir(out, cell)
+    settings = prune_settings(cell, config)
+    reused = is_complete_model_dir(target)
+    if reused:
+        report = json.loads((target / "sparsity.json").read_text(encoding="utf-8"))
+    else:
+        report = prune_to_dir(cell.model, settings, target)
+    metrics = {k: v for k, v in report.items() if not isinstance(v, (list, dict))}
+    metrics.update({"dir": str(target.relative_to(out)), "reused_existing_dir": reused})
+    return {"metrics": metrics, "settings": settings.model_dump(mode="json")}
+
+
+def _perplexity(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
+    from ..evaluation import evaluate
+
+    ppl = config.perplexity
+    settings = {"split": ppl.split, "seqlen": ppl.seqlen, "max_windows": ppl.max_windows, "batch_size": ppl.batch_size}
+    metrics = evaluate(model_ref(out, cell), cell.task, **settings)
+    return {"metrics": metrics, "settings": settings}
+
+
+def _classification(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
+    from ..evaluation import evaluate
+    from ..finetune import finetune
+
+    spec = next(m for m in config.models if m.name == cell.model)
+    ft = config.finetune
+    ft_settings = {
+        "epochs": ft.epochs, "lr": ft.lr, "max_steps": config.finetune_steps(spec), "batch_size": ft.batch_size,
+        "max_examples": ft.max_examples, "seed": config.seed,
+    }
+    cls = config.classification
+    eval_settings = {"split": cls.split, "max_examples": cls.max_examples, "batch_size": cls.batch_size}
+    work = scratch_dir(out, cell)
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        tuned = finetune(model_ref(out, cell), cell.task, work / "finetuned", **ft_settings)
+        metrics = evaluate(str(work / "finetuned"), cell.task, **eval_settings)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"metrics": {**metrics, "finetune": _scalars(tuned)}, "settings": {"finetune": ft_settings, "eval": eval_settings}}
+
+
+def _pack(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
+    from ..models import resolve
+    from ..storage import pack
+
+    source = resolve(cell.model).path if cell.method == DENSE else model_dir(out, cell)
+    settings = {"format": config.size.format, "dtype": config.size.dtype}
+    work = scratch_dir(out, cell)
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        sizes = pack(source, work / "packed", **settings)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"metrics": sizes, "settings": settings}
+
+
+def _bench(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
+    from ..runtime import bench
+
+    settings = {"tokens": config.runtime.tokens, "threads": config.runtime.threads}
+    return {"metrics": bench(model_ref(out, cell), **settings), "settings": settings}
+
+
+def _scalars(report: dict[str, Any]) -> dict[str, Any]:
+    """The top-level numbers and strings of a report (per-matrix detail stays in the model directory)."""
+    return {k: v for k, v in report.items() if not isinstance(v, (list, dict))}

@@ -1,0 +1,123 @@
+"""Study configs: the shipped default, quick overrides, and every problem of a bad file listed at once with its line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sparselm.cli import app
+from sparselm.errors import SparselmError
+from sparselm.study.cells import plan
+from sparselm.study.config import default_config_text, load_config, parse_config
+
+
+def test_default_config_is_the_seed_study() -> None:
+    config = load_config(None)
+    assert [m.name for m in config.models] == ["smollm2-135m", "minilm-l6"]
+    assert config.sparsities == [0.0, 0.1, 0.5, 0.9, 0.95, 0.99]
+    assert [(m.method, m.scope) for m in config.methods] == [
+        ("magnitude", "global"), ("wanda", "layer"), ("sparsegpt", "layer"),
+    ]
+    decoder, encoder = config.models
+    assert decoder.tasks == ["ptb", "wiki", "wiki-pair"] and encoder.tasks == ["wiki-pair"]
+    assert config.size.enabled and config.runtime.enabled
+    # The shipped file is readable YAML a user can copy (comments included).
+    assert "# The default sparselm study" in default_config_text()
+
+
+def test_quick_merges_overrides_and_changes_the_hash() -> None:
+    full, quick = load_config(None), load_config(None, quick=True)
+    assert quick.sparsities == [0.0, 0.5, 0.9]
+    assert quick.calibration.samples == 4 and quick.calibration.seed == full.calibration.seed  # merged key by key
+    assert quick.hash != full.hash
+    assert len(plan(quick)) < len(plan(full))
+
+
+def test_plan_puts_every_cell_after_its_prune_cell() -> None:
+    cells = plan(load_config(None))
+    seen = set()
+    for cell in cells:
+        assert cell.key not in seen
+        if cell.prune_cell is not None:
+            assert cell.prune_cell.key in seen
+        seen.add(cell.key)
+    dense = [c for c in cells if c.method == "dense"]
+    assert {c.sparsity for c in dense} == {0.0}  # the dense baseline is measured once per model, not per method
+    assert {c.task for c in dense if "minilm" in c.model} == {"analyze", "wiki-pair", "pack", "bench"}
+
+
+BAD = """\
+name: broken
+models:
+  - name: no-such-model
+    tasks:
+      - ptb
+      - translation
+  - name: minilm-l6
+    taks: [wiki-pair]
+methods:
+  - method: magnitude
+    scope: global
+  - method: obs
+sparsities: [0, 0.5, 1.2]
+perplexity: {seqlen: 128, windows: 4}
+quick:
+  sparsities: [-0.1]
+"""
+
+
+def test_bad_config_lists_every_problem_with_its_line() -> None:
+    with pytest.raises(SparselmError) as err:
+        parse_config(BAD, "bad.yaml", Path("."))
+    message = str(err.value)
+    expected = [
+        "bad.yaml:3: models.0.name: unknown model 'no-such-model'",
+        "bad.yaml:6: models.0.tasks.1: unknown task 'translation'",
+        "bad.yaml:8: models.1.taks: unknown key 'taks'",
+        "bad.yaml:12: methods.1.method:",
+        "bad.yaml:13: sparsities.2: Input should be less than 1",
+        "bad.yaml:14: perplexity.windows: unknown key 'windows'",
+        "bad.yaml:16: quick.sparsities.0: Input should be greater than or equal to 0",
+    ]
+    for line in expected:
+        assert line in message, (line, message)
+    assert "(7 problems)" in message
+
+
+def test_missing_sections_and_non_mapping() -> None:
+    with pytest.raises(SparselmError, match=r"x.yaml:1: models: Field required"):
+        parse_config("methods: [{method: magnitude}]\nsparsities: [0.5]\n", "x.yaml", Path("."))
+    with pytest.raises(SparselmError, match="must be a YAML mapping"):
+        parse_config("- 1\n- 2\n", "x.yaml", Path("."))
+    with pytest.raises(SparselmError, match="not valid YAML"):
+        parse_config("models: [\n", "x.yaml", Path("."))
+
+
+def test_quick_without_section_is_refused(tmp_path: Path) -> None:
+    text = yaml.safe_dump({"models": [{"name": "minilm-l6"}], "methods": [{"method": "magnitude"}], "sparsities": [0.5]})
+    (tmp_path / "s.yaml").write_text(text)
+    assert load_config(tmp_path / "s.yaml").sparsities == [0.5]
+    with pytest.raises(SparselmError, match="no `quick:` section"):
+        load_config(tmp_path / "s.yaml", quick=True)
+
+
+def test_relative_model_dirs_are_taken_from_the_config_file(tmp_path: Path, tiny_dir) -> None:
+    model = tiny_dir("bert")
+    (tmp_path / "cfg").mkdir()
+    rel = Path("..") / model.relative_to(tmp_path)
+    text = f"models: [{{name: {rel}}}]\nmethods: [{{method: magnitude}}]\nsparsities: [0.5]\n"
+    (tmp_path / "cfg" / "s.yaml").write_text(text)
+    assert load_config(tmp_path / "cfg" / "s.yaml").models[0].name == str(model.resolve())
+
+
+def test_cli_reports_all_problems_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text(BAD)
+    result = CliRunner().invoke(app, ["study", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert "7 problems" in result.output and "bad.yaml:8: models.1.taks: unknown key 'taks'" in result.output
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written
+    printed = CliRunner().invoke(app, ["study", "--print-default"])
+    assert printed.exit_code == 0 and printed.stdout == default_config_text()
