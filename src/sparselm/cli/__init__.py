@@ -17,6 +17,7 @@ from . import analyze  # noqa: E402,F401
 from . import models  # noqa: E402,F401
 from . import prune  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
+from . import finetune  # noqa: E402,F401
 from . import study  # noqa: E402,F401
 
 

@@ -19,7 +19,7 @@ from rich.progress import Progress
 from torch import nn
 
 from ..errors import SparselmError
-from .perplexity import resolve_seqlen, window_logits_batch
+from .perplexity import find_run, resolve_seqlen, window_logits_batch
 
 MASK_FRACTION = 0.15
 
@@ -31,7 +31,8 @@ def masked_windows(
     if tokenizer.mask_token_id is None:
         raise SparselmError("the tokenizer has no [MASK] token, so masked-LM perplexity cannot be measured")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    body = seqlen - tokenizer.num_special_tokens_to_add(pair=False)
+    prefix, suffix = special_wrapping(tokenizer)
+    body = seqlen - len(prefix) - len(suffix)
     if body < 1:
         raise SparselmError(f"--seqlen {seqlen} leaves no room for text between the special tokens; raise it")
     available = len(ids) // body
@@ -42,9 +43,8 @@ def masked_windows(
     inputs, labels = [], []
     for w in range(windows):
         chunk = ids[w * body : (w + 1) * body]
-        full = torch.tensor(tokenizer.build_inputs_with_special_tokens(chunk), dtype=torch.long)
-        offset = _text_offset(tokenizer, full.tolist(), chunk)
-        chosen = torch.randperm(body, generator=generator)[: max(1, round(fraction * body))] + offset
+        full = torch.tensor(prefix + chunk + suffix, dtype=torch.long)
+        chosen = torch.randperm(body, generator=generator)[: max(1, round(fraction * body))] + len(prefix)
         label = torch.full_like(full, -100)
         label[chosen] = full[chosen]
         full[chosen] = tokenizer.mask_token_id
@@ -53,11 +53,12 @@ def masked_windows(
     return torch.stack(inputs), torch.stack(labels), available
 
 
-def _text_offset(tokenizer: Any, full: list[int], chunk: list[int]) -> int:
-    for start in range(len(full) - len(chunk) + 1):
-        if full[start : start + len(chunk)] == chunk:
-            return start
-    raise SparselmError("the tokenizer's special tokens could not be located around the text; use a standard tokenizer")
+def special_wrapping(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a single text (e.g. [CLS] and [SEP])."""
+    full = tokenizer("a", return_attention_mask=False)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    start = find_run(full, plain)
+    return full[:start], full[start + len(plain) :]
 
 
 def masked_perplexity(

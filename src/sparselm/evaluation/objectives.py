@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from ..errors import SparselmError
@@ -79,9 +80,28 @@ def load_language_model(model_or_dir: str, objective: str = "clm") -> LanguageMo
             notes.append(f"encoder-decoder model scored through its decoder alone ({MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]}, no encoder input)")
         if not any(a.endswith(CAUSAL_HEAD_SUFFIXES) for a in archs) and family != "encoder-only":
             notes.append("the checkpoint has no LM head weights of its own: the head is newly initialised or tied")
-    model, source = load_with_source(model_or_dir, head=head, config_overrides=overrides)
+    if family == "encoder-decoder" and not any(a.endswith("ForCausalLM") for a in archs):
+        seq2seq, source = load_with_source(model_or_dir, head="seq2seq-lm")
+        model = decoder_as_causal_lm(seq2seq)
+    else:
+        model, source = load_with_source(model_or_dir, head=head, config_overrides=overrides)
     tokenizer = load_text_tokenizer(model_or_dir)
     return LanguageModel(model, tokenizer, family, head, source.quantized_from, notes)
+
+
+def decoder_as_causal_lm(seq2seq: nn.Module) -> nn.Module:
+    """The family's *ForCausalLM holding the decoder and LM head of an encoder-decoder model.
+
+    Loading the *ForCausalLM class straight from a seq2seq checkpoint would leave its embeddings newly initialised
+    (the checkpoint stores them as the shared `model.shared`), so the trained tensors are copied over explicitly.
+    """
+    from transformers import AutoModelForCausalLM
+
+    causal = AutoModelForCausalLM.from_config(seq2seq.config, dtype=next(seq2seq.parameters()).dtype)
+    causal.get_decoder().load_state_dict(seq2seq.get_decoder().state_dict())
+    with torch.no_grad():
+        causal.get_output_embeddings().weight.copy_(seq2seq.get_output_embeddings().weight)
+    return causal.eval()
 
 
 def load_text_tokenizer(model_or_dir: str) -> Any:

@@ -86,7 +86,7 @@ def tokenize_stream(tokenizer: Any, text: str) -> TokenStream:
     full = tokenizer(text, return_attention_mask=False)["input_ids"]
     plain_enc = tokenizer(text, add_special_tokens=False, return_attention_mask=False, **_offsets_kwargs(tokenizer))
     plain = plain_enc["input_ids"]
-    start = _find_run(full, plain)
+    start = find_run(full, plain)
     offsets = [tuple(o) for o in plain_enc["offset_mapping"]] if "offset_mapping" in plain_enc else None
     return TokenStream(torch.tensor(full, dtype=torch.long), start, start + len(plain), offsets)
 
@@ -95,7 +95,7 @@ def _offsets_kwargs(tokenizer: Any) -> dict[str, bool]:
     return {"return_offsets_mapping": True} if getattr(tokenizer, "is_fast", False) else {}
 
 
-def _find_run(full: list[int], plain: list[int]) -> int:
+def find_run(full: list[int], plain: list[int]) -> int:
     """Where the special-token-free tokens sit inside the full stream (after a BOS/CLS prefix, typically)."""
     for start in range(len(full) - len(plain) + 1):
         if full[start : start + len(plain)] == plain:

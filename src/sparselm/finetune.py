@@ -1,0 +1,246 @@
+"""Fine-tuning that keeps pruned weights pruned, on the Hugging Face Trainer (accelerate underneath).
+
+The mask is the set of exact zeros of every weight matrix (`sparselm.weights.select_matrices`, embeddings and heads
+included) when training starts. Three things keep those entries at zero, because any one alone can be defeated:
+
+1. a gradient hook multiplies each masked weight's gradient by the mask, so pruned entries get no gradient (and do
+   not count towards gradient clipping);
+2. an optimizer step post-hook multiplies the weight by the mask after every optimizer step, which undoes any drift
+   from weight decay or numerical noise;
+3. the same hook zeroes the pruned entries of the optimizer's per-weight state (Adam's moments, SGD's momentum
+   buffer), so momentum accumulated before a mask existed, or restored from a checkpoint, cannot revive them.
+
+Tasks: the classification tasks (`wiki-pair`, `wiki-topic`, `mrpc`) and causal LM on a text source (`ptb`, `wiki`,
+`wikitext2`, `text:PATH`). The output directory is written atomically: the model and tokenizer, `provenance.json`
+(with the task added), the source's `sparsity.json` when there is one, and `finetune.json` with the settings, the
+training loss and the sparsity of every matrix before and after.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from rich.progress import Progress
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .data import joined_text, parse_source
+from .errors import SparselmError
+from .evaluation.classification import DEFAULT_MAX_LENGTH, encode, load_classifier
+from .evaluation.objectives import load_language_model
+from .evaluation.perplexity import model_context
+from .evaluation.tasks import check_task, classification_task, is_classification
+from .io import atomic_dir, atomic_write_json, ensure_writable_dir
+from .models import read_provenance, resolve, write_provenance
+from .weights import select_matrices
+
+OptimizerName = Literal["adamw", "sgd"]
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+DEFAULT_LR = 5e-5
+DEFAULT_LM_SEQLEN = 512
+SGD_MOMENTUM = 0.9
+
+
+class MaskKeeper:
+    """The keep-masks (True = kept) of the weight matrices that hold zeros, and the hooks that enforce them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.masks: list[tuple[str, nn.Parameter, torch.Tensor]] = []
+        for matrix in select_matrices(model, include_embeddings=True):
+            param = matrix.parameter
+            keep = param.detach() != 0
+            if not bool(keep.all()):
+                self.masks.append((matrix.name, param, keep))
+
+    @contextmanager
+    def attached(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+        """Gradient hooks and an optimizer post-step hook for the duration of training; always removed after."""
+        handles = [param.register_hook(_masking_hook(keep)) for _, param, keep in self.masks]
+        handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply(opt)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero the pruned entries of each weight and of its optimizer state (moments, momentum buffers)."""
+        for _, param, keep in self.masks:
+            keep = keep.to(param.device)
+            param.mul_(keep)
+            state = optimizer.state.get(param, {}) if optimizer is not None else {}
+            for value in state.values():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    value.mul_(keep)
+
+
+def _masking_hook(keep: torch.Tensor):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return grad * keep.to(grad.device)
+
+    return hook
+
+
+def matrix_sparsity(model: nn.Module) -> dict[str, dict[str, float | int]]:
+    """Zeros and sparsity of every weight matrix, by name."""
+    rows = {}
+    for matrix in select_matrices(model, include_embeddings=True):
+        zeros = int((matrix.parameter == 0).sum())
+        rows[matrix.name] = {"zeros": zeros, "numel": matrix.numel, "sparsity": zeros / matrix.numel}
+    return rows
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM)
+    raise SparselmError(f"unknown optimizer '{name}'; use one of: {', '.join(OPTIMIZERS)}")
+
+
+def finetune(
+    model_or_dir: str,
+    task: str,
+    out_dir: Path,
+    *,
+    epochs: float = 3.0,
+    lr: float = DEFAULT_LR,
+    max_steps: int | None = None,
+    batch_size: int = 8,
+    max_examples: int | None = None,
+    seed: int = 0,
+    optimizer: str = "adamw",
+    seqlen: int | None = None,
+    data_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Fine-tune on `task`'s train split keeping every pruned weight at zero; write the model to `out_dir`."""
+    check_task(task)
+    _check_budget(epochs, lr, max_steps, batch_size, max_examples)
+    if optimizer not in OPTIMIZERS:
+        raise SparselmError(f"unknown optimizer '{optimizer}'; use one of: {', '.join(OPTIMIZERS)}")
+    out_dir = Path(out_dir)
+    ensure_writable_dir(out_dir.parent)
+    model, tokenizer, dataset, collator, extra = _prepare(model_or_dir, task, max_examples, seed, seqlen, data_dir)
+    before = matrix_sparsity(model)
+    keeper = MaskKeeper(model)
+    opt = make_optimizer(model, optimizer, lr)
+    train_loss, steps = _train(model, dataset, collator, opt, keeper, epochs, max_steps, batch_size, seed, progress)
+    after = matrix_sparsity(model)
+    report = {
+        "model": model_or_dir,
+        "task": task,
+        "out": str(out_dir),
+        "train_loss": train_loss,
+        "steps": steps,
+        "examples": len(dataset),
+        "settings": {
+            "epochs": epochs, "lr": lr, "max_steps": max_steps, "batch_size": batch_size, "max_examples": max_examples,
+            "seed": seed, "optimizer": optimizer, "momentum": SGD_MOMENTUM if optimizer == "sgd" else None, **extra,
+        },
+        "masked_matrices": len(keeper.masks),
+        "sparsity_identical": all(before[k]["zeros"] == after[k]["zeros"] for k in before),
+        "sparsity_before": before,
+        "sparsity_after": after,
+    }
+    _save(model, tokenizer, model_or_dir, task, out_dir, report)
+    return report
+
+
+def _check_budget(epochs: float, lr: float, max_steps: int | None, batch_size: int, max_examples: int | None) -> None:
+    if not epochs > 0 or not math.isfinite(epochs):
+        raise SparselmError(f"--epochs must be a positive number, got {epochs}")
+    if not lr > 0 or not math.isfinite(lr):
+        raise SparselmError(f"--lr must be a positive number, got {lr}")
+    for flag, value in (("--max-steps", max_steps), ("--batch-size", batch_size), ("--max-examples", max_examples)):
+        if value is not None and value < 1:
+            raise SparselmError(f"{flag} must be at least 1, got {value}")
+
+
+def _prepare(
+    model_or_dir: str, task: str, max_examples: int | None, seed: int, seqlen: int | None, data_dir: Path | None
+) -> tuple[nn.Module, Any, list[dict[str, Any]], Any, dict[str, Any]]:
+    """Model, tokenizer, tokenised train split, collator and the settings that shaped them."""
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    if is_classification(task):
+        spec = classification_task(task)
+        loaded = load_classifier(model_or_dir, spec, seed)
+        max_length = min(DEFAULT_MAX_LENGTH, model_context(loaded.model) or DEFAULT_MAX_LENGTH)
+        rows = encode(loaded.tokenizer, spec.examples("train", data_dir, max_examples), max_length)
+        loaded.model.config.id2label = dict(enumerate(spec.labels))
+        loaded.model.config.label2id = {name: i for i, name in enumerate(spec.labels)}
+        extra = {"head": loaded.head, "max_length": max_length, "split": "train"}
+        return loaded.model, loaded.tokenizer, rows, DataCollatorWithPadding(loaded.tokenizer), extra
+    source = parse_source(task)
+    lm = load_language_model(model_or_dir, "clm")
+    context = model_context(lm.model)
+    seqlen = seqlen or min(context or DEFAULT_LM_SEQLEN, DEFAULT_LM_SEQLEN)
+    if context is not None and seqlen > context:
+        raise SparselmError(f"--seqlen {seqlen} is above the model's context of {context} tokens; use {context} or less")
+    ids = lm.tokenizer(joined_text(source, "train", data_dir), return_attention_mask=False)["input_ids"]
+    windows = len(ids) // seqlen
+    if windows == 0:
+        raise SparselmError(f"the training text has {len(ids)} tokens, fewer than one window of {seqlen}; lower --seqlen")
+    windows = windows if max_examples is None else min(windows, max_examples)
+    rows = [{"input_ids": ids[i * seqlen : (i + 1) * seqlen], "labels": ids[i * seqlen : (i + 1) * seqlen]} for i in range(windows)]
+    extra = {"head": lm.head, "seqlen": seqlen, "split": "whole file" if source.kind == "text" else "train"}
+    return lm.model, lm.tokenizer, rows, default_data_collator, extra
+
+
+def _train(
+    model: nn.Module, dataset: list[dict[str, Any]], collator: Any, optimizer: torch.optim.Optimizer,
+    keeper: MaskKeeper, epochs: float, max_steps: int | None, batch_size: int, seed: int, progress: Progress | None,
+) -> tuple[float, int]:
+    with tempfile.TemporaryDirectory(prefix="sparselm-finetune-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch, num_train_epochs=epochs, max_steps=max_steps or -1,
+            per_device_train_batch_size=batch_size, learning_rate=optimizer.defaults["lr"], seed=seed, data_seed=seed,
+            report_to=[], save_strategy="no", logging_strategy="steps", logging_steps=10, disable_tqdm=True,
+            remove_unused_columns=False, dataloader_num_workers=0,
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=dataset, data_collator=collator, optimizers=(optimizer, None),
+            callbacks=[_ProgressCallback(progress)] if progress is not None else [],
+        )
+        with keeper.attached(optimizer):
+            keeper.apply(optimizer)
+            output = trainer.train()
+    model.eval()
+    return float(output.training_loss), int(output.global_step)
+
+
+class _ProgressCallback(TrainerCallback):
+    """Advances a rich progress bar by optimizer steps (the Trainer's own tqdm is turned off)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 (Trainer's signature)
+        self.task = self.progress.add_task("fine-tuning (masks kept)", total=state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        self.progress.update(self.task, completed=state.global_step)
+
+
+def _save(model: nn.Module, tokenizer: Any, model_or_dir: str, task: str, out_dir: Path, report: dict[str, Any]) -> None:
+    source = resolve(model_or_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        previous = read_provenance(source.path)
+        kept = {k: v for k, v in previous.items() if k not in ("base_model", "quantized_from")}
+        write_provenance(tmp, source, **{**kept, "finetuned_task": task, "finetuned_from": model_or_dir})
+        if (source.path / "sparsity.json").is_file():
+            shutil.copy2(source.path / "sparsity.json", tmp / "sparsity.json")
+        atomic_write_json(tmp / "finetune.json", report)
