@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import socket
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -264,17 +265,18 @@ def load_with_source(
 ) -> tuple[torch.nn.Module, ModelSource]:
     from transformers import AutoConfig
 
+    from .storage import is_packed, unpacked
+
     source = resolve(name_or_path)
-    config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    for key, value in model_kwargs.pop("config_overrides", {}).items():
-        setattr(config, key, value)
-    cls = _model_class(head, config)
-    try:
-        model = cls.from_pretrained(
-            source.path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **model_kwargs
-        )
-    except ValueError as exc:
-        raise SparselmError(f"'{name_or_path}' cannot be loaded with a {head} head: {str(exc).splitlines()[0]}") from exc
+    with unpacked(source.path) if is_packed(source.path) else nullcontext(source.path) as path:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        for key, value in model_kwargs.pop("config_overrides", {}).items():
+            setattr(config, key, value)
+        cls = _model_class(head, config)
+        try:
+            model = cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **model_kwargs)
+        except ValueError as exc:
+            raise SparselmError(f"'{name_or_path}' cannot be loaded with a {head} head: {str(exc).splitlines()[0]}") from exc
     model.eval()
     return model, source
 

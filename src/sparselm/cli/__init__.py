@@ -19,6 +19,8 @@ from . import prune  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
 from . import finetune  # noqa: E402,F401
 from . import study  # noqa: E402,F401
+from . import pack  # noqa: E402,F401
+from . import bench  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,143 @@
+"""`accelerate(model)`: swap each prunable Linear/Conv1D for a SparseLinear where a sparse kernel measured faster."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..errors import SparselmError
+from ..weights import Matrix, select_matrices
+from . import dispatch
+from .kernels import BLOCK_SIZES, cpu_candidates, is_block_structured, is_two_four, require_cuda
+from .modules import SparseLinear
+
+Policy = Literal["auto", "sparse", "dense", "semi-structured"]
+POLICIES = ("auto", "sparse", "dense", "semi-structured")
+DEFAULT_TOKENS = (1, 128)
+
+
+def structure_of(weight: torch.Tensor) -> str:
+    for b in BLOCK_SIZES:
+        if is_block_structured(weight, b):
+            return f"block:{b}x{b}"
+    return "2:4" if is_two_four(weight) else "unstructured"
+
+
+def candidates(weight: torch.Tensor, policy: str) -> list[str]:
+    """Sparse kernels that can run this weight where it lives."""
+    if weight.device.type == "cuda":
+        half = weight.dtype in (torch.float16, torch.bfloat16)
+        return ["semi-structured"] if half and is_two_four(weight) else []
+    if policy == "semi-structured":
+        require_cuda("semi-structured")
+    return cpu_candidates(weight)
+
+
+def choose(
+    weight: torch.Tensor,
+    policy: str,
+    tokens: Iterable[int],
+    sparsity: float,
+    structure: str,
+    cache: dict[str, Any],
+) -> tuple[dict[int, str], dict[int, dict[str, float]], bool]:
+    """Per token count: the kernel to use, the timings behind it and whether all came from the cache."""
+    kernels = candidates(weight, policy)
+    choices: dict[int, str] = {}
+    timings: dict[int, dict[str, float]] = {}
+    all_cached = True
+    for t in tokens:
+        if policy == "dense" or sparsity == 0.0 or not kernels:
+            choices[t] = "dense"
+            continue
+        if policy in ("sparse", "semi-structured"):
+            choices[t] = kernels[1] if len(kernels) > 1 else kernels[0]  # the largest block size the mask has
+            continue
+        key = dispatch.cache_key(tuple(weight.shape), sparsity, structure, t, torch.get_num_threads())
+        if key not in cache:
+            all_cached = False
+            times = dispatch.measure(weight, kernels, t)
+            cache[key] = {"choice": dispatch.decide(times), "seconds": times}
+        choices[t] = cache[key]["choice"]
+        timings[t] = cache[key]["seconds"]
+    return choices, timings, all_cached
+
+
+def replace_module(model: nn.Module, matrix: Matrix, choices: dict[int, str]) -> None:
+    parent_name, _, child = matrix.module_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, child, SparseLinear(matrix.module, matrix.transposed, choices))
+
+
+def accelerate(
+    model: nn.Module,
+    policy: Policy = "auto",
+    tokens: Iterable[int] = DEFAULT_TOKENS,
+    threads: int | None = None,
+    use_cache: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Replace prunable matrices in place by SparseLinear where a sparse kernel wins; returns the per-layer choices.
+
+    policy: `auto` measures dense against each sparse kernel per layer shape, sparsity and token count (cached);
+    `sparse` uses a sparse kernel wherever the matrix has zeros; `dense` changes nothing; `semi-structured` uses
+    CUDA 2:4 kernels and fails clearly without CUDA.
+    """
+    if policy not in POLICIES:
+        raise SparselmError(f"unknown runtime policy '{policy}'; choose one of: {', '.join(POLICIES)}")
+    if policy == "semi-structured":
+        require_cuda("semi-structured")
+    if threads is not None:
+        if threads < 1:
+            raise SparselmError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    tokens = sorted({int(t) for t in tokens})
+    if not tokens or tokens[0] < 1:
+        raise SparselmError(f"token counts must be positive integers, got {tokens}")
+    path = dispatch.cache_path()
+    cache = dispatch.load_cache(path) if use_cache else {}
+    layers = []
+    for matrix in select_matrices(model):
+        weight = matrix.weight().detach()
+        sparsity = float((weight == 0).float().mean())
+        structure = structure_of(weight) if sparsity else "dense"
+        choices, timings, cached = choose(weight, policy, tokens, sparsity, structure, cache)
+        if any(k != "dense" for k in choices.values()):
+            replace_module(model, matrix, choices)
+        layers.append(
+            {
+                "name": matrix.name,
+                "shape": list(matrix.shape),
+                "sparsity": sparsity,
+                "structure": structure,
+                "choices": choices,
+                "microseconds": {t: {k: v * 1e6 for k, v in s.items()} for t, s in timings.items()},
+                "cached": cached,
+            }
+        )
+        if progress:
+            progress(matrix.name)
+    if use_cache and policy == "auto":
+        dispatch.save_cache(path, cache)
+    return report(policy, tokens, layers)
+
+
+def report(policy: str, tokens: list[int], layers: list[dict[str, Any]]) -> dict[str, Any]:
+    counts: dict[str, dict[str, int]] = {}
+    for layer in layers:
+        for t, k in layer["choices"].items():
+            counts.setdefault(str(t), {}).setdefault(k, 0)
+            counts[str(t)][k] += 1
+    return {
+        "policy": policy,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "tokens": tokens,
+        "replaced": sum(1 for layer in layers if any(k != "dense" for k in layer["choices"].values())),
+        "layers_total": len(layers),
+        "choices": counts,
+        "layers": layers,
+    }

@@ -1,0 +1,192 @@
+"""`bench()`: file size and forward speed, dense against accelerated, measured side by side.
+
+Prefill is timed as generation runs it (logits for the last position only); decode is timed as one-token steps
+with the KV cache. Each round times the dense model then the accelerated one and the medians are compared, so load
+from other processes affects both alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SparselmError
+from .accelerate import Policy, accelerate
+
+PROMPT_FOR_DECODE = 32
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    return not getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "generate") and (
+        type(model).__name__.endswith("ForCausalLM") or getattr(model.config, "is_decoder", False)
+    )
+
+
+def forward_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
+    """Inputs for one prefill forward: last-position logits for causal LMs, one decoder token for seq2seq."""
+    kwargs: dict[str, Any] = {"input_ids": input_ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = input_ids[:, :1]
+    elif is_causal_lm(model):
+        kwargs.update(use_cache=True, logits_to_keep=1)
+    return kwargs
+
+
+def timings(fn: Callable[[], Any], rounds: int) -> list[float]:
+    out = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def side_by_side(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median seconds of each callable, timed in interleaved rounds after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name] += timings(fn, 1)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def decode_steps(model: nn.Module, prompt: torch.Tensor, steps: int) -> Callable[[], None]:
+    """A callable that runs `steps` one-token forwards with the KV cache (the prefill is done outside the timing)."""
+
+    def run() -> None:
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = out.logits[:, -1:].argmax(-1)
+
+    return run
+
+
+def timed_decode(model: nn.Module, prompt: torch.Tensor, steps: int) -> Callable[[], float]:
+    prefill_only = decode_steps(model, prompt, 0)
+    full = decode_steps(model, prompt, steps)
+
+    def run() -> float:
+        start = time.perf_counter()
+        prefill_only()
+        middle = time.perf_counter()
+        full()
+        end = time.perf_counter()
+        return ((end - middle) - (middle - start)) / steps
+
+    return run
+
+
+def size_info(model_or_dir: str, model: nn.Module) -> dict[str, Any]:
+    """Dense and packed bytes: read from the manifest of a packed directory, else by coding the weights in memory."""
+    from ..models import resolve
+    from ..storage import is_packed, read_manifest
+    from ..storage.pack import FORMATS, choose_encoding
+
+    path = resolve(model_or_dir).path
+    if is_packed(path):
+        summary = read_manifest(path)["summary"]
+        return {"dense_bytes": summary["dense_bytes"], "packed_bytes": summary["packed_bytes"], "source": "manifest"}
+    dense = packed = 0
+    for tensor in model.state_dict().values():
+        dense += tensor.numel() * tensor.element_size()
+        packed += choose_encoding(tensor, FORMATS["auto"], use_zstd=True).nbytes
+    return {"dense_bytes": dense, "packed_bytes": packed, "source": "coded in memory (auto)"}
+
+
+def bench(
+    model_or_dir: str,
+    tokens: Iterable[int] = (1, 128, 512),
+    threads: int | None = None,
+    policy: Policy = "auto",
+    rounds: int = 5,
+    steps: int = 16,
+    measure_size: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Latency and throughput of prefill at each token count and of decode steps, dense vs accelerated."""
+    from ..models import load_with_source
+
+    tokens = sorted({int(t) for t in tokens})
+    previous_threads = torch.get_num_threads()
+    try:
+        dense, source = load_with_source(model_or_dir)
+        limit = getattr(dense.config, "max_position_embeddings", None) or getattr(dense.config, "n_positions", None)
+        if limit and tokens[-1] > limit:
+            raise SparselmError(f"--tokens {tokens[-1]} exceeds the model's {limit} positions; use smaller counts")
+        accelerated = copy.deepcopy(dense)
+        report = accelerate(accelerated, policy, tokens=sorted(set(tokens) | {1}), threads=threads, progress=progress)
+        return run_timings(model_or_dir, dense, accelerated, report, tokens, rounds, steps, measure_size, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def run_timings(
+    model_or_dir: str,
+    dense: nn.Module,
+    accelerated: nn.Module,
+    report: dict[str, Any],
+    tokens: list[int],
+    rounds: int,
+    steps: int,
+    measure_size: bool,
+    progress: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    vocab = dense.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    prefill = []
+    with torch.inference_mode():
+        for t in tokens:
+            ids = torch.randint(3, vocab, (1, t), generator=generator)
+            kw_d, kw_a = forward_kwargs(dense, ids), forward_kwargs(accelerated, ids)
+            sec = side_by_side({"dense": lambda: dense(**kw_d), "accelerated": lambda: accelerated(**kw_a)}, rounds)
+            prefill.append(speed_row(t, sec))
+            if progress:
+                progress(f"prefill {t}")
+        decode = None
+        if is_causal_lm(dense):
+            prompt = torch.randint(3, vocab, (1, PROMPT_FOR_DECODE), generator=generator)
+            d, a = timed_decode(dense, prompt, steps), timed_decode(accelerated, prompt, steps)
+            samples: dict[str, list[float]] = {"dense": [], "accelerated": []}
+            for _ in range(rounds):
+                samples["dense"].append(d())
+                samples["accelerated"].append(a())
+            decode = speed_row(1, {k: statistics.median(v) for k, v in samples.items()})
+            decode["steps"] = steps
+            decode["prompt_tokens"] = PROMPT_FOR_DECODE
+    out = {
+        "model": model_or_dir,
+        "threads": report["threads"],
+        "policy": report["policy"],
+        "rounds": rounds,
+        "prefill": prefill,
+        "decode": decode,
+        "layers": {"replaced": report["replaced"], "total": report["layers_total"], "choices": report["choices"]},
+        "per_layer": report["layers"],
+    }
+    if measure_size:
+        out["size"] = size_info(model_or_dir, dense)
+    return out
+
+
+def speed_row(tokens: int, seconds: dict[str, float]) -> dict[str, Any]:
+    return {
+        "tokens": tokens,
+        "dense_ms": seconds["dense"] * 1e3,
+        "accelerated_ms": seconds["accelerated"] * 1e3,
+        "speedup": seconds["dense"] / seconds["accelerated"],
+        "dense_tokens_per_s": tokens / seconds["dense"],
+        "accelerated_tokens_per_s": tokens / seconds["accelerated"],
+    }
+

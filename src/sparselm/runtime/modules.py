@@ -1,0 +1,50 @@
+"""`SparseLinear`: a drop-in for a Linear/Conv1D that picks dense or sparse compute by the number of tokens.
+
+It keeps the original `weight` and `bias` parameters under their original names and orientation (so state_dict,
+saving and tied weights are unchanged) and adds sparse copies of the weight for the kernels that measured faster.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import KERNELS
+
+
+class SparseLinear(nn.Module):
+    def __init__(self, module: nn.Module, transposed: bool, choices: dict[int, str]) -> None:
+        super().__init__()
+        self.weight = module.weight
+        self.bias = module.bias
+        self.transposed = transposed
+        self.choices = dict(sorted(choices.items()))
+        weight = self.out_in()
+        self.in_features = weight.shape[1]
+        self.out_features = weight.shape[0]
+        self.sparse = {k: KERNELS[k].build(weight) for k in set(self.choices.values()) if k != "dense"}
+
+    def out_in(self) -> torch.Tensor:
+        return self.weight.t() if self.transposed else self.weight
+
+    def kernel_for(self, tokens: int) -> str:
+        """The choice measured at the token count nearest to this one (on a log scale)."""
+        nearest = min(self.choices, key=lambda t: abs(math.log2(max(t, 1)) - math.log2(max(tokens, 1))))
+        return self.choices[nearest]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        kernel = self.kernel_for(x2d.shape[0])
+        if kernel == "dense":
+            y = F.linear(x2d, self.out_in(), self.bias)
+        else:
+            y = KERNELS[kernel].matmul(self.sparse[kernel], x2d)
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, choices={self.choices}"
