@@ -206,7 +206,7 @@ def _train(
             output_dir=scratch, num_train_epochs=epochs, max_steps=max_steps or -1,
             per_device_train_batch_size=batch_size, learning_rate=optimizer.defaults["lr"], seed=seed, data_seed=seed,
             report_to=[], save_strategy="no", logging_strategy="steps", logging_steps=10, disable_tqdm=True,
-            remove_unused_columns=False, dataloader_num_workers=0,
+            remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False,
         )
         trainer = Trainer(
             model=model, args=args, train_dataset=dataset, data_collator=collator, optimizers=(optimizer, None),
