@@ -1,0 +1,104 @@
+"""`sparselm prune`: one pruned Hugging Face directory per requested sparsity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import Progress as RichProgress
+from rich.progress import TaskID
+
+from ..errors import SparselmError
+from ..pruning import PruneSettings, prune_to_dir, settings_from
+from . import app
+from ._common import err_console, handles_errors, out_console, parse_float_list, print_json, progress_bar
+
+
+class BarProgress:
+    """Library progress events drawn as rich bars (one bar per stage) and notes printed above them."""
+
+    def __init__(self, bars: RichProgress, label: str) -> None:
+        self.bars = bars
+        self.label = label
+        self.task: TaskID | None = None
+
+    def start(self, stage: str, total: int) -> None:
+        self.task = self.bars.add_task(f"{self.label}: {stage}", total=total)
+
+    def advance(self) -> None:
+        if self.task is not None:
+            self.bars.advance(self.task)
+
+    def note(self, message: str) -> None:
+        err_console.print(f"[yellow]note:[/yellow] {message}", highlight=False)
+
+
+def output_dirs(out: Path, sparsities: list[float | None]) -> list[Path]:
+    """One value writes to DIR itself; several write DIR/s<value> (e.g. DIR/s0.5, DIR/s0.95)."""
+    if len(sparsities) == 1:
+        return [out]
+    return [out / f"s{s:g}" for s in sparsities]
+
+
+@app.command("prune")
+@handles_errors
+def prune_command(
+    model: str = typer.Argument(..., help="Embedded alias (see `sparselm models`), local directory or hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model directory; with several sparsities, DIR/s<value>/."),
+    method: str = typer.Option("magnitude", "--method", help="magnitude, wanda or sparsegpt."),
+    sparsity: str = typer.Option(
+        None, "--sparsity", help="Fraction of weights to remove, or a list (0.1,0.5,0.9); default 0.5, N:M fixes it."
+    ),
+    scope: str = typer.Option("layer", "--scope", help="global (rank all matrices together; magnitude) or layer."),
+    pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, N:M (2:4 keeps 2 of 4) or block:RxC."),
+    allocation: str = typer.Option("uniform", "--allocation", help="uniform, or owl (outlier-weighted per block)."),
+    calib: str = typer.Option("ptb", "--calib", help="Calibration text: ptb, wiki, wikitext2 or text:PATH (train split)."),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Number of random calibration windows."),
+    calib_seqlen: int = typer.Option(None, "--calib-seqlen", help="Tokens per window; default min(2048, context)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the calibration windows."),
+    include_embeddings: bool = typer.Option(
+        False, "--include-embeddings", help="Also prune embeddings and untied heads (by magnitude)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Prune a model (magnitude, Wanda or SparseGPT) and write loadable Hugging Face directories with sparsity.json."""
+    values: list[float | None] = list(parse_float_list(sparsity, "--sparsity")) if sparsity is not None else [None]
+    if not values:
+        raise SparselmError("--sparsity is empty; give a value such as 0.5 or a list such as 0.5,0.9")
+    runs: list[PruneSettings] = [
+        settings_from(
+            method=method,
+            sparsity=value,
+            scope=scope,
+            pattern=pattern,
+            allocation=allocation,
+            calib=calib,
+            calib_samples=calib_samples,
+            calib_seqlen=calib_seqlen,
+            seed=seed,
+            include_embeddings=include_embeddings,
+        )
+        for value in values
+    ]
+    results = []
+    with progress_bar(quiet=json_out) as bars:
+        for settings, target in zip(runs, output_dirs(out, values)):
+            label = f"{settings.method} s={settings.target_sparsity:g}"
+            result = prune_to_dir(model, settings, target, BarProgress(bars, label))
+            results.append({"out": str(target), **_summary(result)})
+    if json_out:
+        print_json(results[0] if len(results) == 1 else results)
+        return
+    for r in results:
+        out_console.print(
+            f"{r['method']} {r['pattern']} ({r['scope']}, {r['allocation']}): achieved sparsity "
+            f"{r['achieved_sparsity']:.4f} of {r['prunable_weights']:,} weights in {r['seconds']:.1f} s → {r['out']}"
+        )
+
+
+def _summary(result: dict) -> dict:
+    keys = (
+        "model", "method", "sparsity", "scope", "pattern", "allocation", "achieved_sparsity", "pruned_weights",
+        "prunable_weights", "calibration", "seconds", "notes",
+    )
+    return {k: result[k] for k in keys}

@@ -1,0 +1,122 @@
+"""What a pruning run does, as one typed, serialisable object (a typo in a field name fails loudly)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from ..data import parse_source
+from ..errors import SparselmError
+from ..masks import NM, Block, Pattern, Unstructured, parse_pattern
+
+Method = Literal["magnitude", "wanda", "sparsegpt"]
+METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
+DEFAULT_SPARSITY = 0.5
+OWL_THRESHOLD = 5.0  # OWL's M: a score is an outlier when it exceeds M × the block's mean score
+OWL_LAMBDA = 0.08  # OWL's λ: per-block sparsities spread over [s − λ, s + λ]
+
+
+class PruneSettings(BaseModel):
+    """One pruning run. `sparsity` is the fraction of zeros asked for (default 0.5); N:M patterns fix it to 1 − N/M."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Method = "magnitude"
+    sparsity: float | None = None
+    scope: Literal["global", "layer"] = "layer"
+    pattern: str = "unstructured"
+    allocation: Literal["uniform", "owl"] = "uniform"
+    calib: str = "ptb"
+    calib_samples: int = 128
+    calib_seqlen: int | None = None
+    seed: int = 0
+    include_embeddings: bool = False
+    owl_threshold: float = OWL_THRESHOLD
+    owl_lambda: float = OWL_LAMBDA
+    sparsegpt_blocksize: int = 128
+    sparsegpt_percdamp: float = 0.01
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_range(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 <= value < 1.0:
+            raise SparselmError(f"sparsity {value} is outside [0, 1); give the fraction of weights to remove, e.g. 0.5")
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_known(cls, value: str) -> str:
+        return str(parse_pattern(value))
+
+    @field_validator("calib")
+    @classmethod
+    def _calib_known(cls, value: str) -> str:
+        return parse_source(value).describe()
+
+    @field_validator("calib_samples")
+    @classmethod
+    def _samples_positive(cls, value: int) -> int:
+        if value < 1:
+            raise SparselmError(f"--calib-samples must be at least 1, got {value}")
+        return value
+
+    @field_validator("calib_seqlen")
+    @classmethod
+    def _seqlen_positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise SparselmError(f"--calib-seqlen must be at least 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneSettings:
+        pattern = self.parsed_pattern
+        if self.scope == "global" and self.method != "magnitude":
+            raise SparselmError(
+                f"--scope global ranks weights of all matrices together, which only magnitude does; "
+                f"{self.method} compares weights within each matrix: use --scope layer"
+            )
+        if self.scope == "global" and self.allocation == "owl":
+            raise SparselmError("OWL sets one sparsity per block, which a global ranking ignores; use --scope layer")
+        if isinstance(pattern, Block) and self.method == "sparsegpt":
+            raise SparselmError("block patterns work with magnitude and wanda; use --pattern unstructured or N:M")
+        if isinstance(pattern, NM) and self.sparsity is not None and abs(self.sparsity - pattern.sparsity) > 1e-9:
+            raise SparselmError(
+                f"pattern {pattern} fixes the sparsity at {pattern.sparsity:g}, but {self.sparsity:g} was asked; "
+                f"omit --sparsity or pass {pattern.sparsity:g}"
+            )
+        return self
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return parse_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        """The sparsity the run aims at: N:M fixes it, otherwise the requested value."""
+        pattern = self.parsed_pattern
+        if isinstance(pattern, NM):
+            return pattern.sparsity
+        return DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "magnitude" or self.allocation == "owl"
+
+    @property
+    def is_unstructured(self) -> bool:
+        return isinstance(self.parsed_pattern, Unstructured)
+
+
+def settings_from(**fields: object) -> PruneSettings:
+    """PruneSettings from keyword fields, turning pydantic's multi-line errors into one clear line."""
+    from pydantic import ValidationError
+
+    try:
+        return PruneSettings(**fields)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        if field == "method":
+            raise SparselmError(f"unknown method '{first.get('input')}'; use one of: {', '.join(METHODS)}") from None
+        raise SparselmError(f"invalid {field} ({first['msg']}); got {first.get('input')!r}") from None

@@ -1,0 +1,27 @@
+"""Wanda (Sun et al., 2023): score |W_ij| · ‖X_j‖₂, compared within each output row (locuslab/wanda).
+
+The collector only accumulates the squared norm of every input feature over all calibration tokens; the score is a
+pure function of the weight and those norms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ColumnNorms:
+    """Running Σ x_j² over every token that reaches a layer, in float64."""
+
+    def __init__(self, in_features: int) -> None:
+        self.sum_sq = torch.zeros(in_features, dtype=torch.float64)
+        self.tokens = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
+        self.sum_sq += (x * x).sum(dim=0).cpu()
+        self.tokens += x.shape[0]
+
+
+def wanda_scores(weight: torch.Tensor, sum_sq: torch.Tensor) -> torch.Tensor:
+    """|W| · ‖X_j‖₂ for an out × in weight and the per-input sums of squares (float64 scores)."""
+    return weight.detach().abs().to(torch.float64) * sum_sq.to(weight.device).sqrt().reshape(1, -1)
