@@ -45,6 +45,7 @@ def study_command(
     if out is None:
         raise SparselmError("--out DIR is required: the study directory for results, models and the report")
     cfg = load_config(config, quick=quick)
+    quiet_library_progress()
     with progress_bar(quiet=False) as progress:
         task = progress.add_task(f"study {cfg.name}", total=None)
 
@@ -73,6 +74,13 @@ def study_command(
         raise typer.Exit(1)
 
 
+def quiet_library_progress() -> None:
+    """transformers' own per-file bars would interleave with the study's; the study shows one bar per cell."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 RESULT_COLUMNS = ["model", "method", "sparsity", "task", "status", "seconds"]
 
 
@@ -83,7 +91,8 @@ def flat_row(row: Row) -> dict[str, Any]:
         "task": row.task, "status": row.status, "seconds": round(row.seconds, 3), "error": row.error or "",
     }
     for key, value in row.metrics.items():
-        flat[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        column = f"metric_{key}" if key in flat else key  # e.g. the sparsity a model measured vs the cell's target
+        flat[column] = json.dumps(value) if isinstance(value, (dict, list)) else value
     return flat
 
 
@@ -109,7 +118,7 @@ def results_command(
         writer.writerows(flat)
         return
     table = Table(title=f"{len(rows)} results in {out}")
-    headline = ["token_ppl", "accuracy", "f1", "packed_bytes", "speedup"]
+    headline = ["token_ppl", "accuracy", "ratio", "achieved_sparsity", "weights"]
     for column in RESULT_COLUMNS + ["metric"]:
         table.add_column(column)
     for row, f in zip(rows, flat):

@@ -83,7 +83,8 @@ def plan(config: StudyConfig) -> list[Cell]:
             cells += [Cell(spec.name, DENSE, "{}", 0.0, task) for task in measures]
         for method in config.methods:
             options = canonical(method.options())
-            for sparsity in (s for s in config.sparsities if s > 0):
+            sparsities = [method.fixed_sparsity] if method.fixed_sparsity else [s for s in config.sparsities if s > 0]
+            for sparsity in sparsities:
                 cells.append(Cell(spec.name, method.method, options, sparsity, "prune"))
                 cells += [Cell(spec.name, method.method, options, sparsity, task) for task in measures]
     return cells
@@ -235,7 +236,7 @@ def prune_settings(cell: Cell, config: StudyConfig) -> Any:
     cal = config.calibration
     return PruneSettings(
         method=spec.method,
-        sparsity=cell.sparsity,
+        sparsity=None if spec.fixed_sparsity else cell.sparsity,
         scope=spec.scope,
         pattern=spec.pattern,
         allocation=spec.allocation,
@@ -257,7 +258,7 @@ def _prune(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
         report = json.loads((target / "sparsity.json").read_text(encoding="utf-8"))
     else:
         report = prune_to_dir(cell.model, settings, target)
-    metrics = {k: v for k, v in report.items() if not isinstance(v, (list, dict))}
+    metrics = _scalars(report)
     metrics.update({"dir": str(target.relative_to(out)), "reused_existing_dir": reused})
     return {"metrics": metrics, "settings": settings.model_dump(mode="json")}
 
@@ -305,14 +306,18 @@ def _pack(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
         sizes = pack(source, work / "packed", **settings)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    sizes.pop("out", None)  # the scratch copy is gone; its sizes are what the study keeps
     return {"metrics": sizes, "settings": settings}
 
 
 def _bench(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
     from ..runtime import bench
 
-    settings = {"tokens": config.runtime.tokens, "threads": config.runtime.threads}
-    return {"metrics": bench(model_ref(out, cell), **settings), "settings": settings}
+    rt = config.runtime
+    settings = {"tokens": rt.tokens, "threads": rt.threads, "rounds": rt.rounds, "steps": rt.steps}
+    result = bench(model_ref(out, cell), **settings, measure_size=False)
+    result.pop("per_layer", None)  # per-layer timings are bench's detail; the study keeps the totals and choices
+    return {"metrics": result, "settings": settings}
 
 
 def _scalars(report: dict[str, Any]) -> dict[str, Any]:

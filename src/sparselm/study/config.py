@@ -89,10 +89,24 @@ class MethodSpec(Strict):
     include_embeddings: bool = False
 
     @model_validator(mode="after")
-    def _default_scope(self) -> MethodSpec:
+    def _default_scope_and_check(self) -> MethodSpec:
         if self.scope is None:
             object.__setattr__(self, "scope", "global" if self.method == "magnitude" else "layer")
+        from ..pruning import PruneSettings  # the pruning engine decides which combinations make sense
+
+        try:
+            PruneSettings(method=self.method, **self.options())
+        except SparselmError as exc:
+            raise ValueError(str(exc)) from None
         return self
+
+    @property
+    def fixed_sparsity(self) -> float | None:
+        """N:M patterns fix the sparsity (2:4 is 0.5), so such a method is measured at that one sparsity."""
+        from ..masks import NM, parse_pattern
+
+        pattern = parse_pattern(self.pattern)
+        return pattern.sparsity if isinstance(pattern, NM) else None
 
     def options(self) -> dict[str, Any]:
         """The options that, with the method, identify a pruned model (part of every result's key)."""
@@ -157,6 +171,8 @@ class Runtime(Strict):
     enabled: bool = True
     tokens: list[int] = Field(default_factory=lambda: [1, 128])
     threads: int | None = Field(None, ge=1)
+    rounds: int = Field(3, ge=1, description="timed repetitions per shape (the median is kept)")
+    steps: int = Field(8, ge=1, description="decode steps per timed decode")
 
     @field_validator("tokens")
     @classmethod

@@ -197,8 +197,8 @@ def _classification_section(slug: str, task: str, rows: list[Row], figs: Path) -
         ft = r.metrics.get("finetune", {})
         table.append([
             method_label(r), f"{r.sparsity:g}", _fmt(r.metrics.get("accuracy")), _fmt(r.metrics.get("f1")),
-            str(r.metrics.get("examples", "")), str(ft.get("steps", ft.get("max_steps", ""))),
-            str(ft.get("sparsity_unchanged", "")),
+            str(r.metrics.get("examples", "")), str(ft.get("steps", "")),
+            str(ft.get("sparsity_identical", "")),
         ])
     return Section(
         f"{slug}: {task} accuracy vs sparsity",
@@ -213,9 +213,9 @@ def _size_section(slug: str, rows: list[Row], figs: Path) -> Section:
     _sweep_axes(ax, rows, lambda r: _bytes(r.metrics, "packed") and _bytes(r.metrics, "packed") / MB, "dense, packed")
     dense_file = next((_bytes(r.metrics, "dense") for r in rows if _bytes(r.metrics, "dense")), None)
     if dense_file:
-        ax.axhline(dense_file / MB, color="grey", ls=":", lw=1, label=f"unpacked safetensors {dense_file / MB:.4g}")
+        ax.axhline(dense_file / MB, color="grey", ls=":", lw=1, label=f"unpacked weights {dense_file / MB:.4g}")
         ax.legend(fontsize=8)
-    ax.set_ylabel("packed size (MB)")
+    ax.set_ylabel("packed weights (MB)")
     ax.set_ylim(bottom=0)
     ax.set_title(f"{slug}: packed size vs sparsity")
     path = _save(fig, figs / f"{slug}-size.png")
@@ -291,26 +291,20 @@ def _timings(rows: list[Row]) -> Section:
 
 
 def _bytes(metrics: dict[str, Any], which: str) -> float | None:
-    for key in (f"{which}_bytes", f"{which}_size_bytes", f"{which}_size"):
-        if isinstance(metrics.get(key), (int, float)):
-            return float(metrics[key])
-    return None
+    """Bytes of the model's weights as stored: `dense` (plain safetensors tensors) or `packed` (sparselm pack)."""
+    return metrics.get(f"{which}_bytes")
 
 
 def _speedups(metrics: dict[str, Any]) -> dict[str, float]:
-    """Speedup per measured shape (prefill at each token count, decode), from a bench result."""
-    found = {}
-    for key, value in metrics.items():
-        if key.startswith("speedup") and isinstance(value, (int, float)):
-            found[key.removeprefix("speedup").strip("_") or "forward"] = float(value)
+    """Accelerated-over-dense speedup per measured shape: prefill at each token count, and decode."""
+    found = {f"prefill {row['tokens']} tokens": row["speedup"] for row in metrics.get("prefill") or []}
+    if metrics.get("decode"):
+        found["decode"] = metrics["decode"]["speedup"]
     return found
 
 
 def _achieved(metrics: dict[str, Any]) -> float | None:
-    for key in ("achieved_sparsity", "sparsity_achieved", "global_sparsity"):
-        if isinstance(metrics.get(key), (int, float)):
-            return float(metrics[key])
-    return None
+    return metrics.get("achieved_sparsity")
 
 
 # --- rendering -----------------------------------------------------------------------------------------------------
