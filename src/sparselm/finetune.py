@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from rich.progress import Progress
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from .data import joined_text, parse_source
 from .errors import SparselmError
@@ -205,13 +205,14 @@ def _train(
         args = TrainingArguments(
             output_dir=scratch, num_train_epochs=epochs, max_steps=max_steps or -1,
             per_device_train_batch_size=batch_size, learning_rate=optimizer.defaults["lr"], seed=seed, data_seed=seed,
-            report_to=[], save_strategy="no", logging_strategy="steps", logging_steps=10, disable_tqdm=True,
+            report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
             remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False,
         )
         trainer = Trainer(
             model=model, args=args, train_dataset=dataset, data_collator=collator, optimizers=(optimizer, None),
             callbacks=[_ProgressCallback(progress)] if progress is not None else [],
         )
+        trainer.remove_callback(PrinterCallback)  # it prints dicts on stdout, which must stay clean for --json
         with keeper.attached(optimizer):
             keeper.apply(optimizer)
             output = trainer.train()
