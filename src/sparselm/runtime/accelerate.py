@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import SparselmError
 from ..weights import Matrix, select_matrices
 from . import dispatch
-from .kernels import BLOCK_SIZES, cpu_candidates, is_block_structured, is_two_four, require_cuda
+from .kernels import KERNELS, block_sizes_of, cpu_candidates, is_two_four, require_cuda
 from .modules import SparseLinear
 
 Policy = Literal["auto", "sparse", "dense", "semi-structured"]
@@ -19,57 +19,56 @@ POLICIES = ("auto", "sparse", "dense", "semi-structured")
 DEFAULT_TOKENS = (1, 128)
 
 
-def structure_of(weight: torch.Tensor) -> str:
-    for b in BLOCK_SIZES:
-        if is_block_structured(weight, b):
-            return f"block:{b}x{b}"
-    return "2:4" if is_two_four(weight) else "unstructured"
+def structure_of(keep: torch.Tensor, blocks: list[int]) -> str:
+    if blocks:
+        return f"block:{blocks[0]}x{blocks[0]}"
+    return "2:4" if is_two_four(keep) else "unstructured"
 
 
-def candidates(weight: torch.Tensor, policy: str) -> list[str]:
+def candidates(weight: torch.Tensor, keep: torch.Tensor, blocks: list[int]) -> list[str]:
     """Sparse kernels that can run this weight where it lives."""
     if weight.device.type == "cuda":
         half = weight.dtype in (torch.float16, torch.bfloat16)
-        return ["semi-structured"] if half and is_two_four(weight) else []
-    if policy == "semi-structured":
-        require_cuda("semi-structured")
-    return cpu_candidates(weight)
+        return ["semi-structured"] if half and is_two_four(keep) else []
+    return cpu_candidates(blocks)
 
 
 def choose(
     weight: torch.Tensor,
+    kernels: list[str],
     policy: str,
     tokens: Iterable[int],
     sparsity: float,
     structure: str,
     cache: dict[str, Any],
-) -> tuple[dict[int, str], dict[int, dict[str, float]], bool]:
-    """Per token count: the kernel to use, the timings behind it and whether all came from the cache."""
-    kernels = candidates(weight, policy)
+    built: dict[str, torch.Tensor],
+) -> tuple[dict[int, str], dict[int, dict[str, dict[str, float]]], bool]:
+    """Per token count: the kernel to use, the timings behind it and whether all came from the cache.
+
+    Sparse forms of the weight are built once into `built` (and reused by the SparseLinear that replaces it)."""
+    if policy == "dense" or sparsity == 0.0 or not kernels:
+        return {t: "dense" for t in tokens}, {}, True
+    if policy in ("sparse", "semi-structured"):
+        return {t: kernels[1] if len(kernels) > 1 else kernels[0] for t in tokens}, {}, True  # largest block
     choices: dict[int, str] = {}
-    timings: dict[int, dict[str, float]] = {}
+    timings: dict[int, dict[str, dict[str, float]]] = {}
     all_cached = True
     for t in tokens:
-        if policy == "dense" or sparsity == 0.0 or not kernels:
-            choices[t] = "dense"
-            continue
-        if policy in ("sparse", "semi-structured"):
-            choices[t] = kernels[1] if len(kernels) > 1 else kernels[0]  # the largest block size the mask has
-            continue
         key = dispatch.cache_key(tuple(weight.shape), sparsity, structure, t, torch.get_num_threads())
         if key not in cache:
             all_cached = False
-            times = dispatch.measure(weight, kernels, t)
+            built.update({k: KERNELS[k].build(weight) for k in kernels if k not in built})
+            times = dispatch.measure(weight, built, t)
             cache[key] = {"choice": dispatch.decide(times), "seconds": times}
         choices[t] = cache[key]["choice"]
         timings[t] = cache[key]["seconds"]
     return choices, timings, all_cached
 
 
-def replace_module(model: nn.Module, matrix: Matrix, choices: dict[int, str]) -> None:
+def replace_module(model: nn.Module, matrix: Matrix, choices: dict[int, str], built: dict[str, torch.Tensor]) -> None:
     parent_name, _, child = matrix.module_name.rpartition(".")
     parent = model.get_submodule(parent_name)
-    setattr(parent, child, SparseLinear(matrix.module, matrix.transposed, choices))
+    setattr(parent, child, SparseLinear(matrix.module, matrix.transposed, choices, built))
 
 
 def accelerate(
@@ -94,6 +93,8 @@ def accelerate(
         if threads < 1:
             raise SparselmError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
+    if any(isinstance(m, SparseLinear) for m in model.modules()):
+        raise SparselmError("the model is already accelerated; call accelerate() on a freshly loaded model")
     tokens = sorted({int(t) for t in tokens})
     if not tokens or tokens[0] < 1:
         raise SparselmError(f"token counts must be positive integers, got {tokens}")
@@ -102,11 +103,15 @@ def accelerate(
     layers = []
     for matrix in select_matrices(model):
         weight = matrix.weight().detach()
-        sparsity = float((weight == 0).float().mean())
-        structure = structure_of(weight) if sparsity else "dense"
-        choices, timings, cached = choose(weight, policy, tokens, sparsity, structure, cache)
+        keep = weight != 0
+        sparsity = 1.0 - float(keep.count_nonzero()) / keep.numel()
+        blocks = block_sizes_of(keep) if sparsity else []
+        structure = structure_of(keep, blocks) if sparsity else "dense"
+        kernels = candidates(weight, keep, blocks)
+        built: dict[str, torch.Tensor] = {}
+        choices, timings, cached = choose(weight, kernels, policy, tokens, sparsity, structure, cache, built)
         if any(k != "dense" for k in choices.values()):
-            replace_module(model, matrix, choices)
+            replace_module(model, matrix, choices, built)
         layers.append(
             {
                 "name": matrix.name,
@@ -114,7 +119,7 @@ def accelerate(
                 "sparsity": sparsity,
                 "structure": structure,
                 "choices": choices,
-                "microseconds": {t: {k: v * 1e6 for k, v in s.items()} for t, s in timings.items()},
+                "microseconds": {t: {k: v * 1e6 for k, v in s["min"].items()} for t, s in timings.items()},
                 "cached": cached,
             }
         )

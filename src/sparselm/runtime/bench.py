@@ -23,9 +23,10 @@ PROMPT_FOR_DECODE = 32
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    return not getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "generate") and (
-        type(model).__name__.endswith("ForCausalLM") or getattr(model.config, "is_decoder", False)
-    )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model.config.model_type, ())
+    return type(model).__name__ in ((names,) if isinstance(names, str) else tuple(names))
 
 
 def forward_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:

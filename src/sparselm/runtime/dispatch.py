@@ -1,8 +1,10 @@
 """Measured per-layer dispatch: time dense and each sparse kernel on this machine, remember the winner.
 
-Timings are interleaved (dense, sparse, dense, sparse, …) and the median of each is compared, so a burst of load
-from other processes hurts both sides alike. A sparse kernel must beat dense by MARGIN to be chosen, which keeps the
-accelerated model from ever being measurably slower than the dense one. Decisions are cached in a JSON file under
+Timings are interleaved (dense, sparse, dense, sparse, …), so a long burst of load from other processes does not
+favour either side. A sparse kernel must beat dense by MARGIN both in its fastest block (load only ever adds time,
+so the minimum is the steadiest estimate of a kernel's cost) and in its median block (so one lucky block does not
+decide); when the two disagree the layer stays dense, which keeps the accelerated model from being slower.
+Decisions are cached in a JSON file under
 $SPARSELM_CACHE keyed by shape, sparsity bucket, mask structure, token count, threads and torch version.
 """
 
@@ -69,12 +71,11 @@ def iterations_for(fn: Callable[[], Any], cuda: bool) -> int:
     return max(1, int(MIN_BLOCK_SECONDS / max(once, 1e-7)))
 
 
-def measure(weight: torch.Tensor, kernels: list[str], tokens: int) -> dict[str, float]:
-    """Median seconds per call of dense F.linear and each sparse kernel, interleaved, on random activations."""
+def measure(weight: torch.Tensor, built: dict[str, torch.Tensor], tokens: int) -> dict[str, dict[str, float]]:
+    """Seconds per call (fastest and median block) of dense F.linear and each sparse form, on random inputs."""
     x = torch.randn(tokens, weight.shape[1], dtype=weight.dtype, device=weight.device)
     calls: dict[str, Callable[[], Any]] = {"dense": lambda: F.linear(x, weight)}
-    for name in kernels:
-        sparse = KERNELS[name].build(weight)
+    for name, sparse in built.items():
         calls[name] = lambda k=name, w=sparse: KERNELS[k].matmul(w, x)
     cuda = weight.device.type == "cuda"
     with torch.inference_mode():
@@ -83,13 +84,18 @@ def measure(weight: torch.Tensor, kernels: list[str], tokens: int) -> dict[str, 
         for _ in range(ROUNDS):
             for name, fn in calls.items():
                 samples[name].append(time_call(fn, iterations[name], cuda))
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {
+        "min": {name: min(s) for name, s in samples.items()},
+        "median": {name: statistics.median(s) for name, s in samples.items()},
+    }
 
 
-def decide(times: dict[str, float]) -> str:
-    """The fastest sparse kernel if it beats dense by MARGIN, else dense."""
-    sparse = {k: v for k, v in times.items() if k != "dense"}
+def decide(times: dict[str, dict[str, float]]) -> str:
+    """The fastest sparse kernel (by its minimum) if it beats dense by MARGIN in minimum and median, else dense."""
+    fastest, typical = times["min"], times["median"]
+    sparse = [k for k in fastest if k != "dense"]
     if not sparse:
         return "dense"
-    best = min(sparse, key=sparse.__getitem__)
-    return best if sparse[best] < MARGIN * times["dense"] else "dense"
+    best = min(sparse, key=fastest.__getitem__)
+    wins = all(stat[best] < MARGIN * stat["dense"] for stat in (fastest, typical))
+    return best if wins else "dense"

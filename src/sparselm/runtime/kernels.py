@@ -34,7 +34,8 @@ def build_csr(weight: torch.Tensor) -> torch.Tensor:
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
         csr = weight.detach().to_sparse_csr()
         return torch.sparse_csr_tensor(
-            csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32), csr.values(), csr.shape
+            csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32), csr.values(), csr.shape,
+            check_invariants=False,
         )
 
 
@@ -70,31 +71,44 @@ KERNELS: dict[str, Kernel] = {
 }
 
 
-def block_fraction(weight: torch.Tensor, block: int) -> float:
-    """Fraction of block × block tiles that hold any non-zero."""
-    rows, cols = weight.shape
-    tiles = (weight != 0).reshape(rows // block, block, cols // block, block).any(dim=3).any(dim=1)
-    return float(tiles.float().mean())
+def tile_occupancy(keep: torch.Tensor, block: int) -> torch.Tensor | None:
+    """Per block × block tile: whether it holds any kept weight (None when the shape does not tile)."""
+    rows, cols = keep.shape
+    if rows % block or cols % block:
+        return None
+    return keep.reshape(rows // block, block, cols // block, block).any(dim=3).any(dim=1)
+
+
+def block_sizes_of(keep: torch.Tensor) -> list[int]:
+    """Block sizes whose tiles the mask is made of: the kept weights fill few tiles, and most zeros lie in empty
+    tiles (so BSR stores almost no explicit zeros)."""
+    density = float(keep.count_nonzero()) / keep.numel()
+    if not 0 < density < 1:
+        return []
+    found = []
+    for block in BLOCK_SIZES:
+        tiles = tile_occupancy(keep, block)
+        if tiles is None:
+            continue
+        occupied = float(tiles.count_nonzero()) / tiles.numel()
+        if occupied <= density * BLOCK_SLACK and 1 - occupied >= 0.5 * (1 - density):
+            found.append(block)
+    return found
 
 
 def is_block_structured(weight: torch.Tensor, block: int) -> bool:
-    """True when the non-zeros fill whole tiles, so BSR stores (almost) no explicit zeros."""
-    rows, cols = weight.shape
-    if rows % block or cols % block:
+    return block in block_sizes_of(weight != 0)
+
+
+def is_two_four(keep: torch.Tensor) -> bool:
+    if keep.shape[-1] % 4:
         return False
-    density = float((weight != 0).float().mean())
-    return 0 < density < 1 and block_fraction(weight, block) <= density * BLOCK_SLACK
+    return int(keep.reshape(-1, 4).sum(dim=1).max()) <= 2
 
 
-def is_two_four(weight: torch.Tensor) -> bool:
-    if weight.shape[-1] % 4:
-        return False
-    return int((weight != 0).reshape(-1, 4).sum(dim=1).max()) <= 2
-
-
-def cpu_candidates(weight: torch.Tensor) -> list[str]:
-    """CPU kernels worth measuring for this weight: CSR always, BSR at the block sizes its mask is made of."""
-    return ["csr", *(f"bsr{b}" for b in BLOCK_SIZES if is_block_structured(weight, b))]
+def cpu_candidates(blocks: list[int]) -> list[str]:
+    """CPU kernels worth measuring: CSR always, BSR at the block sizes the mask is made of (largest first)."""
+    return ["csr", *(f"bsr{b}" for b in blocks)]
 
 
 def require_cuda(kernel: str) -> None:

@@ -16,7 +16,9 @@ from .kernels import KERNELS
 
 
 class SparseLinear(nn.Module):
-    def __init__(self, module: nn.Module, transposed: bool, choices: dict[int, str]) -> None:
+    def __init__(
+        self, module: nn.Module, transposed: bool, choices: dict[int, str], built: dict[str, torch.Tensor] | None = None
+    ) -> None:
         super().__init__()
         self.weight = module.weight
         self.bias = module.bias
@@ -25,7 +27,9 @@ class SparseLinear(nn.Module):
         weight = self.out_in()
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
-        self.sparse = {k: KERNELS[k].build(weight) for k in set(self.choices.values()) if k != "dense"}
+        built = built or {}
+        kernels = set(self.choices.values()) - {"dense"}
+        self.sparse = {k: built[k] if k in built else KERNELS[k].build(weight) for k in kernels}
 
     def out_in(self) -> torch.Tensor:
         return self.weight.t() if self.transposed else self.weight

@@ -1,0 +1,168 @@
+"""Sparse runtime: accelerated models compute what the dense ones do, with the kernel each layer measured best."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DECODER_ONLY, tiny_model
+from sparselm.errors import SparselmError
+from sparselm.runtime import SparseLinear, accelerate, bench
+from sparselm.runtime import dispatch
+from sparselm.runtime.kernels import is_block_structured
+from sparselm.weights import select_matrices
+from test_storage import prune_smallest
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def inputs(family: str, tokens: int = 12) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 90, (2, tokens), generator=torch.Generator().manual_seed(0))
+    kw = {"input_ids": ids}
+    if family in ("bart", "t5", "pegasus"):
+        kw["decoder_input_ids"] = ids[:, :5]
+    return kw
+
+
+def logits(model: torch.nn.Module, kw: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(**kw).logits
+
+
+def block_prune(model: torch.nn.Module, block: int, sparsity: float) -> torch.nn.Module:
+    """Test-only block pruning: drop the block × block tiles with the smallest L2 norm in each matrix."""
+    for m in select_matrices(model):
+        w = m.weight()
+        rows, cols = w.shape
+        tiles = w.reshape(rows // block, block, cols // block, block).norm(dim=(1, 3))
+        k = int(tiles.numel() * sparsity)
+        drop = tiles <= tiles.flatten().kthvalue(k).values
+        w[drop.repeat_interleave(block, 0).repeat_interleave(block, 1)] = 0
+    return model
+
+
+def test_accelerated_outputs_equal_dense(family):
+    check_equal_outputs(family, "sparse")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "t5"])
+def test_auto_policy_outputs_equal_dense(family):
+    check_equal_outputs(family, "auto")
+
+
+def check_equal_outputs(family: str, policy: str) -> None:
+    model = prune_smallest(tiny_model(family), 0.9)
+    kw = inputs(family)
+    reference = logits(model, kw)
+    n_matrices = len(select_matrices(model))
+    report = accelerate(model, policy=policy, tokens=(1, 24))
+    if policy == "sparse":
+        assert report["replaced"] == report["layers_total"] == n_matrices
+        assert any(isinstance(m, SparseLinear) for m in model.modules())
+    assert torch.allclose(logits(model, kw), reference, atol=1e-5, rtol=1e-4)
+    assert all(set(layer["choices"]) == {1, 24} for layer in report["layers"])
+
+
+def test_state_dict_and_orientation_are_unchanged():
+    model = prune_smallest(tiny_model("gpt2"), 0.8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerate(model, policy="sparse")
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_block_structured_masks_run_on_bsr():
+    model = block_prune(tiny_model("llama"), 16, 0.5)
+    kw = inputs("llama")
+    reference = logits(model, kw)
+    report = accelerate(model, policy="sparse")
+    assert {layer["structure"] for layer in report["layers"]} == {"block:16x16"}
+    assert all(set(layer["choices"].values()) == {"bsr16"} for layer in report["layers"])
+    assert torch.allclose(logits(model, kw), reference, atol=1e-5, rtol=1e-4)
+    w = select_matrices(prune_smallest(tiny_model("llama"), 0.5))[0].weight()
+    assert not is_block_structured(w, 8)
+
+
+def test_auto_measures_once_then_uses_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSELM_CACHE", str(tmp_path))
+    model = prune_smallest(tiny_model("opt"), 0.95)
+    first = accelerate(model, policy="auto", tokens=(1, 64))
+    assert (tmp_path / dispatch.CACHE_FILE).exists()
+    assert not all(layer["cached"] for layer in first["layers"])
+    again = accelerate(prune_smallest(tiny_model("opt"), 0.95), policy="auto", tokens=(1, 64))
+    assert all(layer["cached"] for layer in again["layers"])
+    for layer in first["layers"]:
+        for t, times in layer["microseconds"].items():
+            assert set(times) >= {"dense", "csr"} and all(v > 0 for v in times.values())
+            assert layer["choices"][t] in {"dense", "csr"}
+
+
+def test_decision_needs_a_clear_win():
+    def both(times):
+        return {"min": times, "median": times}
+
+    assert dispatch.decide(both({"dense": 1.0, "csr": 0.95})) == "dense"
+    assert dispatch.decide(both({"dense": 1.0, "csr": 0.5, "bsr16": 0.4})) == "bsr16"
+    assert dispatch.decide(both({"dense": 1.0})) == "dense"
+    lucky = {"min": {"dense": 1.0, "csr": 0.5}, "median": {"dense": 1.0, "csr": 1.2}}
+    assert dispatch.decide(lucky) == "dense"
+
+
+def test_layer_picks_the_choice_of_the_nearest_token_count():
+    linear = torch.nn.Linear(16, 8)
+    layer = SparseLinear(linear, transposed=False, choices={1: "dense", 128: "csr"})
+    assert layer.kernel_for(1) == "dense" and layer.kernel_for(2) == "dense"
+    assert layer.kernel_for(100) == "csr" and layer.kernel_for(4096) == "csr"
+    x = torch.randn(3, 40, 16)
+    assert torch.allclose(layer(x), linear(x), atol=1e-6)
+
+
+def test_dense_matrices_and_dense_policy_change_nothing():
+    model = tiny_model("bert")
+    report = accelerate(model, policy="auto")
+    assert report["replaced"] == 0 and not any(isinstance(m, SparseLinear) for m in model.modules())
+    pruned = prune_smallest(tiny_model("bert"), 0.9)
+    assert accelerate(pruned, policy="dense")["replaced"] == 0
+
+
+def test_bad_arguments_are_clear_errors():
+    model = tiny_model("gpt2")
+    with pytest.raises(SparselmError, match="unknown runtime policy"):
+        accelerate(model, policy="fast")
+    with pytest.raises(SparselmError, match="token counts must be positive"):
+        accelerate(model, tokens=(0,))
+    accelerate(prune_smallest(model, 0.9), policy="sparse")
+    with pytest.raises(SparselmError, match="already accelerated"):
+        accelerate(model)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_gpu_only_pattern_on_cpu_is_a_clear_error():
+    with pytest.raises(SparselmError, match="needs a CUDA GPU.*use policy 'auto'"):
+        accelerate(tiny_model("llama"), policy="semi-structured")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_semi_structured_on_cuda_matches_dense():
+    model = tiny_model("llama").half().cuda()
+    for m in select_matrices(model):
+        w = m.weight().reshape(-1, 4)
+        w.scatter_(1, w.abs().argsort(dim=1)[:, :2], 0.0)
+    kw = {k: v.cuda() for k, v in inputs("llama", 32).items()}
+    reference = logits(model, kw)
+    report = accelerate(model, policy="semi-structured")
+    assert report["replaced"] == report["layers_total"]
+    assert torch.allclose(logits(model, kw), reference, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("family,policy", [("gpt2", "auto"), ("llama", "sparse"), ("bert", "sparse")])
+def test_bench_reports_prefill_decode_and_sizes(family, policy, tmp_path):
+    model = prune_smallest(tiny_model(family), 0.9)
+    model.save_pretrained(tmp_path / "m")
+    result = bench(str(tmp_path / "m"), tokens=[1, 16], policy=policy, rounds=2, steps=2)
+    assert [r["tokens"] for r in result["prefill"]] == [1, 16]
+    assert all(r["dense_ms"] > 0 and r["accelerated_ms"] > 0 and r["speedup"] > 0 for r in result["prefill"])
+    assert (result["decode"] is not None) == (family in DECODER_ONLY)
+    assert result["size"]["packed_bytes"] < result["size"]["dense_bytes"]
+    assert result["layers"]["total"] == len(select_matrices(model))
