@@ -109,3 +109,10 @@ def test_empty_and_non_utf8_text_files(tmp_path, model_dir):
     out = tmp_path / "never"
     fails("finetune", str(model_dir), "--task", f"text:{empty}", "--out", str(out), match="is empty")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+def test_bad_budgets_and_a_text_source_without_path(model_dir, text_file):
+    fails("eval", str(model_dir), "--task", f"text:{text_file}", "--max-windows", "0", match="--max-windows must be")
+    fails("eval", str(model_dir), "--task", "wiki-pair", "--max-examples", "0", match="--max-examples must be")
+    fails("eval", str(model_dir), "--task", "text:", match="text: needs a file path")
+    fails("eval", str(model_dir), "--task", "ptb", "--split", "dev2", match="unknown split")

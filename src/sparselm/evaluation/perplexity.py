@@ -18,8 +18,8 @@ after the first one up to the end of the last window. Two small extra forwards c
 text token given the BOS/EOS prefix (only when the tokenizer does not put a special token in front by itself), and
 one tail window for the remainder the papers drop (context of up to `seqlen` earlier tokens, as the harness's last
 window has). Each text token is therefore predicted once, from at most `seqlen` tokens of context; the windows are
-shifted by one token against the harness's, which changes the result by far less than 0.1%
-(benchmarks/eval_parity.py). The whole evaluated text is treated as one document (for `ptb` and `text:` it is one;
+shifted by one token against the harness's, and the harness also puts BOS before its first window's context;
+both are effects at window starts that shrink with the number of tokens per window (benchmarks/eval_parity.py). The whole evaluated text is treated as one document (for `ptb` and `text:` it is one;
 for `wiki` the articles joined with blank lines). With `max_windows` the harness metrics cover the same prefix of
 the text the windows cover, and words and bytes are counted in that prefix only.
 """
@@ -128,6 +128,8 @@ def perplexity(
     """
     if not text:
         raise SparselmError("the text to evaluate is empty; give a source with text in it")
+    if max_windows is not None and max_windows < 1:
+        raise SparselmError(f"--max-windows must be at least 1, got {max_windows}")
     seqlen = resolve_seqlen(model, seqlen)
     stream = tokenize_stream(tokenizer, text)
     n = len(stream.ids)
@@ -135,8 +137,6 @@ def perplexity(
     if available == 0:
         raise SparselmError(f"the text has {n} tokens, fewer than one window of {seqlen}; use a smaller --seqlen")
     windows = available if max_windows is None else min(available, max_windows)
-    if windows < 1:
-        raise SparselmError(f"--max-windows must be at least 1, got {max_windows}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

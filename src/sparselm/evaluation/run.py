@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.progress import Progress
 
 from ..data import joined_text, normalise_split, parse_source
@@ -34,8 +35,9 @@ def evaluate(
     """Evaluate a model on a language-modelling source (perplexities) or a classification task (accuracy, F1)."""
     check_task(task)
     split = normalise_split(split)
-    if batch_size < 1:
-        raise SparselmError(f"--batch-size must be at least 1, got {batch_size}")
+    for flag, value in (("--batch-size", batch_size), ("--max-windows", max_windows), ("--max-examples", max_examples)):
+        if value is not None and value < 1:
+            raise SparselmError(f"{flag} must be at least 1, got {value}")
     if is_classification(task):
         return _evaluate_classification(model_or_dir, task, split, batch_size, data_dir, max_examples, seed, progress)
     return _evaluate_lm(model_or_dir, task, split, seqlen, max_windows, batch_size, objective, data_dir, seed, progress)
@@ -48,6 +50,7 @@ def _evaluate_lm(
     source = parse_source(task)
     text = joined_text(source, split, data_dir)
     lm = load_language_model(model_or_dir, objective)
+    lm.model.to(default_device())
     if objective == "mlm":
         metrics = masked_perplexity(lm.model, lm.tokenizer, text, seqlen, max_windows, batch_size, seed, progress)
     else:
@@ -76,6 +79,7 @@ def _evaluate_classification(
     spec = classification_task(task)
     examples = spec.examples(split, data_dir, max_examples)
     loaded = load_classifier(model_or_dir, spec, seed)
+    loaded.model.to(default_device())
     max_length = min(DEFAULT_MAX_LENGTH, model_context(loaded.model) or DEFAULT_MAX_LENGTH)
     metrics = classify(loaded.model, loaded.tokenizer, examples, spec.num_labels, batch_size, max_length, progress)
     notes = [] if loaded.head_trained else [
@@ -95,6 +99,11 @@ def _evaluate_classification(
         "sparsity": sparsity_of(select_matrices(_backbone(loaded.model))),
         "notes": notes,
     }
+
+
+def default_device() -> torch.device:
+    """The first GPU when there is one (the model is loaded on the CPU), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _backbone(model: Any) -> Any:

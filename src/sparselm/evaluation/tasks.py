@@ -93,6 +93,9 @@ def check_task(task: str) -> None:
     """Fail with the list of tasks when `task` is neither a text source nor a classification task."""
     if is_classification(task):
         return
+    if task.startswith("text:"):
+        parse_source(task)  # its own message for a missing path
+        return
     try:
         parse_source(task)
     except SparselmError:
