@@ -51,7 +51,7 @@ def tiny_study_yaml(root: Path, name: str = "study", **overrides: str) -> Path:
         held_out.write_text(joined_text("ptb", "test")[:6000], encoding="utf-8")
     sections = {
         "analyze": "true",
-        "sparsities": "[0, 0.5, 0.9]",
+        "sparsities": "[0, 0.5]",
         "methods": "[{method: magnitude}, {method: wanda}]",
         "decoder_tasks": f"['text:{held_out}']",
         "encoder_tasks": "[wiki-pair]",
@@ -76,6 +76,7 @@ def tiny_study_yaml(root: Path, name: str = "study", **overrides: str) -> Path:
         finetune: {{max_steps: 2, batch_size: 4, max_examples: 16}}
         size: {sections['size']}
         runtime: {sections['runtime']}
+        resources: {{prune: {{cpus: 2}}}}
         """
     )
     path = root / f"{name}.yaml"

@@ -29,7 +29,7 @@ def test_default_config_is_the_seed_study() -> None:
 
 
 def test_quick_merges_overrides_and_changes_the_hash() -> None:
-    full, quick = load_config(None), load_config(None, quick=True)
+    full, quick = load_config(None), load_config(None, "quick")
     assert quick.sparsities == [0.0, 0.5, 0.9]
     assert quick.calibration.samples == 4 and quick.calibration.seed == full.calibration.seed  # merged key by key
     assert quick.hash != full.hash
@@ -101,7 +101,7 @@ def test_quick_without_section_is_refused(tmp_path: Path) -> None:
     (tmp_path / "s.yaml").write_text(text)
     assert load_config(tmp_path / "s.yaml").sparsities == [0.5]
     with pytest.raises(SparselmError, match="no `quick:` section"):
-        load_config(tmp_path / "s.yaml", quick=True)
+        load_config(tmp_path / "s.yaml", "quick")
 
 
 def test_relative_model_dirs_are_taken_from_the_config_file(tmp_path: Path, tiny_dir) -> None:

@@ -42,12 +42,12 @@ def test_study_runs_every_cell_and_a_rerun_skips_them(root: Path) -> None:
     assert next(r for k, r in by_task.items() if k[2].startswith("text:")).metrics["token_ppl"] > 1
     pair = next(r for r in rows if r.task == "wiki-pair" and r.method == "wanda")
     assert pair.metrics["finetune"]["sparsity_identical"] is True and 0 <= pair.metrics["accuracy"] <= 1
-    pack = next(r for r in rows if r.task == "pack" and r.sparsity == 0.9)
+    pack = next(r for r in rows if r.task == "pack" and r.sparsity == 0.5)
     assert pack.metrics["packed_bytes"] < pack.metrics["dense_bytes"]  # tiny models: mostly the dense embeddings
     assert rows[0].provenance["packages"]["torch"] and rows[0].provenance["seed"] == 0
     # Every pruned model is a plain Hugging Face directory, and the scratch space is gone.
     dirs = model_dirs(out)
-    assert len(dirs) == 2 * 2 * 2 and all(is_complete_model_dir(d) for d in dirs)
+    assert len(dirs) == 2 * 2 and all(is_complete_model_dir(d) for d in dirs)
     assert not (out / "work").exists()
 
     again = run_study(config, out, write_report=False)
@@ -58,10 +58,10 @@ def test_a_deleted_model_dir_is_made_again_when_a_cell_still_needs_it(root: Path
     config, reference = reference_study(root)
     out = tmp_path / "copy"
     shutil.copytree(reference, out)
-    victim = next(d for d in model_dirs(out) if d.name.startswith("wanda") and d.name.endswith("s0.9") and "llama" in str(d))
+    victim = next(d for d in model_dirs(out) if d.name.startswith("wanda") and d.name.endswith("s0.5") and "llama" in str(d))
     shutil.rmtree(victim)
     with sqlite3.connect(out / "results.sqlite") as conn:  # forget one measurement of that model
-        conn.execute("DELETE FROM results WHERE kind = 'perplexity' AND method = 'wanda' AND sparsity = 0.9")
+        conn.execute("DELETE FROM results WHERE kind = 'perplexity' AND method = 'wanda' AND sparsity = 0.5")
     summary = run_study(config, out, write_report=False)
     assert summary.ran == 2 and not summary.failed  # the prune cell again (its row stays), then the measurement
     assert is_complete_model_dir(victim)
@@ -78,7 +78,7 @@ def test_a_different_config_in_the_same_directory_is_refused_before_any_work(roo
     config, reference = reference_study(root)
     out = tmp_path / "copy"
     shutil.copytree(reference, out)
-    other = load_config(tiny_study_yaml(root, name="other", sparsities="[0, 0.5]"))
+    other = load_config(tiny_study_yaml(root, name="other", sparsities="[0, 0.9]"))
     before = sorted(p.name for p in out.rglob("*"))
     with pytest.raises(SparselmError, match="different study .* differing in: sparsities"):
         run_study(other, out)
@@ -96,7 +96,7 @@ def test_sigkill_at_any_moment_loses_and_duplicates_nothing(root: Path, tmp_path
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rng = random.Random(0)
     kills = 0
-    for wait_for_rows in (1, 6, 12):
+    for wait_for_rows in (1, 5, 10):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 120
         while proc.poll() is None and _rows(out) < wait_for_rows and time.monotonic() < deadline:

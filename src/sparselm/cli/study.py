@@ -20,9 +20,11 @@ from . import app
 from ._common import err_console, handles_errors, out_console, print_json, progress_bar
 
 FULL_SIZE_HINT = (
-    "The full-size study (every test window at seqlen 2048, 128 calibration windows, three epochs of fine-tuning "
-    "on the whole training split): `sparselm study --print-default > full.yaml`, raise the budgets there as the "
-    "comments say, then `sparselm study full.yaml --out results-full/` (add `--executor ray` on a cluster)."
+    "This study used small budgets so that it fits in about half an hour on 2 cores. The full-size study "
+    "(every test window at seqlen 2048, 128 calibration windows of 2048 tokens, three epochs of fine-tuning on the "
+    "whole training split, decode and 512-token prefill timings): add --full, e.g. "
+    "`sparselm study --full --out results-full/` (many hours on a CPU; add `--executor ray --ray-address HOST:PORT` "
+    "to spread it over a cluster that shares the output directory)."
 )
 
 
@@ -32,6 +34,7 @@ def study_command(
     config: Path | None = typer.Argument(None, help="Study YAML (default: the seed's study on the embedded models)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Study directory: results.sqlite, models/, report.html."),
     quick: bool = typer.Option(False, "--quick", help="Apply the config's `quick:` overrides (a few minutes)."),
+    full: bool = typer.Option(False, "--full", help="Apply the config's `full:` overrides (the full-size study: hours)."),
     executor: str = typer.Option("local", "--executor", help="local (this machine) or ray (a Ray cluster)."),
     workers: int | None = typer.Option(None, "--workers", help="Local worker processes (default 1), or CPUs for a new local Ray."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="An existing Ray cluster (HOST:PORT, ray://HOST:PORT, auto)."),
@@ -44,7 +47,9 @@ def study_command(
         return
     if out is None:
         raise SparselmError("--out DIR is required: the study directory for results, models and the report")
-    cfg = load_config(config, quick=quick)
+    if quick and full:
+        raise SparselmError("choose one of --quick and --full")
+    cfg = load_config(config, "quick" if quick else "full" if full else None)
     quiet_library_progress()
     with progress_bar(quiet=False) as progress:
         task = progress.add_task(f"study {cfg.name}", total=None)
@@ -65,7 +70,7 @@ def study_command(
             f"study {cfg.name} ({cfg.hash}): {summary.planned} cells, {summary.already_done} already done, "
             f"{summary.ran} run now in {summary.seconds:.0f} s → {summary.out}/results.sqlite; report → {summary.report}"
         )
-        if not quick and config is None:
+        if not (quick or full):
             out_console.print(FULL_SIZE_HINT, highlight=False)
     if summary.failed:
         err_console.print(f"{len(summary.failed)} cells failed (run again to retry):", highlight=False)

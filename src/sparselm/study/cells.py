@@ -177,7 +177,15 @@ def provenance(config: StudyConfig, executor: str) -> dict[str, Any]:
         "config_hash": config.hash,
         "executor": executor,
         "torch_threads": torch.get_num_threads(),
+        **({"ray_resources": _ray_resources()} if executor == "ray" else {}),
     }
+
+
+def _ray_resources() -> dict[str, float]:
+    """What Ray granted the task running this cell (so the row shows the resources it really had)."""
+    import ray
+
+    return dict(ray.get_runtime_context().get_assigned_resources())
 
 
 def _version(package: str) -> str | None:

@@ -1,6 +1,6 @@
 """The study's configuration: a YAML file validated by pydantic, every problem reported at once with its line.
 
-The effective configuration (with `quick:` overrides merged in when `--quick` is given) is hashed; the hash ties a
+The effective configuration (with `quick:` or `full:` overrides merged in by `--quick` / `--full`) is hashed; the hash ties a
 results store to the study that produced it, so results of two different studies are never mixed.
 """
 
@@ -23,6 +23,7 @@ from ..models import EMBEDDED
 DEFAULT_CONFIG = "default.yaml"
 # Sections that only say where and how cells run; they never change a result, so they stay out of the hash.
 UNHASHED = ("resources",)
+VARIANTS = ("quick", "full")  # sections of overrides merged over the rest with --quick / --full
 
 
 def task_kind(task: str) -> Literal["perplexity", "classification"]:
@@ -216,6 +217,7 @@ class StudyConfig(Strict):
     runtime: Runtime = Runtime()
     resources: Resources = Resources()
     quick: dict[str, Any] | None = Field(None, description="overrides merged in with --quick")
+    full: dict[str, Any] | None = Field(None, description="overrides merged in with --full (the full-size study)")
 
     @field_validator("sparsities")
     @classmethod
@@ -239,8 +241,8 @@ class StudyConfig(Strict):
         return models
 
     def hashed_json(self) -> dict[str, Any]:
-        """The part of the configuration that determines results (no quick section, no resources)."""
-        return self.model_dump(mode="json", exclude={"quick", *UNHASHED})
+        """The part of the configuration that determines results (no variant sections, no resources)."""
+        return self.model_dump(mode="json", exclude={*VARIANTS, *UNHASHED})
 
     @property
     def hash(self) -> str:
@@ -256,8 +258,8 @@ def default_config_text() -> str:
     return resources.files("sparselm.study").joinpath(DEFAULT_CONFIG).read_text(encoding="utf-8")
 
 
-def load_config(path: Path | None, quick: bool = False) -> StudyConfig:
-    """Read, validate and (with quick) merge the quick overrides; every problem is reported at once with its line."""
+def load_config(path: Path | None, variant: str | None = None) -> StudyConfig:
+    """Read, validate and merge a variant's overrides (`quick`, `full`); every problem is reported at once with its line."""
     if path is None:
         text, where, base = default_config_text(), f"(default config {DEFAULT_CONFIG})", Path.cwd()
     else:
@@ -265,10 +267,10 @@ def load_config(path: Path | None, quick: bool = False) -> StudyConfig:
         if not path.is_file():
             raise SparselmError(f"no config file at '{path}'; pass an existing YAML file (or none for the default)")
         text, where, base = path.read_text(encoding="utf-8"), str(path), path.resolve().parent
-    return parse_config(text, where, base, quick)
+    return parse_config(text, where, base, variant)
 
 
-def parse_config(text: str, where: str, base: Path, quick: bool = False) -> StudyConfig:
+def parse_config(text: str, where: str, base: Path, variant: str | None = None) -> StudyConfig:
     """Validate YAML text; relative model directories and text: paths are taken relative to `base`."""
     try:
         raw = yaml.safe_load(text)
@@ -279,18 +281,20 @@ def parse_config(text: str, where: str, base: Path, quick: bool = False) -> Stud
         raise SparselmError(f"{where} must be a YAML mapping with at least models, methods and sparsities")
     raw = _resolve_paths(raw, base)
     problems = _validate(raw, root, ())
-    overrides = raw.get("quick")
-    effective = _merge(raw, _resolve_paths(overrides, base)) if isinstance(overrides, dict) else raw
-    if isinstance(overrides, dict):  # checked with or without --quick, so a broken quick section never waits
-        problems += [p for p in _validate(effective, root, ("quick",), overrides) if ": quick." in p]
+    merged = {}
+    for name in VARIANTS:  # every variant is checked whichever runs, so a broken one never waits to be found
+        overrides = raw.get(name)
+        if isinstance(overrides, dict):
+            merged[name] = _merge(raw, _resolve_paths(overrides, base))
+            problems += [p for p in _validate(merged[name], root, (name,), overrides) if f": {name}." in p]
     if problems:
         listing = "\n".join(f"  {where}:{p}" for p in problems)
         raise SparselmError(f"invalid study config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{listing}")
-    if quick and not isinstance(overrides, dict):
-        raise SparselmError(f"{where} has no `quick:` section, so --quick has nothing to apply; add one or drop --quick")
-    if not quick:
-        effective = raw
-    return StudyConfig.model_validate(effective)
+    if variant is None:
+        return StudyConfig.model_validate(raw)
+    if variant not in merged:
+        raise SparselmError(f"{where} has no `{variant}:` section, so --{variant} has nothing to apply; add one or drop --{variant}")
+    return StudyConfig.model_validate(merged[variant])
 
 
 def _validate(raw: dict[str, Any], root: yaml.Node, prefix: tuple, overrides: Any = None) -> list[str]:

@@ -12,7 +12,6 @@ import ctypes
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -96,8 +95,10 @@ class ProcessPoolExecutor:
 def _init_worker(threads: int) -> None:
     """Share the cores between workers, and make sure a SIGKILLed driver leaves no orphan writing into DIR."""
     import torch
+    from transformers.utils import logging
 
     torch.set_num_threads(threads)
+    logging.disable_progress_bar()
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -114,8 +115,9 @@ class RayExecutor:
         if address:
             check_ray_address(address)
         env = {k: v for k in ("SPARSELM_CACHE", "HF_HUB_OFFLINE", "HF_HOME") if (v := os.environ.get(k))}
+        self.owns_ray = not ray.is_initialized()
         try:
-            if not ray.is_initialized():
+            if self.owns_ray:
                 ray.init(
                     address=address,
                     include_dashboard=False,
@@ -128,7 +130,13 @@ class RayExecutor:
                 f"cannot connect to the Ray cluster at '{address}' ({exc}); start one with `ray start --head` "
                 "or drop --ray-address to start a local one"
             ) from None
-        self.capacity = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.cluster = ray.cluster_resources()
+        self.capacity = max(1, int(self.cluster.get("CPU", 1)))
+        wants_gpu = [kind for kind, res in config.resources if res.gpus > 0]
+        if wants_gpu and not self.cluster.get("GPU"):
+            raise SparselmError(
+                f"resources.{wants_gpu[0]} asks for GPUs but the Ray cluster has none; set gpus: 0 or add GPU nodes"
+            )
         self.config = config
         self.config_json = config.model_dump(mode="json")
         self.out = out
@@ -136,13 +144,23 @@ class RayExecutor:
         self.refs: dict[Any, Cell] = {}
 
     def submit(self, cell: Cell) -> None:
-        res = getattr(self.config.resources, cell.kind)
-        memory = int(res.memory_gb * 2**30) if res.memory_gb else estimated_memory_bytes(cell.model)
-        options: dict[str, Any] = {"num_cpus": res.cpus, "num_gpus": res.gpus, "max_retries": 0}
-        if memory:
-            options["memory"] = memory
+        options = self.task_options(cell)
+
         ref = self.remote.options(**options).remote(cell.to_json(), self.config_json, self.out, self.name)
         self.refs[ref] = cell
+
+    def task_options(self, cell: Cell) -> dict[str, Any]:
+        """The cell's declared resources, capped at what the whole cluster has (a larger ask could never run)."""
+        res = getattr(self.config.resources, cell.kind)
+        memory = int(res.memory_gb * 2**30) if res.memory_gb else estimated_memory_bytes(cell.model)
+        options: dict[str, Any] = {
+            "num_cpus": min(res.cpus, self.cluster.get("CPU", res.cpus)),
+            "num_gpus": res.gpus,
+            "max_retries": 0,
+        }
+        if memory:
+            options["memory"] = int(min(memory, self.cluster.get("memory", memory)))
+        return options
 
     def wait(self) -> list[Outcome]:
         done, _ = self.ray.wait(list(self.refs), num_returns=1)
@@ -159,6 +177,8 @@ class RayExecutor:
         for ref in self.refs:
             self.ray.cancel(ref, force=True)
         self.refs.clear()
+        if self.owns_ray:
+            self.ray.shutdown()
 
 
 def _import_ray() -> Any:
@@ -170,23 +190,47 @@ def _import_ray() -> Any:
 
 
 def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
-    """Fail fast, with a clear message, when a Ray address does not answer (ray.init would wait a long time)."""
+    """Fail fast, with a clear message, when a Ray address does not answer (ray.init would wait a long time).
+
+    One gRPC call with a deadline: Ray's GCS (HOST:PORT) is asked for its cluster id, a Ray client server
+    (ray://HOST:PORT) is pinged. Any answer in Ray's protocol (even "authentication needed") means a cluster is
+    there; a refused connection, silence or a server that does not know the call means there is none.
+    """
     if address == "auto" or address.startswith("local"):
         return
-    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    import grpc
+
+    parsed = urlparse(address if "://" in address else f"gcs://{address}")
     host = parsed.hostname
-    port = parsed.port or (10001 if address.startswith("ray://") else 6379)
-    if not host:
-        raise SparselmError(f"'{address}' is not a Ray address; use HOST:PORT or ray://HOST:PORT")
+    client = parsed.scheme == "ray"
+    port = parsed.port or (10001 if client else 6379)
+    if not host or parsed.scheme not in ("ray", "gcs"):
+        raise SparselmError(f"'{address}' is not a Ray address; use HOST:PORT (GCS) or ray://HOST:PORT (Ray client)")
+    channel = grpc.insecure_channel(f"{host}:{port}")
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-        raise SparselmError(
-            f"the Ray cluster at '{address}' does not answer ({host}:{port}: {reason} after at most {timeout:g} s); "
-            "check the address and that `ray start --head` runs there, or drop --ray-address for a local cluster"
-        ) from None
+        _ray_ping(channel, client, timeout)
+    except grpc.RpcError as exc:
+        if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            reason = exc.code().name.lower().replace("_", " ")
+            raise SparselmError(
+                f"the Ray cluster at '{address}' does not answer ({host}:{port}: {reason}, waited at most {timeout:g} s); "
+                "check the address and that `ray start --head` runs there, or drop --ray-address for a local cluster"
+            ) from None
+    finally:
+        channel.close()
+
+
+def _ray_ping(channel: Any, client: bool, timeout: float) -> None:
+    if client:
+        from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+
+        request = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING)
+        ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(request, timeout=timeout)
+    else:
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
 
 
 def make_executor(
@@ -211,7 +255,6 @@ def schedule(
     executor: Executor,
     record: Callable[[Cell, dict[str, Any]], None],
     skip: Callable[[Cell, str], None],
-    on_finish: Callable[[Cell, dict[str, Any]], None] | None = None,
 ) -> None:
     """Run every cell not in `done`, each once the prune cell it depends on has succeeded.
 
@@ -222,32 +265,27 @@ def schedule(
     failed: set[tuple] = set()
     waiting = [c for c in cells if c.key not in done]
     in_flight = 0
-    try:
-        while waiting or in_flight:
-            still: list[Cell] = []
-            for cell in waiting:
-                dep = cell.prune_cell
-                if dep is not None and dep.key in failed:
-                    skip(cell, f"skipped: its pruned model could not be made (see the prune row of {dep.label})")
-                elif (dep is None or dep.key in ok) and in_flight < executor.capacity:
-                    executor.submit(cell)
-                    in_flight += 1
-                else:
-                    still.append(cell)
-            waiting = still
-            if not in_flight:
-                if waiting:  # only reachable if a dependency is missing from the plan
-                    raise SparselmError(f"internal: {len(waiting)} cells wait on prune cells that are not planned")
-                break
-            for cell, row in executor.wait():
-                in_flight -= 1
-                if "__ray_error__" in row:
-                    skip(cell, row["__ray_error__"])
-                    failed.add(cell.key)
-                    continue
-                record(cell, row)
-                (ok if row["status"] == "ok" else failed).add(cell.key)
-                if on_finish:
-                    on_finish(cell, row)
-    finally:
-        executor.close()
+    while waiting or in_flight:
+        still: list[Cell] = []
+        for cell in waiting:
+            dep = cell.prune_cell
+            if dep is not None and dep.key in failed:
+                skip(cell, f"skipped: its pruned model could not be made (see the prune row of {dep.label})")
+            elif (dep is None or dep.key in ok) and in_flight < executor.capacity:
+                executor.submit(cell)
+                in_flight += 1
+            else:
+                still.append(cell)
+        waiting = still
+        if not in_flight:
+            if waiting:  # only reachable if a dependency is missing from the plan
+                raise SparselmError(f"internal: {len(waiting)} cells wait on prune cells that are not planned")
+            break
+        for cell, row in executor.wait():
+            in_flight -= 1
+            if "__ray_error__" in row:
+                skip(cell, row["__ray_error__"])
+                failed.add(cell.key)
+                continue
+            record(cell, row)
+            (ok if row["status"] == "ok" else failed).add(cell.key)

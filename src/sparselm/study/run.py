@@ -61,31 +61,36 @@ def run_study(
 ) -> StudySummary:
     """Run every cell of `config` not yet in DIR's store; safe to kill at any moment and run again."""
     t0 = time.perf_counter()
-    out = ensure_writable_dir(Path(out)).resolve()
-    with study_lock(out):
-        store = ResultStore.open_for(out, config)
-        cells = plan(config)
-        done = _trusted_done(store, cells, out)
-        summary = StudySummary(out, config.hash, len(cells), len(done & {c.key for c in cells}))
-        remove_leftovers(out)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(config.model_dump(mode="json", exclude={"quick"}), sort_keys=False))
-        if on_start:
-            on_start(summary.planned, summary.already_done)
-        runner = make_executor(executor, config, str(out), workers, ray_address)
+    out = Path(out).resolve()
+    runner = make_executor(executor, config, str(out), workers, ray_address)  # a bad executor fails before DIR is touched
+    try:
+        ensure_writable_dir(out)
+        with study_lock(out):
+            store = ResultStore.open_for(out, config)
+            cells = plan(config)
+            done = _trusted_done(store, cells, out)
+            summary = StudySummary(out, config.hash, len(cells), len(done & {c.key for c in cells}))
+            remove_leftovers(out)
+            effective = yaml.safe_dump(config.model_dump(mode="json", exclude={"quick", "full"}), sort_keys=False)
+            atomic_write_text(out / "config.yaml", effective)
+            if on_start:
+                on_start(summary.planned, summary.already_done)
 
-        def record(cell: Cell, row: dict[str, Any]) -> None:
-            store.record(Row(**row))
-            summary.ran += 1
-            if row["status"] != "ok":
-                summary.failed.append(f"{cell.label}: {row['error']}")
-            if on_cell:
-                on_cell(cell, row)
+            def record(cell: Cell, row: dict[str, Any]) -> None:
+                store.record(Row(**row))
+                summary.ran += 1
+                if row["status"] != "ok":
+                    summary.failed.append(f"{cell.label}: {row['error']}")
+                if on_cell:
+                    on_cell(cell, row)
 
-        def skip(cell: Cell, reason: str) -> None:
-            record(cell, skipped(cell, config, runner.name, reason))
+            def skip(cell: Cell, reason: str) -> None:
+                record(cell, skipped(cell, config, runner.name, reason))
 
-        schedule(cells, done, runner, record, skip)
-        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+            schedule(cells, done, runner, record, skip)
+            shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    finally:
+        runner.close()
     if write_report:
         from .report import write_report as write
 
