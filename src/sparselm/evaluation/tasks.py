@@ -19,6 +19,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from ..data import normalise_split, parse_source, wiki_articles, wiki_split_of
@@ -124,21 +125,26 @@ def _topical_articles(split: str) -> list[dict[str, str]]:
 @register("wiki-pair", labels=lambda: ("different", "same"), pair=True)
 def wiki_pair_examples(split: str, data_dir: Path | None = None) -> list[Example]:
     """One same-article and one same-topic-other-article pair per article with a description."""
+    return list(_wiki_pairs(split))
+
+
+@lru_cache(maxsize=3)
+def _wiki_pairs(split: str) -> tuple[Example, ...]:
     articles = [a for a in _topical_articles(split) if a["description"].strip()]
     by_topic: dict[str, list[dict[str, str]]] = {}
     for article in articles:
         by_topic.setdefault(article["topic"], []).append(article)
+    position = {a["title"]: i for peers in by_topic.values() for i, a in enumerate(peers)}
     rows: list[Example] = []
     for article in articles:
         peers = by_topic[article["topic"]]
         if len(peers) < 2:
             continue
-        index = peers.index(article)
         step = 1 + int(_title_order(article["title"]), 16) % (len(peers) - 1)
-        other = peers[(index + step) % len(peers)]
+        other = peers[(position[article["title"]] + step) % len(peers)]
         rows.append(Example(article["description"], 1, first_sentence(article["extract"])))
         rows.append(Example(article["description"], 0, first_sentence(other["extract"])))
-    return rows
+    return tuple(rows)
 
 
 @register("wiki-topic", labels=topic_labels, pair=False)
