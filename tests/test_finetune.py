@@ -35,8 +35,7 @@ def pruned_dir(tmp_path, family: str, head: str = "auto"):
     return out
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize(("family", "optimizer"), [("llama", "adamw"), ("llama", "sgd"), ("bert", "sgd")])
 def test_sparsity_is_identical_after_finetuning(tmp_path, family, optimizer):
     src = pruned_dir(tmp_path, family)
     before = zero_masks(load(str(src)))
@@ -92,7 +91,7 @@ def test_keeper_zeroes_gradients_and_stale_optimizer_state(name):
                 assert not value[~keep].any()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bart", "pegasus", "t5"])
+@pytest.mark.parametrize("family", ["bart", "pegasus", "t5"])
 def test_finetune_covers_every_head_kind(tmp_path, family):
     src = pruned_dir(tmp_path, family)
     report = finetune(str(src), "wiki-topic", tmp_path / "ft", max_steps=2, batch_size=4, max_examples=8)
