@@ -41,7 +41,8 @@ def bench_command(
 
 
 def print_bench(result: dict) -> None:
-    table = Table(title=f"{result['model']}: dense vs accelerated ({result['threads']} threads, policy {result['policy']})")
+    title = f"{result['model']}: dense vs accelerated ({result['threads']} threads, policy {result['policy']})"
+    table = Table(title=title)
     for col in ("step", "tokens", "dense ms", "accelerated ms", "speed-up", "accelerated tokens/s"):
         table.add_column(col, justify="right")
     rows = [("prefill", r) for r in result["prefill"]] + ([("decode", result["decode"])] if result["decode"] else [])

@@ -35,7 +35,8 @@ def pack_command(
     out_console.print(
         f"packed {summary['tensors']} tensors ({codecs}): weights {summary['dense_bytes'] / 1e6:.2f} MB → "
         f"{summary['packed_bytes'] / 1e6:.2f} MB ({summary['ratio']:.2f}× smaller); files "
-        f"{summary['file_bytes_dense'] / 1e6:.2f} MB → {summary['file_bytes_packed'] / 1e6:.2f} MB → {summary['out']}"
+        f"{summary['file_bytes_dense'] / 1e6:.2f} MB → {summary['file_bytes_packed'] / 1e6:.2f} MB "
+        f"→ {summary['out']}"
     )
 
 

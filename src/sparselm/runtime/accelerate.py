@@ -25,8 +25,10 @@ def structure_of(keep: torch.Tensor, blocks: list[int]) -> str:
     return "2:4" if is_two_four(keep) else "unstructured"
 
 
-def candidates(weight: torch.Tensor, keep: torch.Tensor, blocks: list[int]) -> list[str]:
+def candidates(weight: torch.Tensor, keep: torch.Tensor, blocks: list[int], policy: str) -> list[str]:
     """Sparse kernels that can run this weight where it lives."""
+    if policy == "semi-structured" and weight.device.type != "cuda":
+        raise SparselmError("2:4 semi-structured kernels run on CUDA only; move the model to the GPU (model.cuda())")
     if weight.device.type == "cuda":
         half = weight.dtype in (torch.float16, torch.bfloat16)
         return ["semi-structured"] if half and is_two_four(keep) else []
@@ -107,7 +109,7 @@ def accelerate(
         sparsity = 1.0 - float(keep.count_nonzero()) / keep.numel()
         blocks = block_sizes_of(keep) if sparsity else []
         structure = structure_of(keep, blocks) if sparsity else "dense"
-        kernels = candidates(weight, keep, blocks)
+        kernels = candidates(weight, keep, blocks, policy)
         built: dict[str, torch.Tensor] = {}
         choices, timings, cached = choose(weight, kernels, policy, tokens, sparsity, structure, cache, built)
         if any(k != "dense" for k in choices.values()):

@@ -59,34 +59,15 @@ def side_by_side(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, fl
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def decode_steps(model: nn.Module, prompt: torch.Tensor, steps: int) -> Callable[[], None]:
-    """A callable that runs `steps` one-token forwards with the KV cache (the prefill is done outside the timing)."""
-
-    def run() -> None:
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
-        token = out.logits[:, -1:].argmax(-1)
-        for _ in range(steps):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            token = out.logits[:, -1:].argmax(-1)
-
-    return run
-
-
-def timed_decode(model: nn.Module, prompt: torch.Tensor, steps: int) -> Callable[[], float]:
-    prefill_only = decode_steps(model, prompt, 0)
-    full = decode_steps(model, prompt, steps)
-
-    def run() -> float:
-        start = time.perf_counter()
-        prefill_only()
-        middle = time.perf_counter()
-        full()
-        end = time.perf_counter()
-        return ((end - middle) - (middle - start)) / steps
-
-    return run
+def decode_seconds(model: nn.Module, prompt: torch.Tensor, steps: int) -> float:
+    """Seconds per one-token forward with the KV cache, after an untimed prefill of `prompt`."""
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - start) / steps
 
 
 def size_info(model_or_dir: str, model: nn.Module) -> dict[str, Any]:
@@ -158,11 +139,11 @@ def run_timings(
         decode = None
         if is_causal_lm(dense):
             prompt = torch.randint(3, vocab, (1, PROMPT_FOR_DECODE), generator=generator)
-            d, a = timed_decode(dense, prompt, steps), timed_decode(accelerated, prompt, steps)
+            decode_seconds(dense, prompt, 1), decode_seconds(accelerated, prompt, 1)  # warm-up
             samples: dict[str, list[float]] = {"dense": [], "accelerated": []}
             for _ in range(rounds):
-                samples["dense"].append(d())
-                samples["accelerated"].append(a())
+                samples["dense"].append(decode_seconds(dense, prompt, steps))
+                samples["accelerated"].append(decode_seconds(accelerated, prompt, steps))
             decode = speed_row(1, {k: statistics.median(v) for k, v in samples.items()})
             decode["steps"] = steps
             decode["prompt_tokens"] = PROMPT_FOR_DECODE

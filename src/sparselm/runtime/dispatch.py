@@ -28,6 +28,7 @@ ROUNDS = 7
 MIN_BLOCK_SECONDS = 0.002
 SPARSITY_BUCKET = 0.02
 CACHE_FILE = "runtime-dispatch.json"
+CACHE_SCHEMA = 2
 
 
 def cache_path() -> Path:
@@ -50,7 +51,10 @@ def save_cache(path: Path, cache: dict[str, Any]) -> None:
 
 def cache_key(shape: tuple[int, int], sparsity: float, structure: str, tokens: int, threads: int) -> str:
     bucket = round(int(sparsity / SPARSITY_BUCKET) * SPARSITY_BUCKET, 2)
-    return f"{shape[0]}x{shape[1]}|s{bucket:.2f}|{structure}|T{tokens}|threads{threads}|torch{torch.__version__}"
+    return (
+        f"v{CACHE_SCHEMA}|{shape[0]}x{shape[1]}|s{bucket:.2f}|{structure}|T{tokens}|threads{threads}"
+        f"|torch{torch.__version__}"
+    )
 
 
 def time_call(fn: Callable[[], Any], iterations: int, cuda: bool = False) -> float:

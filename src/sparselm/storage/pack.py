@@ -220,7 +220,9 @@ def add_ct_config(tmp: Path, tensors: dict[str, dict[str, Any]], stored: dict[st
     config_path = tmp / "config.json"
     config = json.loads(config_path.read_text())
     if "quantization_config" in config:
-        raise SparselmError("the model already has a quantization_config; compressed-tensors packing needs a plain model")
+        raise SparselmError(
+            "the model already has a quantization_config; compressed-tensors packing needs a plain model"
+        )
     coded = [n for n, t in tensors.items() if t["codec"] == ct.NAME]
     numel = sum(tensors[n]["numel"] for n in coded)
     zeros = sum(tensors[n]["zeros"] for n in coded)
@@ -242,9 +244,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
-        raise SparselmError(f"'{path}' is not a packed sparselm directory (no {MANIFEST}); pack it with sparselm pack") from None
+        raise SparselmError(
+            f"'{path}' is not a packed sparselm directory (no {MANIFEST}); pack it with sparselm pack"
+        ) from None
     except json.JSONDecodeError as exc:
-        raise SparselmError(f"'{path / MANIFEST}' is corrupt ({exc.msg}); re-create the directory with sparselm pack") from None
+        raise SparselmError(
+            f"'{path / MANIFEST}' is corrupt ({exc.msg}); re-create the directory with sparselm pack"
+        ) from None
     if manifest.get("format") != FORMAT_NAME or not isinstance(manifest.get("version"), int):
         raise SparselmError(f"'{path / MANIFEST}' is not a sparselm pack manifest; re-create it with sparselm pack")
     if manifest["version"] != FORMAT_VERSION:
@@ -295,7 +301,9 @@ def unpack(src: str | Path, out: str | Path, progress: Progress | None = None) -
     return {"out": str(out), "tensors": len(manifest["tensors"]), "files": sorted(by_file)}
 
 
-def write_dense_dir(src: Path, dst: Path, manifest: dict[str, Any], by_file: dict[str, dict[str, torch.Tensor]]) -> None:
+def write_dense_dir(
+    src: Path, dst: Path, manifest: dict[str, Any], by_file: dict[str, dict[str, torch.Tensor]]
+) -> None:
     for file, state in by_file.items():
         metadata = manifest["source_files"].get(file, {}).get("metadata") or {"format": "pt"}
         save_file(state, str(dst / file), metadata=metadata)
