@@ -53,7 +53,7 @@ class Captured:
     """Per window: the first block's hidden states and, per block, the other arguments it is called with."""
 
     hidden: list[torch.Tensor]
-    extra: list[list[tuple[tuple[Any, ...], dict[str, Any]]]]  # [block][window] -> (args after hidden, kwargs)
+    extra: list[list[tuple[tuple[Any, ...], dict[str, Any]]]]  # [block][window]: (args after hidden, kwargs)
 
 
 Visitor = Callable[[BlockRef, Callable[[], object]], None]
@@ -103,13 +103,16 @@ def choose_seqlen(
     context = model_context(model)
     seqlen = requested if requested is not None else min(DEFAULT_SEQLEN, context)
     if seqlen > context:
-        raise SparselmError(f"--calib-seqlen {seqlen} exceeds the model's context of {context} tokens; use ≤ {context}")
+        raise SparselmError(
+            f"--calib-seqlen {seqlen} exceeds the model's context of {context} tokens; use ≤ {context}"
+        )
     budget = int(available_memory() * MEMORY_FRACTION) if budget is None else budget
     if activation_bytes(model, samples, seqlen) > budget:
         fit = max(1, budget // (hidden_size(model) * 4 * (samples + 8)))
         note(
             f"calibration seqlen clamped from {seqlen} to {fit}: {samples} windows of {seqlen} tokens would hold "
-            f"{activation_bytes(model, samples, seqlen) / 2**30:.1f} GiB of activations (budget {budget / 2**30:.1f} GiB)"
+            f"{activation_bytes(model, samples, seqlen) / 2**30:.1f} GiB of activations "
+            f"(budget {budget / 2**30:.1f} GiB)"
         )
         seqlen = int(fit)
     return seqlen
@@ -122,10 +125,14 @@ def token_stream(tokenizer: Any, spec: str, split: str = "train") -> torch.Tenso
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sample_windows(stream: torch.Tensor, samples: int, seqlen: int, seed: int, source: str = "the text") -> torch.Tensor:
+def sample_windows(
+    stream: torch.Tensor, samples: int, seqlen: int, seed: int, source: str = "the text"
+) -> torch.Tensor:
     """`samples` random windows of `seqlen` tokens (samples × seqlen), reproducible from the seed."""
     if samples < 1 or seqlen < 1:
-        raise SparselmError("calibration needs at least 1 sample of at least 1 token; raise --calib-samples/--calib-seqlen")
+        raise SparselmError(
+            "calibration needs at least 1 sample of at least 1 token; raise --calib-samples/--calib-seqlen"
+        )
     holds = stream.numel() // seqlen
     if samples > holds:
         raise SparselmError(
@@ -180,7 +187,10 @@ def no_cache(model: nn.Module) -> Iterator[None]:
         config.use_cache = previous
 
 
-def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]:
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, tuple[Any, ...], dict]:
     if args:
         return args[0], tuple(args[1:]), dict(kwargs)
     rest = dict(kwargs)
@@ -231,7 +241,7 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _forward_all(block: nn.Module, calls: list[tuple[torch.Tensor, tuple[tuple[Any, ...], dict[str, Any]]]]) -> list[torch.Tensor]:
+def _forward_all(block: nn.Module, calls: list[tuple[torch.Tensor, Call]]) -> list[torch.Tensor]:
     return [_first(block(h, *args, **kwargs)) for h, (args, kwargs) in calls]
 
 

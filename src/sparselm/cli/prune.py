@@ -44,7 +44,9 @@ def output_dirs(out: Path, sparsities: list[float | None]) -> list[Path]:
 @handles_errors
 def prune_command(
     model: str = typer.Argument(..., help="Embedded alias (see `sparselm models`), local directory or hub id."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output model directory; with several sparsities, DIR/s<value>/."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output model directory; with several sparsities, DIR/s<value>/ each."
+    ),
     method: str = typer.Option("magnitude", "--method", help="magnitude, wanda or sparsegpt."),
     sparsity: str = typer.Option(
         None, "--sparsity", help="Fraction of weights to remove, or a list (0.1,0.5,0.9); default 0.5, N:M fixes it."
@@ -52,7 +54,9 @@ def prune_command(
     scope: str = typer.Option("layer", "--scope", help="global (rank all matrices together; magnitude) or layer."),
     pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, N:M (2:4 keeps 2 of 4) or block:RxC."),
     allocation: str = typer.Option("uniform", "--allocation", help="uniform, or owl (outlier-weighted per block)."),
-    calib: str = typer.Option("ptb", "--calib", help="Calibration text: ptb, wiki, wikitext2 or text:PATH (train split)."),
+    calib: str = typer.Option(
+        "ptb", "--calib", help="Calibration text: ptb, wiki, wikitext2 or text:PATH (train split)."
+    ),
     calib_samples: int = typer.Option(128, "--calib-samples", help="Number of random calibration windows."),
     calib_seqlen: int = typer.Option(None, "--calib-seqlen", help="Tokens per window; default min(2048, context)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the calibration windows."),

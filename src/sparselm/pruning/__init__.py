@@ -3,4 +3,6 @@
 from .driver import SPARSITY_FILE, Progress, PruneReport, prune, prune_to_dir
 from .settings import METHODS, PruneSettings, settings_from
 
-__all__ = ["METHODS", "SPARSITY_FILE", "Progress", "PruneReport", "PruneSettings", "prune", "prune_to_dir", "settings_from"]
+__all__ = [
+    "METHODS", "SPARSITY_FILE", "Progress", "PruneReport", "PruneSettings", "prune", "prune_to_dir", "settings_from",
+]

@@ -217,7 +217,8 @@ def _calibration_windows(
     progress.start(f"tokenising {settings.calib} ({CALIBRATION_SPLIT})", 1)
     stream = token_stream(tokenizer, settings.calib, CALIBRATION_SPLIT)
     progress.advance()
-    windows = sample_windows(stream, settings.calib_samples, seqlen, settings.seed, f"{settings.calib} {CALIBRATION_SPLIT}")
+    source = f"{settings.calib} {CALIBRATION_SPLIT}"
+    windows = sample_windows(stream, settings.calib_samples, seqlen, settings.seed, source)
     info = {
         "source": settings.calib,
         "split": CALIBRATION_SPLIT,
@@ -271,7 +272,9 @@ def _owl_allocation(
     progress.start("OWL outlier ratios", total_blocks(model))
     run_blocks(model, windows, visit, lambda _ref: progress.advance())
     names = list(ratios)
-    spars = owl_sparsities([ratios[n] for n in names], [sizes[n] for n in names], settings.target_sparsity, settings.owl_lambda)
+    spars = owl_sparsities(
+        [ratios[n] for n in names], [sizes[n] for n in names], settings.target_sparsity, settings.owl_lambda
+    )
     return dict(zip(names, spars)), ratios
 
 

@@ -18,7 +18,7 @@ OWL_LAMBDA = 0.08  # OWL's λ: per-block sparsities spread over [s − λ, s + �
 
 
 class PruneSettings(BaseModel):
-    """One pruning run. `sparsity` is the fraction of zeros asked for (default 0.5); N:M patterns fix it to 1 − N/M."""
+    """One pruning run. `sparsity`: the fraction of zeros asked for (default 0.5); N:M fixes it at 1 − N/M."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

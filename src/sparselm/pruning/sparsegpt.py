@@ -2,8 +2,8 @@
 
 For one layer with calibration inputs X: H = 2·XXᵀ, dampened by 1% of its mean diagonal; the upper Cholesky factor
 of H⁻¹ drives a column sweep in blocks of 128. In each block the mask keeps the weights with the largest
-w²/[H⁻¹]ᵢᵢ² (the whole block at once for unstructured, every M columns for N:M), and each pruned column's error is
-spread over the columns not yet visited. One deliberate difference from the reference: it prunes exactly
+w²/[H⁻¹]ᵢᵢ² (the whole block at once for unstructured, every M columns for N:M), and each pruned column's
+error is spread over the columns not yet visited. One deliberate difference from the reference: it prunes exactly
 floor(s·n) weights per block (the reference's `<= threshold` prunes one more, plus ties), so the sparsity is exact.
 """
 
