@@ -96,22 +96,30 @@ def prune_count(n: int, sparsity: float) -> int:
 
 def keep_top(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     """Keep-mask over the whole tensor pruning exactly `n_prune` lowest scores (lower index first on ties)."""
-    flat = scores.reshape(-1)
-    keep = torch.ones(flat.numel(), dtype=torch.bool, device=scores.device)
-    if n_prune > 0:
-        order = torch.sort(flat, stable=True).indices
-        keep[order[:n_prune]] = False
-    return keep.view(scores.shape)
+    return _keep_top_rows(scores.reshape(1, -1), n_prune).view(scores.shape)
 
 
 def keep_top_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask pruning the same number of lowest scores in every row (Wanda's comparison group)."""
-    n_prune = prune_count(scores.shape[1], sparsity)
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if n_prune > 0:
-        order = torch.sort(scores, dim=1, stable=True).indices
-        keep.scatter_(1, order[:, :n_prune], False)
-    return keep
+    return _keep_top_rows(scores, prune_count(scores.shape[1], sparsity))
+
+
+def _keep_top_rows(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Per row: prune the `n_prune` lowest scores, the same set a stable ascending sort would give, by selection.
+
+    A k-th value search (linear time) finds each row's cut; scores below it are pruned, and of the scores equal to
+    it only as many as are still needed, leftmost first.
+    """
+    if n_prune <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if n_prune >= scores.shape[1]:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    cut = scores.kthvalue(n_prune, dim=1, keepdim=True).values
+    prune = scores < cut
+    ties = n_prune - prune.sum(dim=1, keepdim=True)
+    equal = scores == cut
+    prune |= equal & (torch.cumsum(equal, dim=1) <= ties)
+    return ~prune
 
 
 def keep_n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
