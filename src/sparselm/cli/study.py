@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from ..errors import SparselmError
+from ..models import model_slug
 from ..study.config import default_config_text, load_config
 from ..study.report import method_label, write_report
 from ..study.run import run_study
@@ -128,7 +129,7 @@ def results_command(
         table.add_column(column)
     for row, f in zip(rows, flat):
         metric = next((f"{k}={f[k]:.4g}" for k in headline if isinstance(f.get(k), (int, float))), row.error or "")
-        table.add_row(*(str(f[c]) for c in RESULT_COLUMNS), metric)
+        table.add_row(model_slug(row.model), *(str(f[c]) for c in RESULT_COLUMNS[1:]), metric)
     out_console.print(table)
 
 

@@ -22,7 +22,7 @@ import yaml
 
 from ..errors import SparselmError
 from ..io import atomic_write_text, ensure_writable_dir
-from .cells import ANALYSIS_DIR, MODELS_DIR, WORK_DIR, Cell, is_complete_model_dir, model_dir, plan, skipped
+from .cells import WORK_DIR, Cell, is_complete_model_dir, model_dir, plan, skipped
 from .config import StudyConfig
 from .executors import make_executor, schedule
 from .store import ResultStore, Row
@@ -110,18 +110,16 @@ def _trusted_done(store: ResultStore, cells: list[Cell], out: Path) -> set[tuple
 
 
 def remove_leftovers(out: Path) -> list[Path]:
-    """Delete the scratch directory and the temporary directories of atomic writes a killed study left behind."""
+    """Delete the scratch directory and the temporary files and directories of atomic writes a killed study left."""
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    leftovers = [p for p in out.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
     removed = []
-    for parent in (out / MODELS_DIR, out / ANALYSIS_DIR):
-        if not parent.is_dir():
-            continue
-        for path in parent.rglob(".*"):
-            if path.is_dir() and (".tmp-" in path.name or ".old-" in path.name):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-    if (out / WORK_DIR).exists():
-        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-        removed.append(out / WORK_DIR)
+    for path in sorted(leftovers, key=lambda p: len(p.parts)):  # outermost first; inner ones go with them
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+        removed.append(path)
     return removed
 
 
