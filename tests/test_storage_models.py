@@ -51,7 +51,7 @@ def test_smollm2_packed_loads_and_runs_accelerated(tmp_path):
     src = tmp_path / "src"
     prune_smallest(models.load("smollm2-135m"), 0.9).save_pretrained(src)
     summary = pack(src, tmp_path / "p", dtype="bf16")
-    assert summary["packed_bytes"] < summary["dense_bytes"] / 4
+    assert summary["packed_bytes"] < summary["dense_bytes"] / 3  # the 49152×576 embedding stays dense
     model = models.load(str(tmp_path / "p"))
     reference = models.load(str(src))
     ids = torch.randint(3, 40000, (1, 48), generator=torch.Generator().manual_seed(0))
