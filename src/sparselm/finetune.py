@@ -118,7 +118,7 @@ def finetune(
     batch_size: int = 8,
     max_examples: int | None = None,
     seed: int = 0,
-    optimizer: str = "adamw",
+    optimizer: OptimizerName = "adamw",
     seqlen: int | None = None,
     data_dir: Path | None = None,
     progress: Progress | None = None,

@@ -41,7 +41,7 @@ def config_family(config: Any) -> str:
     return model_family(SimpleNamespace(config=config))
 
 
-def load_language_model(model_or_dir: str, objective: str = "clm") -> LanguageModel:
+def load_language_model(model_or_dir: str, objective: Objective = "clm") -> LanguageModel:
     """The model with the head that scores `objective` for its family, its tokenizer, and notes for the reader."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
