@@ -8,6 +8,7 @@ from other processes affects both alike.
 from __future__ import annotations
 
 import copy
+import inspect
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -59,14 +60,20 @@ def side_by_side(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, fl
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def cache_argument(model: nn.Module) -> str:
+    """transformers 5 calls the KV cache `cache`; earlier versions call it `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def decode_seconds(model: nn.Module, prompt: torch.Tensor, steps: int) -> float:
     """Seconds per one-token forward with the KV cache, after an untimed prefill of `prompt`."""
+    name = cache_argument(model)
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    past, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, use_cache=True, **{name: past})
+        past, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
     return (time.perf_counter() - start) / steps
 
 
