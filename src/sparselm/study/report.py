@@ -148,11 +148,12 @@ def _sweep_axes(ax: plt.Axes, rows: list[Row], value: Any, dense_label: str) -> 
     """One line per method over sparsity, with the dense model drawn as a dashed horizontal line."""
     groups = _by_method(rows)
     dense = groups.pop("dense", [])
-    for label, group in groups.items():
-        points = [(r.sparsity, value(r)) for r in group if value(r) is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=label)
     dense_values = [value(r) for r in dense if value(r) is not None]
+    start = [(0.0, dense_values[0])] if dense_values else []  # every method starts from the dense model
+    for label, group in groups.items():
+        points = start + [(r.sparsity, value(r)) for r in group if value(r) is not None]
+        if len(points) > len(start):
+            ax.plot(*zip(*points), marker="o", label=label)
     if dense_values:
         ax.axhline(dense_values[0], color="black", ls="--", lw=1, label=f"{dense_label} {dense_values[0]:.4g}")
     ax.set_xlabel("sparsity")
