@@ -22,7 +22,8 @@ def test_default_config_is_the_seed_study() -> None:
         ("magnitude", "global"), ("wanda", "layer"), ("sparsegpt", "layer"),
     ]
     decoder, encoder = config.models
-    assert decoder.tasks == ["ptb", "wiki", "wiki-pair"] and encoder.tasks == ["wiki-pair"]
+    assert decoder.tasks == ["ptb", "wiki"] and encoder.tasks == ["wiki-pair"]
+    assert load_config(None, "full").models[0].tasks == ["ptb", "wiki", "wiki-pair"]  # the decoder fine-tuned too
     assert config.size.enabled and config.runtime.enabled
     # The shipped file is readable YAML a user can copy (comments included).
     assert "# The default sparselm study" in default_config_text()
