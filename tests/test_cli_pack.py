@@ -81,4 +81,7 @@ def test_run_generates_with_the_accelerated_embedded_model():
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["completion"].strip().startswith("Paris")
-    assert set(out["choices"]) == {"1", "6"}
+    from sparselm.models import load_tokenizer
+
+    prompt_tokens = len(load_tokenizer("smollm2-135m")("The capital of France is").input_ids)
+    assert set(out["choices"]) == {"1", str(prompt_tokens)}  # decode steps and the prompt's prefill

@@ -211,6 +211,15 @@ def scratch_dir(out: Path, cell: Cell) -> Path:
     return Path(out) / WORK_DIR / cell.scratch_name
 
 
+def clear_scratch(work: Path) -> None:
+    """Remove a cell's scratch directory, and the shared scratch root once no other cell is using it."""
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        work.parent.rmdir()
+    except OSError:
+        pass  # another cell's scratch is still there (parallel workers)
+
+
 # --- the six kinds of cell --------------------------------------------------------------------------------------
 
 
@@ -298,7 +307,7 @@ def _classification(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any
         tuned = finetune(model_ref(out, cell), cell.task, work / "finetuned", **ft_settings)
         metrics = evaluate(str(work / "finetuned"), cell.task, **eval_settings)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        clear_scratch(work)
     return {"metrics": {**metrics, "finetune": _scalars(tuned)}, "settings": {"finetune": ft_settings, "eval": eval_settings}}
 
 
@@ -313,7 +322,7 @@ def _pack(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
     try:
         sizes = pack(source, work / "packed", **settings)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        clear_scratch(work)
     sizes.pop("out", None)  # the scratch copy is gone; its sizes are what the study keeps
     return {"metrics": sizes, "settings": settings}
 
