@@ -154,20 +154,12 @@ def check_vocab(model: nn.Module, windows: torch.Tensor) -> None:
 
 
 @contextmanager
-def forward_pre_hooks(hooks: dict[nn.Module, Callable[..., Any]]) -> Iterator[None]:
-    """Register keyword-aware forward pre-hooks and always remove them."""
-    handles = [m.register_forward_pre_hook(fn, with_kwargs=True) for m, fn in hooks.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
-def forward_hooks(hooks: dict[nn.Module, Callable[..., Any]]) -> Iterator[None]:
-    """Register forward hooks and always remove them."""
-    handles = [m.register_forward_hook(fn) for m, fn in hooks.items()]
+def module_hooks(hooks: dict[nn.Module, Callable[..., Any]], pre: bool = False) -> Iterator[None]:
+    """Register forward hooks (or keyword-aware forward pre-hooks with `pre=True`) and always remove them."""
+    if pre:
+        handles = [m.register_forward_pre_hook(fn, with_kwargs=True) for m, fn in hooks.items()]
+    else:
+        handles = [m.register_forward_hook(fn) for m, fn in hooks.items()]
     try:
         yield
     finally:
@@ -214,7 +206,7 @@ def capture(model: nn.Module, stack: BlockList, windows: torch.Tensor) -> Captur
         return hook
 
     inputs = _model_inputs(model)
-    with forward_pre_hooks({b: recorder(i) for i, b in enumerate(blocks)}):
+    with module_hooks({b: recorder(i) for i, b in enumerate(blocks)}, pre=True):
         for row in windows:
             try:
                 model(**inputs(row.unsqueeze(0).to(_device(model))))

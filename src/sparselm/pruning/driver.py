@@ -13,7 +13,7 @@ from torch import nn
 from ..calibration import (
     BlockRef,
     choose_seqlen,
-    forward_hooks,
+    module_hooks,
     run_blocks,
     sample_windows,
     token_stream,
@@ -247,7 +247,7 @@ def _collect(
     def hook_for(name: str) -> Any:
         return lambda _module, inputs, _output: stats[name].add(inputs[0])
 
-    with forward_hooks({m.module: hook_for(m.name) for m in mats}):
+    with module_hooks({m.module: hook_for(m.name) for m in mats}):
         run()
     return stats
 
