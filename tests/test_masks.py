@@ -7,6 +7,7 @@ import torch
 
 from sparselm.errors import SparselmError
 from sparselm.masks import (
+    apply_keep,
     NM,
     Block,
     Unstructured,
@@ -98,3 +99,13 @@ def test_keep_mask_dispatch():
     assert is_n_of_m(keep_mask(scores, NM(2, 4), 0.9), 2, 4)
     per_row = keep_mask(scores, Unstructured(), 0.5, per_row=True)
     assert per_row.sum(dim=1).tolist() == [8] * 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_apply_keep_writes_positive_zero_and_leaves_kept_bits(dtype):
+    w = torch.tensor([[-1.5, -0.25, float("inf"), 2.0], [-0.0, 3.0, -7.0, float("-inf")]], dtype=dtype)
+    before = w.clone()
+    keep = torch.tensor([[True, False, False, True], [False, True, False, True]])
+    apply_keep(w.t().t(), keep)  # through a view, as weights are handed over
+    assert torch.equal(w[keep], before[keep])
+    assert not w[~keep].signbit().any() and not w[~keep].isnan().any() and bool((w[~keep] == 0).all())

@@ -10,6 +10,7 @@ from torch import nn
 from sparselm.errors import SparselmError
 from sparselm.masks import NM, Block, Unstructured, is_block, is_n_of_m, keep_mask, parse_pattern, prune_count
 from sparselm.pruning import PruneSettings, prune, settings_from
+from sparselm.pruning import magnitude
 from sparselm.pruning.magnitude import _exact_cut, global_cut, prune_global
 from sparselm.pruning.owl import outlier_ratio, owl_sparsities
 from sparselm.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
@@ -91,6 +92,22 @@ def test_global_magnitude_matches_plain_reference_exactly():
     expected = _manual_global_keep(weights, 0.6)
     prune_global(weights, 0.6, Unstructured())
     assert [torch.equal(w.reshape(-1) != 0, k) for w, k in zip(weights, expected)] == [True] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.97])
+def test_global_magnitude_sampled_bracket_path_is_exact(monkeypatch, dtype, sparsity):
+    """Stride > 1, sizes not a multiple of 8, ties spread over matrices, transposed (Conv1D-like) views."""
+    monkeypatch.setattr(magnitude, "SAMPLE_SIZE", 4096)
+    monkeypatch.setattr(magnitude, "_exact_cut", None)  # the narrow bracket must hold, not the fallback
+    g = torch.Generator().manual_seed(4)
+    base = [torch.round(torch.randn(r, c, generator=g) * 64) / 64 for r, c in ((301, 257), (512, 384), (13, 7))]
+    weights = [base[0].to(dtype), base[1].t().contiguous().to(dtype).t(), base[2].to(dtype)]
+    expected = _manual_global_keep([w.float() for w in weights], sparsity)
+    prune_global(weights, sparsity, Unstructured())
+    for w, keep in zip(weights, expected):
+        assert torch.equal(w.reshape(-1) != 0, keep)
+        assert not w.signbit()[w == 0].any()
 
 
 def test_global_cut_bracket_and_exact_fallback_agree():

@@ -94,6 +94,18 @@ def prune_count(n: int, sparsity: float) -> int:
     return min(n, int(math.floor(sparsity * n + 1e-6)))
 
 
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def apply_keep(weight: torch.Tensor, keep: torch.Tensor) -> None:
+    """Set the weights where `keep` is False to +0.0, in place.
+
+    Done as an integer multiply of the weights' bits by the mask: branch-free, several times faster than
+    `masked_fill_` at 50% sparsity, and unlike a float multiply it never leaves -0.0 or NaN (inf · 0).
+    """
+    weight.view(_SAME_WIDTH_INT[weight.element_size()]).mul_(keep)
+
+
 def keep_top(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     """Keep-mask over the whole tensor pruning exactly `n_prune` lowest scores (lower index first on ties)."""
     return _keep_top_rows(scores.reshape(1, -1), n_prune).view(scores.shape)

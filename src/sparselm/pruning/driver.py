@@ -21,7 +21,7 @@ from ..calibration import (
 )
 from ..errors import SparselmError
 from ..io import atomic_dir, atomic_write_json
-from ..masks import NM, Pattern, check_shape, keep_mask
+from ..masks import NM, Pattern, check_shape, keep_mask, apply_keep
 from ..models import ModelSource, load_with_source, write_provenance
 from ..weights import Matrix, select_matrices
 from .magnitude import prune_global
@@ -295,7 +295,7 @@ def _prune_magnitude(
 
 def _magnitude_one(m: Matrix, pattern: Pattern, sparsity: float) -> None:
     w = m.weight()
-    w.masked_fill_(~keep_mask(w.abs().float(), _pattern_at(pattern, sparsity), sparsity), 0)
+    apply_keep(w, keep_mask(w.abs().float(), _pattern_at(pattern, sparsity), sparsity))
 
 
 def _prune_calibrated(
@@ -336,7 +336,7 @@ def _prune_one(m: Matrix, stats: ColumnNorms | HessianAccumulator, settings: Pru
     w = m.weight()
     if isinstance(stats, ColumnNorms):
         keep = keep_mask(wanda_scores(w, stats.sum_sq), pattern, sparsity, per_row=True)
-        w.masked_fill_(~keep.to(w.device), 0)
+        apply_keep(w, keep.to(w.device))
         return
     pruned, _keep = sparsegpt_prune(
         w,

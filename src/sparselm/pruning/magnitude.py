@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..analysis.stats import Histogram, order_statistics
-from ..masks import NM, Block, Pattern, expand_tiles, keep_n_of_m, prune_count, tile_scores
+from ..masks import NM, Block, Pattern, expand_tiles, keep_n_of_m, prune_count, tile_scores, apply_keep
 
 SAMPLE_SIZE = 1 << 20
 
@@ -53,6 +53,7 @@ def global_cut(source: ScoreSource, total: int, n_prune: int, sampler: Sampler |
     """The exact cut that prunes `n_prune` of the `total` scores of `source` (each ≥ 0).
 
     `sampler(stride)` may yield every stride-th score of each source tensor more cheaply than `source` can.
+    Tensors from `source` are only read while they are current, so a source may reuse one buffer.
     """
     if n_prune <= 0:
         return Cut(-math.inf, 0, ())
@@ -62,26 +63,59 @@ def global_cut(source: ScoreSource, total: int, n_prune: int, sampler: Sampler |
     lo, hi = _bracket(torch.cat(list(sampler(stride))), total, rank)
     below = 0
     inside: list[torch.Tensor] = []
+    scratch = MaskScratch()
     for s in source():
-        flat = s.reshape(-1)
-        below += int(torch.count_nonzero(flat < lo))
-        inside.append(flat[(flat >= lo) & (flat <= hi)])
-    middle = torch.sort(torch.cat(inside)).values
+        count, values = _split_at_bracket(s.reshape(-1), lo, hi, scratch)
+        below += count
+        inside.append(values)
+    middle = torch.cat(inside)
     if not below <= rank < below + middle.numel():
         return _exact_cut(source, rank, n_prune)
-    t = middle[rank - below]
+    t = middle.kthvalue(rank - below + 1).values
     under = below + int(torch.count_nonzero(middle < t))
     return Cut(float(t), n_prune - under, tuple(int(torch.count_nonzero(v == t)) for v in inside))
 
 
+class MaskScratch:
+    """Two reusable boolean buffers: allocating a fresh mask per matrix costs as much as computing it."""
+
+    def __init__(self) -> None:
+        self._buffers = torch.empty(0, dtype=torch.bool), torch.empty(0, dtype=torch.bool)
+
+    def pair(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._buffers[0].numel() < n:
+            self._buffers = torch.empty(n, dtype=torch.bool), torch.empty(n, dtype=torch.bool)
+        return self._buffers[0][:n], self._buffers[1][:n]
+
+
+def _split_at_bracket(flat: torch.Tensor, lo: float, hi: float, scratch: MaskScratch) -> tuple[int, torch.Tensor]:
+    """How many scores are < lo, and a copy of those within [lo, hi].
+
+    Few scores fall inside the bracket, so instead of a full-length nonzero scan (the slow part of boolean
+    indexing) the inside-mask is read as 64-bit words, eight scores each: only the words with a hit are gathered
+    and filtered again.
+    """
+    below_mask, inside_mask = scratch.pair(flat.numel())
+    torch.lt(flat, lo, out=below_mask)
+    torch.le(flat, hi, out=inside_mask)
+    inside_mask ^= below_mask
+    whole = flat.numel() - flat.numel() % 8
+    words = inside_mask[:whole].view(torch.int64)
+    candidates = flat[:whole].view(-1, 8)[torch.nonzero(words).squeeze(1)].reshape(-1)
+    candidates = torch.cat([candidates, flat[whole:]])
+    values = candidates[(candidates >= lo) & (candidates <= hi)]
+    return int(torch.count_nonzero(below_mask)), values
+
+
 def _bracket(sample: torch.Tensor, total: int, rank: int) -> tuple[float, float]:
     """Scores that enclose the one at `rank` with near certainty, from an evenly strided sample of them."""
-    sample = torch.sort(sample.float()).values
+    sample = sample.float()
     m = sample.numel()
     margin = int(4 * math.sqrt(m)) + 16
     at = rank / total * m
-    lo = float(sample[int(at) - margin]) if int(at) - margin >= 0 else -math.inf
-    hi = float(sample[math.ceil(at) + margin]) if math.ceil(at) + margin < m else math.inf
+    low, high = int(at) - margin, math.ceil(at) + margin
+    lo = float(sample.kthvalue(low + 1).values) if low >= 0 else -math.inf
+    hi = float(sample.kthvalue(high + 1).values) if high < m else math.inf
     return lo, hi
 
 
@@ -95,15 +129,17 @@ def _exact_cut(source: ScoreSource, rank: int, n_prune: int) -> Cut:
     return Cut(t, n_prune - under, tuple(int(torch.count_nonzero(s == t)) for s in source()))
 
 
-def apply_cut(scores: torch.Tensor, threshold: float, equal: int, ties: int) -> torch.Tensor:
-    """Prune-mask (True = prune) of one score tensor: all scores < threshold and the first `ties` of its `equal`."""
-    if ties == equal:
-        return scores <= threshold
-    prune = scores < threshold
-    if ties > 0:
+def keep_after_cut(
+    scores: torch.Tensor, threshold: float, equal: int, ties: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Keep-mask of one score tensor: all scores above the threshold, and those of its `equal` scores at the
+    threshold that come after the first `ties` (which are pruned)."""
+    compare = torch.ge if ties == 0 else torch.gt
+    keep = compare(scores, threshold, out=out) if out is not None else compare(scores, threshold)
+    if 0 < ties < equal:
         flat = (scores == threshold).reshape(-1)
-        prune.reshape(-1)[flat & (torch.cumsum(flat, 0) <= ties)] = True
-    return prune
+        keep.reshape(-1)[flat & (torch.cumsum(flat, 0) > ties)] = True
+    return keep
 
 
 def prune_global(weights: list[torch.Tensor], sparsity: float, pattern: Pattern) -> None:
@@ -114,26 +150,56 @@ def prune_global(weights: list[torch.Tensor], sparsity: float, pattern: Pattern)
     """
     if isinstance(pattern, NM):
         for w in weights:
-            w.masked_fill_(~keep_n_of_m(magnitude_scores(w, pattern), pattern.n, pattern.m), 0)
+            apply_keep(w, keep_n_of_m(magnitude_scores(w, pattern), pattern.n, pattern.m))
         return
+    if isinstance(pattern, Block):
+        _prune_global_tiles(weights, sparsity, pattern)
+        return
+    largest = max((w.numel() for w in weights), default=0)
+    buffer, keep_buffer = torch.empty(largest), torch.empty(largest, dtype=torch.bool)
 
-    def source() -> Iterable[torch.Tensor]:
-        return (magnitude_scores(w, pattern) for w in weights)
+    def source() -> Iterable[torch.Tensor]:  # |w| of each matrix in turn, written into one reused buffer
+        return (_abs_into(buffer[: w.numel()], w) for w in weights)
 
     def sampler(stride: int) -> Iterable[torch.Tensor]:
         return (w.reshape(-1)[::stride].abs() for w in weights)
 
-    total = sum(_score_count(w, pattern) for w in weights)
-    cut = global_cut(source, total, prune_count(total, sparsity), None if isinstance(pattern, Block) else sampler)
+    total = sum(w.numel() for w in weights)
+    cut = global_cut(source, total, prune_count(total, sparsity), sampler)
     for w, equal, ties in zip(weights, cut.equal_per_source, cut.prune_plan()):
-        prune = apply_cut(magnitude_scores(w, pattern), cut.threshold, equal, ties)
-        if isinstance(pattern, Block):
-            prune = expand_tiles(prune, pattern.rows, pattern.cols)
-        w.masked_fill_(prune, 0)
+        if w.dtype == torch.float32 and ties in (0, equal):
+            _shrink(w, cut.threshold, prune_equal=ties == equal)
+        else:
+            scores = _abs_into(buffer[: w.numel()], w)
+            apply_keep(w, keep_after_cut(scores, cut.threshold, equal, ties, out=keep_buffer[: w.numel()]).view(w.shape))
 
 
-def _score_count(weight: torch.Tensor, pattern: Pattern) -> int:
-    rows, cols = weight.shape
-    if isinstance(pattern, Block):
-        return (rows // pattern.rows) * (cols // pattern.cols)
-    return rows * cols
+def _shrink(weight: torch.Tensor, threshold: float, prune_equal: bool) -> None:
+    """Zero |w| < threshold (and |w| == threshold if `prune_equal`) in place, as one vectorised pass.
+
+    `hardshrink(x, λ)` is exactly "x where |x| > λ, else +0.0"; a float32 λ one step below the threshold turns ">"
+    into "≥".
+    """
+    lam = torch.tensor(threshold, dtype=torch.float32)
+    if not prune_equal:
+        lam = torch.nextafter(lam, torch.tensor(-math.inf))
+    torch.hardshrink(weight, float(lam), out=weight)
+
+
+def _prune_global_tiles(weights: list[torch.Tensor], sparsity: float, pattern: Block) -> None:
+    """Global magnitude over tiles: rank every tile's L2 norm across all matrices, zero whole tiles."""
+
+    def source() -> Iterable[torch.Tensor]:
+        return (magnitude_scores(w, pattern) for w in weights)
+
+    total = sum((w.shape[0] // pattern.rows) * (w.shape[1] // pattern.cols) for w in weights)
+    cut = global_cut(source, total, prune_count(total, sparsity))
+    for w, scores, equal, ties in zip(weights, source(), cut.equal_per_source, cut.prune_plan()):
+        apply_keep(w, expand_tiles(keep_after_cut(scores, cut.threshold, equal, ties), pattern.rows, pattern.cols))
+
+
+def _abs_into(buffer: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """|w| flattened into a float32 buffer, without allocating."""
+    if weight.dtype == torch.float32:
+        return torch.abs(weight.reshape(-1), out=buffer)
+    return buffer.copy_(weight.reshape(-1)).abs_()
