@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import ENCODER_DECODER, tiny_model
 
+from sparselm import calibration
 from sparselm.calibration import (
     StopForward,
     capture,
@@ -45,13 +46,14 @@ def test_seqlen_default_and_clamp():
         choose_seqlen(model, 4, 4096, notes.append)
 
 
-def test_capture_stops_at_the_last_block(family):
+def test_capture_stops_at_the_last_block_and_batches_windows(family, monkeypatch):
+    monkeypatch.setattr(calibration, "BATCH_TOKENS", 24)  # two windows of 12 tokens per batch
     model = tiny_model(family)
     stack = find_block_lists(model)[0]
     windows = torch.randint(0, 96, (3, 12))
     captured = capture(model, stack, windows)
-    assert len(captured.hidden) == 3 and all(h.shape[:2] == (1, 12) for h in captured.hidden)
-    assert [len(e) for e in captured.extra] == [3] * len(stack.blocks)
+    assert [h.shape[:2] for h in captured.hidden] == [(2, 12), (1, 12)]
+    assert [len(e) for e in captured.extra] == [2] * len(stack.blocks)
     assert issubclass(StopForward, Exception) and not issubclass(StopForward, ValueError)
 
 
@@ -82,11 +84,39 @@ def test_replay_matches_the_models_own_forward(family):
             h.remove()
     assert visited == [f"{s.path}.{i}" for s in stacks for i in range(len(s.blocks))]
     for b in last_blocks:
-        # replayed once per window (the visitor never called run); an encoder also runs again to capture the decoder
+        # both windows go through as one batch, replayed once (the visitor never called run); an encoder's last
+        # block also runs again when the decoder stack is captured
         got = seen[id(b)]
-        assert len(got) == (4 if family in ENCODER_DECODER and b is last_blocks[0] else 2)
-        for g, e in zip(got[:2], expected[id(b)]):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        assert len(got) == (2 if family in ENCODER_DECODER and b is last_blocks[0] else 1)
+        torch.testing.assert_close(got[0], torch.cat(expected[id(b)]), rtol=1e-5, atol=1e-5)
+
+
+def test_read_only_visitor_runs_each_block_once_and_feeds_its_outputs_on(monkeypatch):
+    monkeypatch.setattr(calibration, "BATCH_TOKENS", 10)  # one window per batch
+    model = tiny_model("llama")
+    windows = torch.randint(0, 96, (3, 10))
+    blocks = find_block_lists(model)[0].blocks
+    runs: dict[int, int] = {}
+    handles = [b.register_forward_hook(lambda m, i, o, k=k: runs.__setitem__(k, runs.get(k, 0) + 1))
+               for k, b in enumerate(blocks)]
+    seen: dict[str, list[list[torch.Tensor]]] = {"read-only": [], "default": []}
+    try:
+        run_blocks(model, windows, lambda ref, run: seen["read-only"].append([o.clone() for o in run()]),
+                   read_only=True)
+        read_only_runs = dict(runs)
+        runs.clear()
+        run_blocks(model, windows, lambda ref, run: seen["default"].append([o.clone() for o in run()]))
+    finally:
+        for h in handles:
+            h.remove()
+    last = len(blocks) - 1
+    # capture runs blocks 0..last-1 once per window; then each block once per window (read-only) or twice
+    assert read_only_runs == {k: 3 * (1 + (k < last)) for k in range(len(blocks))}
+    assert runs == {k: 3 * (2 + (k < last)) for k in range(len(blocks))}
+    for ours, ref in zip(seen["read-only"], seen["default"], strict=True):
+        assert len(ours) == 3
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b)
 
 
 def test_encoder_stack_comes_first_and_decoder_sees_pruned_encoder():
@@ -107,6 +137,5 @@ def test_encoder_stack_comes_first_and_decoder_sees_pruned_encoder():
 
     run_blocks(model, windows, visit)
     # BART's encoder blocks end in a LayerNorm: with every parameter zeroed the encoder outputs exact zeros
-    assert len(cross_inputs) == 2
-    for x in cross_inputs:
-        assert x.shape == (1, 8, 32) and not bool(x.any())
+    assert len(cross_inputs) == 1  # both windows in one batch
+    assert cross_inputs[0].shape == (2, 8, 32) and not bool(cross_inputs[0].any())

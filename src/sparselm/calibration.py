@@ -29,6 +29,7 @@ from .weights import BlockList, find_block_lists, model_family
 DEFAULT_SEQLEN = 2048
 FALLBACK_CONTEXT = 512
 MEMORY_FRACTION = 0.5  # of available RAM that held calibration activations may use
+BATCH_TOKENS = 4096  # calibration tokens per block call
 
 
 class StopForward(Exception):
@@ -50,10 +51,10 @@ class BlockRef:
 
 @dataclass
 class Captured:
-    """Per window: the first block's hidden states and, per block, the other arguments it is called with."""
+    """Per batch of windows: the first block's hidden states and, per block, the other arguments it is called with."""
 
     hidden: list[torch.Tensor]
-    extra: list[list[tuple[tuple[Any, ...], dict[str, Any]]]]  # [block][window]: (args after hidden, kwargs)
+    extra: list[list[tuple[tuple[Any, ...], dict[str, Any]]]]  # [block][batch]: (args after hidden, kwargs)
 
 
 Visitor = Callable[[BlockRef, Callable[[], object]], None]
@@ -189,8 +190,14 @@ def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.
     return rest.pop("hidden_states"), (), rest
 
 
+def windows_per_batch(seqlen: int) -> int:
+    """How many windows go through a block together: enough tokens for efficient matrix products, few enough that
+    one batch's working set stays small next to the held activations."""
+    return max(1, BATCH_TOKENS // seqlen)
+
+
 def capture(model: nn.Module, stack: BlockList, windows: torch.Tensor) -> Captured:
-    """Run the model on each window and record every block's call arguments up to the stack's last block."""
+    """Run the model on batches of windows and record every block's call arguments up to the stack's last block."""
     blocks = list(stack.blocks)
     captured = Captured(hidden=[], extra=[[] for _ in blocks])
 
@@ -207,9 +214,9 @@ def capture(model: nn.Module, stack: BlockList, windows: torch.Tensor) -> Captur
 
     inputs = _model_inputs(model)
     with module_hooks({b: recorder(i) for i, b in enumerate(blocks)}, pre=True):
-        for row in windows:
+        for batch in windows.split(windows_per_batch(windows.shape[1])):
             try:
-                model(**inputs(row.unsqueeze(0).to(_device(model))))
+                model(**inputs(batch.to(_device(model))))
             except StopForward:
                 continue
             raise SparselmError(f"the forward pass never reached the last block of {stack.path}; cannot calibrate it")
@@ -242,8 +249,13 @@ def run_blocks(
     windows: torch.Tensor,
     visit: Visitor,
     on_block_done: Callable[[BlockRef], None] | None = None,
+    read_only: bool = False,
 ) -> None:
-    """Visit every transformer block in forward order, feeding each the previous block's (pruned) outputs."""
+    """Visit every transformer block in forward order, feeding each the previous block's (pruned) outputs.
+
+    A `read_only` visitor promises not to change the weights, so the outputs of its own `run()` feed the next block
+    and each block runs once instead of twice.
+    """
     check_vocab(model, windows)
     with torch.no_grad(), no_cache(model):
         for stack in find_block_lists(model):
@@ -252,8 +264,14 @@ def run_blocks(
             for index, block in enumerate(stack.blocks):
                 calls = list(zip(hidden, captured.extra[index]))
                 ref = BlockRef(stack, index, block)
-                visit(ref, lambda block=block, calls=calls: _forward_all(block, calls))
-                hidden[:] = _forward_all(block, calls)
+                outputs: list[torch.Tensor] = []
+
+                def run(block: nn.Module = block, calls: list = calls, outputs: list = outputs) -> list[torch.Tensor]:
+                    outputs[:] = _forward_all(block, calls)
+                    return outputs
+
+                visit(ref, run)
+                hidden[:] = outputs if read_only and outputs else _forward_all(block, calls)
                 if on_block_done is not None:
                     on_block_done(ref)
             del captured, hidden

@@ -270,7 +270,7 @@ def _owl_allocation(
         sizes[ref.name] = sum(m.numel for m in mats)
 
     progress.start("OWL outlier ratios", total_blocks(model))
-    run_blocks(model, windows, visit, lambda _ref: progress.advance())
+    run_blocks(model, windows, visit, lambda _ref: progress.advance(), read_only=True)
     names = list(ratios)
     spars = owl_sparsities(
         [ratios[n] for n in names], [sizes[n] for n in names], settings.target_sparsity, settings.owl_lambda

@@ -7,7 +7,7 @@ import zstandard
 
 from .codecs import Encoded
 
-LEVEL = 9
+LEVEL = 3
 MIN_SAVING = 0.02
 
 
