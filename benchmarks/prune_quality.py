@@ -2,7 +2,8 @@
 
 Protocol (issue 3): token perplexity (SparseGPT/Wanda protocol, sparselm.evaluation.perplexity) on the PTB test
 sentences joined with " ", seqlen 1024, first 16 windows; calibration: 32 random windows of 1024 PTB-train tokens,
-seed 0, drawn once and shared by every method. Rows print as they finish and are appended to a JSON-lines file,
+seed 0, drawn once and shared by every method; the OWL allocation (a function of the dense model, the windows and
+the target sparsity only) is computed once and shared by the OWL rows. Rows print as they finish and are appended to a JSON-lines file,
 so an interrupted run resumes where it stopped (rows already in the file are not recomputed).
 Run: .venv/bin/python benchmarks/prune_quality.py [--seqlen 1024 --eval-windows 16 --calib-samples 32 ...]
 """
@@ -20,7 +21,7 @@ from sparselm.calibration import sample_windows, token_stream
 from sparselm.data import joined_text
 from sparselm.evaluation.perplexity import perplexity
 from sparselm.models import load, load_tokenizer
-from sparselm.pruning import prune
+from sparselm.pruning import OwlAllocation, owl_allocation, prune, settings_from
 
 MODEL = "smollm2-135m"
 # (label, prune fields or None for the dense model)
@@ -64,11 +65,18 @@ def main() -> None:
     print(f"{MODEL} on PTB test: token perplexity, seqlen {args.seqlen}, first {args.eval_windows} windows; "
           f"calibration {args.calib_samples} x {args.calib_seqlen} PTB-train tokens, seed {args.seed}; "
           f"{args.threads} thread(s)", flush=True)
+    owl: dict[float, OwlAllocation] = {}  # by target sparsity
     for label, fields in ROWS:
         if args.only and label not in args.only:
             continue
         if label not in done:
-            done[label] = _run_row(label, fields, tokenizer, test_text, windows, args)
+            allocation = None
+            if fields and fields.get("allocation") == "owl":
+                settings = settings_from(**fields)
+                if settings.target_sparsity not in owl:
+                    owl[settings.target_sparsity] = owl_allocation(load(MODEL), settings, windows)
+                allocation = owl[settings.target_sparsity]
+            done[label] = _run_row(label, fields, tokenizer, test_text, windows, args, allocation)
             args.results.parent.mkdir(parents=True, exist_ok=True)
             with args.results.open("a") as fh:
                 fh.write(json.dumps({"setup": setup, **done[label]}) + "\n")
@@ -78,12 +86,14 @@ def main() -> None:
     _table(done, args.only)
 
 
-def _run_row(label: str, fields: dict | None, tokenizer, text: str, windows: torch.Tensor, args) -> dict:
+def _run_row(
+    label: str, fields: dict | None, tokenizer, text: str, windows: torch.Tensor, args, owl: OwlAllocation | None
+) -> dict:
     model = load(MODEL)
     t = time.perf_counter()
     sparsity = 0.0
     if fields is not None:
-        sparsity = prune(model, windows=windows, **fields).achieved_sparsity
+        sparsity = prune(model, windows=windows, owl=owl, **fields).achieved_sparsity
     prune_s = time.perf_counter() - t
     result = perplexity(model, tokenizer, text, args.seqlen, max_windows=args.eval_windows)
     return {"label": label, "token_ppl": result["token_ppl"], "sparsity": sparsity, "prune_s": prune_s}

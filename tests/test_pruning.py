@@ -9,7 +9,7 @@ from torch import nn
 
 from sparselm.errors import SparselmError
 from sparselm.masks import NM, Block, Unstructured, is_block, is_n_of_m, keep_mask, parse_pattern, prune_count
-from sparselm.pruning import PruneSettings, prune, settings_from
+from sparselm.pruning import PruneSettings, owl_allocation, prune, settings_from
 from sparselm.pruning import magnitude
 from sparselm.pruning.magnitude import _exact_cut, global_cut, prune_global
 from sparselm.pruning.owl import outlier_ratio, owl_sparsities
@@ -265,6 +265,17 @@ def test_owl_with_magnitude_and_mixed_n_of_m():
     assert report.outlier_ratio is not None
     nm = prune(tiny_model("llama"), windows=WINDOWS, method="wanda", pattern="4:8", allocation="owl", owl_lambda=0.3)
     assert {row["pattern"] for row in nm.matrices} <= {"3:8", "4:8", "5:8"}
+
+
+def test_a_shared_owl_allocation_gives_the_same_model_as_computing_it():
+    fields = {"method": "wanda", "allocation": "owl", "sparsity": 0.5, "owl_lambda": 0.3}
+    own, shared = tiny_model("llama"), tiny_model("llama")
+    allocation = owl_allocation(tiny_model("llama"), settings_from(**fields), WINDOWS)
+    a = prune(own, windows=WINDOWS, **fields)
+    b = prune(shared, windows=WINDOWS, owl=allocation, **fields)
+    assert b.block_sparsity == a.block_sparsity == allocation.block_sparsity
+    for p, q in zip(own.parameters(), shared.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize(

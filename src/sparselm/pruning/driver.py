@@ -111,11 +111,14 @@ def prune(
     tokenizer: Any = None,
     progress: Progress | None = None,
     windows: torch.Tensor | None = None,
+    owl: OwlAllocation | None = None,
     **fields: Any,
 ) -> PruneReport:
     """Prune `model` in place. Pass a PruneSettings or its fields (`method=`, `sparsity=`, …).
 
-    `windows` (samples × seqlen token ids) replaces the calibration text when given.
+    `windows` (samples × seqlen token ids) replaces the calibration text when given. `owl` reuses an allocation
+    from `owl_allocation` on the same dense model (it depends only on the dense model, the windows, the target
+    sparsity and the OWL parameters), so several methods can share one calibration pass for it.
     """
     settings = settings if settings is not None else settings_from(**fields)
     progress = progress or SilentProgress()
@@ -136,7 +139,8 @@ def prune(
     calibrated_at = time.perf_counter()
     block_sparsity, ratios = None, None
     if settings.allocation == "owl":
-        block_sparsity, ratios = _owl_allocation(model, matrices, settings, windows, progress)
+        owl = owl or owl_allocation(model, settings, windows, progress)
+        block_sparsity, ratios = owl.block_sparsity, owl.outlier_ratio
     targets = {m.name: _target(m, settings, block_sparsity) for m in matrices}
     if settings.method == "magnitude":
         _prune_magnitude(matrices, settings, targets, progress)
@@ -252,11 +256,20 @@ def _collect(
     return stats
 
 
-def _owl_allocation(
-    model: nn.Module, matrices: list[Matrix], settings: PruneSettings, windows: torch.Tensor, progress: Progress
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Per-block sparsities from the dense model's Wanda-score outlier ratios."""
-    groups = _by_block(matrices)
+@dataclass(frozen=True)
+class OwlAllocation:
+    """Per-block target sparsities and the outlier ratios of the dense model's Wanda scores behind them."""
+
+    block_sparsity: dict[str, float]
+    outlier_ratio: dict[str, float]
+
+
+def owl_allocation(
+    model: nn.Module, settings: PruneSettings, windows: torch.Tensor, progress: Progress | None = None
+) -> OwlAllocation:
+    """Per-block sparsities from the dense model's Wanda-score outlier ratios (one read-only calibration pass)."""
+    progress = progress or SilentProgress()
+    groups = _by_block(select_matrices(model, settings.include_embeddings))
     ratios: dict[str, float] = {}
     sizes: dict[str, int] = {}
 
@@ -275,7 +288,7 @@ def _owl_allocation(
     spars = owl_sparsities(
         [ratios[n] for n in names], [sizes[n] for n in names], settings.target_sparsity, settings.owl_lambda
     )
-    return dict(zip(names, spars)), ratios
+    return OwlAllocation(dict(zip(names, spars)), ratios)
 
 
 def _prune_magnitude(
