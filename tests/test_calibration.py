@@ -14,6 +14,7 @@ from sparselm.calibration import (
     model_context,
     run_blocks,
     sample_windows,
+    token_stream,
 )
 from sparselm.errors import SparselmError
 from sparselm.weights import find_block_lists
@@ -139,3 +140,35 @@ def test_encoder_stack_comes_first_and_decoder_sees_pruned_encoder():
     # BART's encoder blocks end in a LayerNorm: with every parameter zeroed the encoder outputs exact zeros
     assert len(cross_inputs) == 1  # both windows in one batch
     assert cross_inputs[0].shape == (2, 8, 32) and not bool(cross_inputs[0].any())
+
+
+class CountingTokenizer:
+    """The embedded MiniLM tokenizer, counting how often it is asked to tokenise."""
+
+    def __init__(self) -> None:
+        from sparselm.models import load_tokenizer
+
+        self.inner = load_tokenizer("minilm-l6")
+        self.backend_tokenizer = self.inner.backend_tokenizer
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+def test_token_stream_is_cached_by_tokenizer_and_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSELM_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog . " * 50)
+    tokenizer = CountingTokenizer()
+    first = token_stream(tokenizer, f"text:{corpus}")
+    expected = tokenizer.inner(corpus.read_text(), add_special_tokens=False)["input_ids"]
+    assert first.tolist() == expected and first.dtype == torch.long
+    cached = list((tmp_path / "cache" / "tokens").glob("*.safetensors"))
+    assert len(cached) == 1 and tokenizer.calls == 1
+    assert torch.equal(token_stream(tokenizer, f"text:{corpus}"), first) and tokenizer.calls == 1
+    cached[0].write_bytes(b"damaged")  # a broken entry is rebuilt, not trusted
+    assert torch.equal(token_stream(tokenizer, f"text:{corpus}"), first) and tokenizer.calls == 2
+    corpus.write_text("another text entirely")  # new text, new key
+    assert token_stream(tokenizer, f"text:{corpus}").numel() == 3 and tokenizer.calls == 3

@@ -14,16 +14,23 @@ sees the pruned encoder's output.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .data import joined_text, parse_source
 from .errors import SparselmError
+from .io import atomic_write_bytes
+from .models import cache_dir, quiet_transformers
 from .weights import BlockList, find_block_lists, model_family
 
 DEFAULT_SEQLEN = 2048
@@ -120,10 +127,36 @@ def choose_seqlen(
 
 
 def token_stream(tokenizer: Any, spec: str, split: str = "train") -> torch.Tensor:
-    """The source's text for a split, tokenised once as one stream (no special tokens), as 1-D int64."""
+    """The source's text for a split, tokenised as one stream (no special tokens), as 1-D int64.
+
+    Tokenising a whole training split takes seconds, so the stream is cached under $SPARSELM_CACHE, keyed by the
+    tokenizer's full serialisation and the text itself (fast tokenizers only; others are tokenised every time).
+    """
     text = joined_text(parse_source(spec), split)
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    path = _stream_cache_path(tokenizer, text)
+    if path is not None and path.is_file():
+        try:
+            return load_file(path)["ids"].long()
+        except (OSError, KeyError, SafetensorError):  # a damaged cache entry is rebuilt below
+            pass
+    with quiet_transformers():  # "sequence longer than the model's maximum": expected, windows are cut from it
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, save({"ids": ids.to(torch.int32)}))  # vocabularies are far below 2**31
+    return ids.long()
+
+
+def _stream_cache_path(tokenizer: Any, text: str) -> Path | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    for runtime_state in ("truncation", "padding"):  # set per call by the tokenizer, not part of its identity
+        spec.pop(runtime_state, None)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    digest.update(b"\0" + text.encode())
+    return cache_dir() / "tokens" / f"{digest.hexdigest()[:32]}.safetensors"
 
 
 def sample_windows(

@@ -11,7 +11,8 @@ import importlib.util
 import json
 import os
 import socket
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -90,6 +91,20 @@ class ModelSource:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SPARSELM_CACHE", Path.home() / ".cache" / "sparselm"))
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings for a step whose expected oddities sparselm already handles and reports
+    (a classifier head initialised on purpose, a token stream longer than the model's context)."""
+    from transformers.utils import logging
+
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(previous)
 
 
 def package_dir(package: str) -> Path | None:

@@ -22,7 +22,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..errors import SparselmError
-from ..models import load, read_provenance, resolve
+from ..models import load, quiet_transformers, read_provenance, resolve
 from .objectives import load_text_tokenizer
 from .tasks import ClassificationTask, Example
 
@@ -106,10 +106,11 @@ def load_classifier(model_or_dir: str, task: ClassificationTask, seed: int = 0) 
         archs = getattr(config, "architectures", None) or []
         trained = any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels == task.num_labels
         trained = trained and finetuned_on in (None, task.name)
-        model = load(
-            model_or_dir, head="sequence-classification", ignore_mismatched_sizes=True,
-            config_overrides={"num_labels": task.num_labels},
-        )
+        with quiet_transformers():  # the new head is expected: `trained` records it
+            model = load(
+                model_or_dir, head="sequence-classification", ignore_mismatched_sizes=True,
+                config_overrides={"num_labels": task.num_labels},
+            )
         head = "sequence-classification"
     else:
         model = MeanPooledClassifier(_text_backbone(model_or_dir), task.num_labels)

@@ -84,6 +84,6 @@ def _sweep_block(
         q = column * keep1[:, i]
         q1[:, i] = q
         err = (column - q) / hinv1[i, i]
-        w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+        w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # rank-1 update in place (BLAS ger), no temporary
         err1[:, i] = err
     return q1, keep1, err1
