@@ -24,6 +24,7 @@ class SparseLinear(nn.Module):
         self.bias = module.bias
         self.transposed = transposed
         self.choices = dict(sorted(choices.items()))
+        self._kernel_by_tokens: dict[int, str] = {}
         weight = self.out_in()
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
@@ -35,19 +36,20 @@ class SparseLinear(nn.Module):
         return self.weight.t() if self.transposed else self.weight
 
     def kernel_for(self, tokens: int) -> str:
-        """The choice measured at the token count nearest to this one (on a log scale)."""
-        nearest = min(self.choices, key=lambda t: abs(math.log2(max(t, 1)) - math.log2(max(tokens, 1))))
-        return self.choices[nearest]
+        """The choice measured at the token count nearest to this one (on a log scale), remembered per count."""
+        kernel = self._kernel_by_tokens.get(tokens)
+        if kernel is None:
+            nearest = min(self.choices, key=lambda t: abs(math.log2(max(t, 1)) - math.log2(max(tokens, 1))))
+            kernel = self._kernel_by_tokens[tokens] = self.choices[nearest]
+        return kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x.reshape(-1, self.in_features)
-        kernel = self.kernel_for(x2d.shape[0])
-        if kernel == "dense":
-            y = F.linear(x2d, self.out_in(), self.bias)
-        else:
-            y = KERNELS[kernel].matmul(self.sparse[kernel], x2d)
-            if self.bias is not None:
-                y = y + self.bias
+        kernel = self.kernel_for(x.numel() // self.in_features)
+        if kernel == "dense":  # as the original module computes it, with no extra work on this path
+            return F.linear(x, self.out_in(), self.bias)
+        y = KERNELS[kernel].matmul(self.sparse[kernel], x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
