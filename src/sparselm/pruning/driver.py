@@ -21,7 +21,7 @@ from ..calibration import (
 )
 from ..errors import SparselmError
 from ..io import atomic_dir, atomic_write_json
-from ..masks import NM, Pattern, check_shape, keep_mask, apply_keep
+from ..masks import NM, Pattern, apply_keep, check_shape, keep_mask
 from ..models import ModelSource, load_with_source, write_provenance
 from ..weights import Matrix, select_matrices
 from .magnitude import prune_global

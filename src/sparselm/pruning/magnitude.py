@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..analysis.stats import Histogram, order_statistics
-from ..masks import NM, Block, Pattern, expand_tiles, keep_n_of_m, prune_count, tile_scores, apply_keep
+from ..masks import NM, Block, Pattern, apply_keep, expand_tiles, keep_n_of_m, prune_count, tile_scores
 
 SAMPLE_SIZE = 1 << 20
 
