@@ -9,7 +9,8 @@ from conftest import DECODER_ONLY, tiny_model
 from sparselm.errors import SparselmError
 from sparselm.runtime import SparseLinear, accelerate, bench
 from sparselm.runtime import dispatch
-from sparselm.runtime.kernels import is_block_structured
+from sparselm.runtime.fusion import SiblingGroup
+from sparselm.runtime.kernels import build_csr, feature_major_mm, is_block_structured
 from sparselm.weights import select_matrices
 from test_storage import prune_smallest
 
@@ -61,6 +62,88 @@ def check_equal_outputs(family: str, policy: str) -> None:
         assert any(isinstance(m, SparseLinear) for m in model.modules())
     assert torch.allclose(logits(model, kw), reference, atol=1e-5, rtol=1e-4)
     assert all(set(layer["choices"]) == {1, 24} for layer in report["layers"])
+
+
+FUSED = {
+    "gpt2": set(),  # c_attn already holds q, k and v in one matrix
+    "llama": {(("q_proj", "k_proj", "v_proj"), True), (("gate_proj", "up_proj"), False)},
+    "bert": {(("query", "key", "value"), True)},
+    "bart": {(("q_proj", "k_proj", "v_proj"), True), (("k_proj", "v_proj"), True)},  # + cross-attention k, v
+    "t5": {(("q", "k", "v"), True), (("k", "v"), True)},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FUSED))
+def test_layers_reading_the_same_input_run_as_one_product(family, monkeypatch):
+    model = prune_smallest(tiny_model(family), 0.9)
+    kw = inputs(family)
+    reference = logits(model, kw)
+    report = accelerate(model, policy="sparse")
+    found = {(tuple(n.rpartition(".")[2] for n in g["members"]), g["token_major"]) for g in report["fused_groups"]}
+    assert found == FUSED[family]
+    products = []
+    compute = SiblingGroup._compute
+    monkeypatch.setattr(SiblingGroup, "_compute", lambda self, *a: (products.append(self), compute(self, *a))[1])
+    assert torch.allclose(logits(model, kw), reference, atol=1e-5, rtol=1e-4)
+    assert len(products) == len(set(map(id, products))) == len(report["fused_groups"])  # one product per group
+
+
+def test_attention_groups_return_token_major_outputs():
+    model = prune_smallest(tiny_model("llama"), 0.9)
+    accelerate(model, policy="sparse")
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    x = torch.randn(1, 12, attention.q_proj.in_features)
+    with torch.inference_mode():
+        q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
+        gate = mlp.gate_proj(x)
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    assert gate.transpose(-1, -2).is_contiguous()  # feature-major: the next sparse product needs no transpose
+
+
+def test_group_members_called_on_different_inputs_compute_their_own():
+    model = prune_smallest(tiny_model("llama"), 0.9)
+    mlp = model.model.layers[0].mlp
+    gate_weight, up_weight = mlp.gate_proj.weight.detach().clone(), mlp.up_proj.weight.detach().clone()
+
+    def gate(x: torch.Tensor) -> torch.Tensor:
+        return x @ gate_weight.t()
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return x @ up_weight.t()
+
+    accelerate(model, policy="sparse")
+    assert mlp.gate_proj.group is mlp.up_proj.group is not None
+    x, y = torch.randn(1, 5, mlp.gate_proj.in_features), torch.randn(1, 5, mlp.gate_proj.in_features)
+    with torch.inference_mode():
+        assert torch.allclose(mlp.gate_proj(x), gate(x), atol=1e-5)
+        assert torch.allclose(mlp.up_proj(y), up(y), atol=1e-5)  # not the rows computed for x
+        assert torch.allclose(mlp.gate_proj(x), gate(x), atol=1e-5)  # x again: a fresh product
+        assert torch.allclose(mlp.up_proj(x), up(x), atol=1e-5)
+    x.add_(1.0)  # the same tensor written in place between two members: recomputed
+    assert torch.allclose(mlp.gate_proj(x), gate(x), atol=1e-5)
+    x.add_(1.0)
+    assert torch.allclose(mlp.up_proj(x), up(x), atol=1e-5)
+
+
+def test_fusion_can_be_turned_off():
+    model = prune_smallest(tiny_model("llama"), 0.9)
+    report = accelerate(model, policy="sparse", fuse=False)
+    assert report["fused_groups"] == []
+    assert all(m.group is None for m in model.modules() if isinstance(m, SparseLinear))
+
+
+def test_sparse_product_ignores_the_memory_it_writes_into():
+    weight = torch.randn(24, 16)
+    weight[weight.abs() < 1.0] = 0
+    weight[3] = 0  # a row with nothing kept
+    x = torch.randn(7, 16)
+    for _ in range(3):  # fresh outputs often reuse freed blocks holding NaNs
+        torch.full((24, 7), float("nan"))
+        assert torch.equal(feature_major_mm(build_csr(weight), x)[:, 3], torch.zeros(7))
+    assert torch.allclose(feature_major_mm(build_csr(weight), x), x @ weight.t(), atol=1e-5)
+    out = torch.full((24, 7), float("nan"))
+    torch.addmm(out, build_csr(weight), x.t().contiguous(), beta=0, out=out)  # what feature_major_mm relies on
+    assert torch.allclose(out, weight @ x.t(), atol=1e-5)
 
 
 def test_state_dict_and_orientation_are_unchanged():

@@ -54,7 +54,7 @@ def print_bench(result: dict) -> None:
     out_console.print(table)
     layers = result["layers"]
     out_console.print(f"layers on a sparse kernel: {layers['replaced']} of {layers['total']}; choices per token count: "
-                      f"{layers['choices']}")
+                      f"{layers['choices']}; groups of layers sharing one product: {layers['fused_groups']}")
     if "size" in result:
         s = result["size"]
         out_console.print(f"weights: dense {s['dense_bytes'] / 1e6:.2f} MB, packed {s['packed_bytes'] / 1e6:.2f} MB "

@@ -11,12 +11,15 @@ from torch import nn
 from ..errors import SparselmError
 from ..weights import Matrix, select_matrices
 from . import dispatch
+from .fusion import SiblingGroup, is_attention, shared_input_groups
+from .inputs import random_prefill
 from .kernels import KERNELS, block_sizes_of, cpu_candidates, is_two_four, require_cuda
 from .modules import SparseLinear
 
 Policy = Literal["auto", "sparse", "dense", "semi-structured"]
 POLICIES = ("auto", "sparse", "dense", "semi-structured")
 DEFAULT_TOKENS = (1, 128)
+TRACE_TOKENS = 8
 
 
 def structure_of(keep: torch.Tensor, blocks: list[int]) -> str:
@@ -80,12 +83,16 @@ def accelerate(
     threads: int | None = None,
     use_cache: bool = True,
     progress: Callable[[str], None] | None = None,
+    fuse: bool = True,
+    example_inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Replace prunable matrices in place by SparseLinear where a sparse kernel wins; returns the per-layer choices.
 
     policy: `auto` measures dense against each sparse kernel per layer shape, sparsity and token count (cached);
     `sparse` uses a sparse kernel wherever the matrix has zeros; `dense` changes nothing; `semi-structured` uses
     CUDA 2:4 kernels and fails clearly without CUDA.
+    fuse: replaced layers that read the same activations (found by one traced forward on `example_inputs`, by
+    default a few random token ids) run as one sparse product where they chose the same kernel.
     """
     if policy not in POLICIES:
         raise SparselmError(f"unknown runtime policy '{policy}'; choose one of: {', '.join(POLICIES)}")
@@ -129,10 +136,27 @@ def accelerate(
             progress(matrix.name)
     if use_cache and policy == "auto":
         dispatch.save_cache(path, cache)
-    return report(policy, tokens, layers)
+    groups = fuse_siblings(model, example_inputs) if fuse else []
+    return report(policy, tokens, layers, groups)
 
 
-def report(policy: str, tokens: list[int], layers: list[dict[str, Any]]) -> dict[str, Any]:
+def fuse_siblings(model: nn.Module, example_inputs: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Group the SparseLinears that one forward pass calls on the same tensor; describe the groups."""
+    names = [name for name, module in model.named_modules() if isinstance(module, SparseLinear)]
+    if len(names) < 2:
+        return []
+    inputs = example_inputs if example_inputs is not None else random_prefill(model, TRACE_TOKENS)
+    described = []
+    for members in shared_input_groups(model, names, inputs):
+        parent = model.get_submodule(members[0].rpartition(".")[0])
+        group = SiblingGroup([model.get_submodule(n) for n in members], token_major=is_attention(parent))
+        described.append({"members": members, "kernels": sorted(group.fused), "token_major": group.token_major})
+    return described
+
+
+def report(
+    policy: str, tokens: list[int], layers: list[dict[str, Any]], groups: list[dict[str, Any]]
+) -> dict[str, Any]:
     counts: dict[str, dict[str, int]] = {}
     for layer in layers:
         for t, k in layer["choices"].items():
@@ -146,5 +170,6 @@ def report(policy: str, tokens: list[int], layers: list[dict[str, Any]]) -> dict
         "replaced": sum(1 for layer in layers if any(k != "dense" for k in layer["choices"].values())),
         "layers_total": len(layers),
         "choices": counts,
+        "fused_groups": groups,
         "layers": layers,
     }

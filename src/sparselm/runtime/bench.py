@@ -19,25 +19,9 @@ from torch import nn
 
 from ..errors import SparselmError
 from .accelerate import Policy, accelerate
+from .inputs import forward_kwargs, is_causal_lm
 
 PROMPT_FOR_DECODE = 32
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model.config.model_type, ())
-    return type(model).__name__ in ((names,) if isinstance(names, str) else tuple(names))
-
-
-def forward_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
-    """Inputs for one prefill forward: last-position logits for causal LMs, one decoder token for seq2seq."""
-    kwargs: dict[str, Any] = {"input_ids": input_ids}
-    if getattr(model.config, "is_encoder_decoder", False):
-        kwargs["decoder_input_ids"] = input_ids[:, :1]
-    elif is_causal_lm(model):
-        kwargs.update(use_cache=True, logits_to_keep=1)
-    return kwargs
 
 
 def timings(fn: Callable[[], Any], rounds: int) -> list[float]:
@@ -161,7 +145,12 @@ def run_timings(
         "rounds": rounds,
         "prefill": prefill,
         "decode": decode,
-        "layers": {"replaced": report["replaced"], "total": report["layers_total"], "choices": report["choices"]},
+        "layers": {
+            "replaced": report["replaced"],
+            "total": report["layers_total"],
+            "choices": report["choices"],
+            "fused_groups": len(report["fused_groups"]),
+        },
         "per_layer": report["layers"],
     }
     if measure_size:

@@ -7,12 +7,16 @@ saving and tied weights are unchanged) and adds sparse copies of the weight for 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .kernels import KERNELS
+
+if TYPE_CHECKING:
+    from .fusion import SiblingGroup
 
 
 class SparseLinear(nn.Module):
@@ -31,6 +35,8 @@ class SparseLinear(nn.Module):
         built = built or {}
         kernels = set(self.choices.values()) - {"dense"}
         self.sparse = {k: built[k] if k in built else KERNELS[k].build(weight) for k in kernels}
+        self.group: SiblingGroup | None = None  # set by SiblingGroup when fused with layers reading the same input
+        self.group_index = 0
 
     def out_in(self) -> torch.Tensor:
         return self.weight.t() if self.transposed else self.weight
@@ -44,10 +50,14 @@ class SparseLinear(nn.Module):
         return kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernel_for(x.numel() // self.in_features)
+        tokens = x.numel() // self.in_features
+        kernel = self.kernel_for(tokens)
         if kernel == "dense":  # as the original module computes it, with no extra work on this path
             return F.linear(x, self.out_in(), self.bias)
-        y = KERNELS[kernel].matmul(self.sparse[kernel], x.reshape(-1, self.in_features))
+        if self.group is not None and self.group.kernel_for(tokens) == kernel:
+            y = self.group.part(self.group_index, x, kernel)
+        else:
+            y = KERNELS[kernel].matmul(self.sparse[kernel], x.reshape(-1, self.in_features))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
