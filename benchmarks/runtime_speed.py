@@ -43,6 +43,7 @@ def row(sparsity: float, pattern: str, threads: int, rounds: int) -> dict:
         "decode_accelerated_ms": decode["accelerated_ms"],
         "decode_speedup": decode["speedup"],
         "sparse_layers": result["layers"]["choices"],
+        "fused_groups": result["layers"]["fused_groups"],
         "target": target,
         "ok": ok,
     }
@@ -66,7 +67,8 @@ def main() -> None:
             f"s={sparsity:<5} {pattern:>12}  prefill 128: dense {r['prefill128_dense_ms']:8.1f} ms, accelerated "
             f"{r['prefill128_accelerated_ms']:8.1f} ms → {r['prefill128_speedup']:.2f}×{goal}  "
             f"decode: {r['decode_dense_ms']:6.1f} → {r['decode_accelerated_ms']:6.1f} ms/token "
-            f"({r['decode_speedup']:.2f}×)  sparse layers {r['sparse_layers']}  {'ok' if r['ok'] else 'MISSED'}",
+            f"({r['decode_speedup']:.2f}×)  sparse layers {r['sparse_layers']}, {r['fused_groups']} fused groups  "
+            f"{'ok' if r['ok'] else 'MISSED'}",
             flush=True,
         )
     if args.json:

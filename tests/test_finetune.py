@@ -91,6 +91,21 @@ def test_keeper_zeroes_gradients_and_stale_optimizer_state(name):
                 assert not value[~keep].any()
 
 
+def test_keeper_writes_positive_zeros_even_over_infinities():
+    model = prune_half(tiny_lm("llama", "causal-lm"))
+    keeper = MaskKeeper(model)
+    _, param, keep = keeper.masks[0]
+    with torch.no_grad():
+        leaked = param.detach().clone()
+        leaked[~keep] = -1.0
+        leaked.view(-1)[(~keep).view(-1).nonzero()[0]] = float("-inf")
+        param.copy_(leaked)
+    keeper.apply()
+    pruned = param.detach()[~keep]
+    assert torch.equal(pruned, torch.zeros_like(pruned)) and not pruned.signbit().any()
+    assert torch.equal(param.detach()[keep], leaked[keep])
+
+
 @pytest.mark.parametrize("family", ["bart", "pegasus", "t5"])
 def test_finetune_covers_every_head_kind(tmp_path, family):
     src = pruned_dir(tmp_path, family)

@@ -38,6 +38,7 @@ from .evaluation.objectives import load_language_model
 from .evaluation.perplexity import model_context
 from .evaluation.tasks import check_task, classification_task, is_classification
 from .io import atomic_dir, atomic_write_json, ensure_writable_dir
+from .masks import apply_keep
 from .models import read_provenance, resolve, write_provenance
 from .weights import select_matrices
 
@@ -75,11 +76,11 @@ class MaskKeeper:
         """Zero the pruned entries of each weight and of its optimizer state (moments, momentum buffers)."""
         for _, param, keep in self.masks:
             keep = keep.to(param.device)
-            param.mul_(keep)
+            apply_keep(param, keep)
             state = optimizer.state.get(param, {}) if optimizer is not None else {}
             for value in state.values():
                 if torch.is_tensor(value) and value.shape == param.shape:
-                    value.mul_(keep)
+                    apply_keep(value, keep)
 
 
 def _masking_hook(keep: torch.Tensor):
