@@ -3,8 +3,10 @@
 Protocol (issue 3): token perplexity (SparseGPT/Wanda protocol, sparselm.evaluation.perplexity) on the PTB test
 sentences joined with " ", seqlen 1024, first 16 windows; calibration: 32 random windows of 1024 PTB-train tokens,
 seed 0, drawn once and shared by every method; the OWL allocation (a function of the dense model, the windows and
-the target sparsity only) is computed once and shared by the OWL rows. Rows print as they finish and are appended to a JSON-lines file,
-so an interrupted run resumes where it stopped (rows already in the file are not recomputed).
+the target sparsity only) is computed once and shared by the OWL rows. With 2:4, OWL moves N per block; where every
+block rounds back to 2 of 4 the "+ OWL" row is the uniform row's model and reuses its numbers, marked as such.
+Rows print as they finish and are appended to a JSON-lines file, so an interrupted run resumes where it stopped
+(rows already in the file are not recomputed).
 Run: .venv/bin/python benchmarks/prune_quality.py [--seqlen 1024 --eval-windows 16 --calib-samples 32 ...]
 """
 
@@ -20,6 +22,7 @@ import torch
 from sparselm.calibration import sample_windows, token_stream
 from sparselm.data import joined_text
 from sparselm.evaluation.perplexity import perplexity
+from sparselm.masks import NM
 from sparselm.models import load, load_tokenizer
 from sparselm.pruning import OwlAllocation, owl_allocation, prune, settings_from
 
@@ -76,13 +79,16 @@ def main() -> None:
                 if settings.target_sparsity not in owl:
                     owl[settings.target_sparsity] = owl_allocation(load(MODEL), settings, windows)
                 allocation = owl[settings.target_sparsity]
-            done[label] = _run_row(label, fields, tokenizer, test_text, windows, args, allocation)
+                same = _same_model_row(label, fields, allocation, done)
+                if same is not None:
+                    done[label] = same
+            if label not in done:
+                done[label] = _run_row(label, fields, tokenizer, test_text, windows, args, allocation)
             args.results.parent.mkdir(parents=True, exist_ok=True)
             with args.results.open("a") as fh:
                 fh.write(json.dumps({"setup": setup, **done[label]}) + "\n")
         r = done[label]
-        print(f"{label:<28} ppl {r['token_ppl']:>12.2f}  sparsity {r['sparsity']:.4f}  prune {r['prune_s']:7.1f} s",
-              flush=True)
+        print(f"{label:<28} ppl {r['token_ppl']:>12.2f}  sparsity {r['sparsity']:.4f}  {_how(r)}", flush=True)
     _table(done, args.only)
 
 
@@ -99,6 +105,24 @@ def _run_row(
     return {"label": label, "token_ppl": result["token_ppl"], "sparsity": sparsity, "prune_s": prune_s}
 
 
+def _same_model_row(label: str, fields: dict, owl: OwlAllocation, done: dict[str, dict]) -> dict | None:
+    """With N:M, OWL moves N per block; when every block rounds back to the uniform N:M, the pruned model is the
+    uniform row's own (same method, windows and per-matrix pattern), so its measured numbers are reused, marked."""
+    uniform_label = label.removesuffix(" + OWL")
+    pattern = settings_from(**fields).parsed_pattern
+    if not isinstance(pattern, NM) or uniform_label not in done:
+        return None
+    if set(owl.block_patterns(pattern).values()) != {str(pattern)}:
+        return None
+    return {**done[uniform_label], "label": label, "prune_s": None, "same_model_as": uniform_label}
+
+
+def _how(row: dict) -> str:
+    if row.get("same_model_as"):
+        return f"OWL's per-block N:M all round to the uniform pattern: the model of '{row['same_model_as']}'"
+    return f"prune {row['prune_s']:7.1f} s"
+
+
 def _load_done(path: Path, setup: dict) -> dict[str, dict]:
     if not path.exists():
         return {}
@@ -111,7 +135,8 @@ def _table(done: dict[str, dict], only: list[str] | None) -> None:
     for label, _ in ROWS:
         if label in done and (not only or label in only):
             r = done[label]
-            print(f"| {label} | {r['sparsity']:.4f} | {r['token_ppl']:.2f} | {r['prune_s']:.1f} |")
+            seconds = f"{r['prune_s']:.1f}" if r["prune_s"] is not None else f"(same model as {r['same_model_as']})"
+            print(f"| {label} | {r['sparsity']:.4f} | {r['token_ppl']:.2f} | {seconds} |")
 
 
 if __name__ == "__main__":

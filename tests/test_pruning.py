@@ -278,6 +278,28 @@ def test_a_shared_owl_allocation_gives_the_same_model_as_computing_it():
         assert torch.equal(p, q)
 
 
+def llama_with_outliers_in_block_0() -> nn.Module:
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, :3] *= 40
+    return model
+
+
+def test_owl_that_rounds_back_to_the_uniform_n_of_m_prunes_the_uniform_model():
+    fields = {"method": "wanda", "pattern": "2:4"}
+    allocation = owl_allocation(llama_with_outliers_in_block_0(), settings_from(**fields, allocation="owl"), WINDOWS)
+    assert len(set(allocation.block_sparsity.values())) > 1  # OWL did move the blocks apart
+    assert set(allocation.block_patterns(NM(2, 4)).values()) == {"2:4"}  # but N = round(4 (1 - s)) stays 2
+    uniform, with_owl = llama_with_outliers_in_block_0(), llama_with_outliers_in_block_0()
+    prune(uniform, windows=WINDOWS, **fields)
+    prune(with_owl, windows=WINDOWS, owl=allocation, allocation="owl", **fields)
+    for p, q in zip(uniform.parameters(), with_owl.parameters(), strict=True):
+        assert torch.equal(p, q)
+    wide_fields = {"method": "wanda", "pattern": "4:8", "allocation": "owl", "owl_lambda": 0.3}
+    wide = owl_allocation(llama_with_outliers_in_block_0(), settings_from(**wide_fields), WINDOWS)
+    assert len(set(wide.block_patterns(NM(4, 8)).values())) > 1
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

@@ -263,6 +263,10 @@ class OwlAllocation:
     block_sparsity: dict[str, float]
     outlier_ratio: dict[str, float]
 
+    def block_patterns(self, pattern: Pattern) -> dict[str, str]:
+        """The pattern each block is pruned with under this allocation (for N:M, OWL moves N and keeps M)."""
+        return {name: str(_pattern_at(pattern, s)) for name, s in self.block_sparsity.items()}
+
 
 def owl_allocation(
     model: nn.Module, settings: PruneSettings, windows: torch.Tensor, progress: Progress | None = None
