@@ -88,16 +88,23 @@ def test_layers_reading_the_same_input_run_as_one_product(family, monkeypatch):
     assert len(products) == len(set(map(id, products))) == len(report["fused_groups"])  # one product per group
 
 
-def test_attention_groups_return_token_major_outputs():
+def test_projections_of_attention_inputs_return_token_major_outputs():
     model = prune_smallest(tiny_model("llama"), 0.9)
     accelerate(model, policy="sparse")
     attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     x = torch.randn(1, 12, attention.q_proj.in_features)
     with torch.inference_mode():
         q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
-        gate = mlp.gate_proj(x)
+        out, gate = attention.o_proj(x), mlp.gate_proj(x)
     assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
-    assert gate.transpose(-1, -2).is_contiguous()  # feature-major: the next sparse product needs no transpose
+    # feature-major: the next sparse product needs no transpose
+    assert out.transpose(-1, -2).is_contiguous() and gate.transpose(-1, -2).is_contiguous()
+    gpt2 = prune_smallest(tiny_model("gpt2"), 0.9)
+    accelerate(gpt2, policy="sparse")
+    block = gpt2.transformer.h[0]
+    assert block.attn.c_attn.token_major and not block.attn.c_proj.token_major and not block.mlp.c_fc.token_major
+    with torch.inference_mode():
+        assert block.attn.c_attn(torch.randn(1, 12, gpt2.config.n_embd)).is_contiguous()
 
 
 def test_group_members_called_on_different_inputs_compute_their_own():

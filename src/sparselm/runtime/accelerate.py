@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import SparselmError
 from ..weights import Matrix, select_matrices
 from . import dispatch
-from .fusion import SiblingGroup, is_attention, shared_input_groups
+from .fusion import SiblingGroup, trace_layers
 from .inputs import random_prefill
 from .kernels import KERNELS, block_sizes_of, cpu_candidates, is_two_four, require_cuda
 from .modules import SparseLinear
@@ -91,8 +91,9 @@ def accelerate(
     policy: `auto` measures dense against each sparse kernel per layer shape, sparsity and token count (cached);
     `sparse` uses a sparse kernel wherever the matrix has zeros; `dense` changes nothing; `semi-structured` uses
     CUDA 2:4 kernels and fails clearly without CUDA.
-    fuse: replaced layers that read the same activations (found by one traced forward on `example_inputs`, by
-    default a few random token ids) run as one sparse product where they chose the same kernel.
+    One traced forward on `example_inputs` (by default a few random token ids) arranges the replaced layers: those
+    that project an attention module's inputs return token-major outputs (attention's fast kernels need them), and
+    with `fuse` those that read the same activations run as one sparse product where they chose the same kernel.
     """
     if policy not in POLICIES:
         raise SparselmError(f"unknown runtime policy '{policy}'; choose one of: {', '.join(POLICIES)}")
@@ -136,20 +137,23 @@ def accelerate(
             progress(matrix.name)
     if use_cache and policy == "auto":
         dispatch.save_cache(path, cache)
-    groups = fuse_siblings(model, example_inputs) if fuse else []
+    groups = arrange_outputs(model, example_inputs, fuse)
     return report(policy, tokens, layers, groups)
 
 
-def fuse_siblings(model: nn.Module, example_inputs: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Group the SparseLinears that one forward pass calls on the same tensor; describe the groups."""
+def arrange_outputs(model: nn.Module, example_inputs: dict[str, Any] | None, fuse: bool) -> list[dict[str, Any]]:
+    """Trace one forward pass: projections of attention inputs return token-major outputs, and (with `fuse`)
+    layers called on the same tensor share one product. Returns the fused groups."""
     names = [name for name, module in model.named_modules() if isinstance(module, SparseLinear)]
-    if len(names) < 2:
+    if not names:
         return []
     inputs = example_inputs if example_inputs is not None else random_prefill(model, TRACE_TOKENS)
+    trace = trace_layers(model, names, inputs)
+    for name in trace.attention_inputs:
+        model.get_submodule(name).token_major = True
     described = []
-    for members in shared_input_groups(model, names, inputs):
-        parent = model.get_submodule(members[0].rpartition(".")[0])
-        group = SiblingGroup([model.get_submodule(n) for n in members], token_major=is_attention(parent))
+    for members in trace.groups if fuse else []:
+        group = SiblingGroup([model.get_submodule(n) for n in members])
         described.append({"members": members, "kernels": sorted(group.fused), "token_major": group.token_major})
     return described
 

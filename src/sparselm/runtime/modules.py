@@ -37,6 +37,7 @@ class SparseLinear(nn.Module):
         self.sparse = {k: built[k] if k in built else KERNELS[k].build(weight) for k in kernels}
         self.group: SiblingGroup | None = None  # set by SiblingGroup when fused with layers reading the same input
         self.group_index = 0
+        self.token_major = False  # contiguous outputs instead of feature-major views (see runtime.fusion)
 
     def out_in(self) -> torch.Tensor:
         return self.weight.t() if self.transposed else self.weight
@@ -58,6 +59,8 @@ class SparseLinear(nn.Module):
             y = self.group.part(self.group_index, x, kernel)
         else:
             y = KERNELS[kernel].matmul(self.sparse[kernel], x.reshape(-1, self.in_features))
+            if self.token_major:
+                y = y.contiguous()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
