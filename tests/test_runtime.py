@@ -10,7 +10,7 @@ from sparselm.errors import SparselmError
 from sparselm.runtime import SparseLinear, accelerate, bench
 from sparselm.runtime import dispatch
 from sparselm.runtime.fusion import SiblingGroup
-from sparselm.runtime.kernels import build_csr, feature_major_mm, is_block_structured
+from sparselm.runtime.kernels import build_csr, feature_major_mm, is_block_structured, token_major, transposed_copy
 from sparselm.weights import select_matrices
 from test_storage import prune_smallest
 
@@ -151,6 +151,16 @@ def test_sparse_product_ignores_the_memory_it_writes_into():
     out = torch.full((24, 7), float("nan"))
     torch.addmm(out, build_csr(weight), x.t().contiguous(), beta=0, out=out)  # what feature_major_mm relies on
     assert torch.allclose(out, weight @ x.t(), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(128, 576), (16, 24), (5, 24), (16, 7), (1, 8)])
+def test_tiled_transposes_equal_plain_ones(shape):
+    x = torch.randn(*shape)
+    for source in (x, torch.randn(shape[1], shape[0]).t()):  # contiguous and a strided view
+        out = transposed_copy(source)
+        assert out.is_contiguous() and torch.equal(out, source.t())
+    y = torch.randn(shape[1], shape[0]).t()  # a feature-major result
+    assert token_major(y).is_contiguous() and torch.equal(token_major(y), y)
 
 
 def test_state_dict_and_orientation_are_unchanged():

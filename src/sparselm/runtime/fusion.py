@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .kernels import KERNELS
+from .kernels import KERNELS, token_major
 
 if TYPE_CHECKING:
     from .modules import SparseLinear
@@ -157,6 +157,6 @@ class SiblingGroup:
     def _compute(self, x: torch.Tensor, kernel: str) -> None:
         stacked = KERNELS[kernel].matmul(self.fused[kernel], x.reshape(-1, x.shape[-1]))  # tokens × Σ out, a view
         parts = stacked.split(self.sizes, dim=1)
-        self._parts = [p.contiguous() for p in parts] if self.token_major else list(parts)
+        self._parts = [token_major(p) for p in parts] if self.token_major else list(parts)
         self._input, self._version = x, version_of(x)
         self._pending = set(range(len(self.members)))

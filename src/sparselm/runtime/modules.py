@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import KERNELS
+from .kernels import KERNELS, token_major
 
 if TYPE_CHECKING:
     from .fusion import SiblingGroup
@@ -60,7 +60,7 @@ class SparseLinear(nn.Module):
         else:
             y = KERNELS[kernel].matmul(self.sparse[kernel], x.reshape(-1, self.in_features))
             if self.token_major:
-                y = y.contiguous()
+                y = token_major(y)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
