@@ -154,7 +154,8 @@ def arrange_outputs(model: nn.Module, example_inputs: dict[str, Any] | None, fus
     described = []
     for members in trace.groups if fuse else []:
         group = SiblingGroup([model.get_submodule(n) for n in members])
-        described.append({"members": members, "kernels": sorted(group.fused), "token_major": group.token_major})
+        token_major = all(m.token_major for m in group.members)
+        described.append({"members": members, "kernels": sorted(group.fused), "token_major": token_major})
     return described
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import SparselmError
 from .accelerate import Policy, accelerate
-from .inputs import forward_kwargs, is_causal_lm
+from .inputs import is_causal_lm, random_prefill
 
 PROMPT_FOR_DECODE = 32
 
@@ -121,9 +121,8 @@ def run_timings(
     prefill = []
     with torch.inference_mode():
         for t in tokens:
-            ids = torch.randint(3, vocab, (1, t), generator=generator)
-            kw_d, kw_a = forward_kwargs(dense, ids), forward_kwargs(accelerated, ids)
-            sec = side_by_side({"dense": lambda: dense(**kw_d), "accelerated": lambda: accelerated(**kw_a)}, rounds)
+            kw = random_prefill(dense, t, generator)
+            sec = side_by_side({"dense": lambda: dense(**kw), "accelerated": lambda: accelerated(**kw)}, rounds)
             prefill.append(speed_row(t, sec))
             if progress:
                 progress(f"prefill {t}")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .kernels import KERNELS, token_major
+from .kernels import KERNELS
 
 if TYPE_CHECKING:
     from .modules import SparseLinear
@@ -121,7 +121,6 @@ class SiblingGroup:
 
     def __init__(self, members: list[SparseLinear]) -> None:
         self.members = members
-        self.token_major = all(m.token_major for m in members)
         self.sizes = [m.out_features for m in members]
         self._kernel_by_tokens: dict[int, str | None] = {}
         self.fused: dict[str, torch.Tensor] = {}
@@ -145,7 +144,8 @@ class SiblingGroup:
         return self._kernel_by_tokens[tokens]
 
     def part(self, index: int, x: torch.Tensor, kernel: str) -> torch.Tensor:
-        """Member `index`'s output (tokens × out) for input x, computing the fused product when x is new."""
+        """Member `index`'s output (tokens × out, feature-major like any sparse product) for input x, computing the
+        fused product when x is new."""
         if self._input is not x or self._version != version_of(x) or index not in self._pending:
             self._compute(x, kernel)
         self._pending.discard(index)
@@ -156,7 +156,6 @@ class SiblingGroup:
 
     def _compute(self, x: torch.Tensor, kernel: str) -> None:
         stacked = KERNELS[kernel].matmul(self.fused[kernel], x.reshape(-1, x.shape[-1]))  # tokens × Σ out, a view
-        parts = stacked.split(self.sizes, dim=1)
-        self._parts = [token_major(p) for p in parts] if self.token_major else list(parts)
+        self._parts = list(stacked.split(self.sizes, dim=1))
         self._input, self._version = x, version_of(x)
         self._pending = set(range(len(self.members)))

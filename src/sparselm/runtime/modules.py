@@ -59,8 +59,8 @@ class SparseLinear(nn.Module):
             y = self.group.part(self.group_index, x, kernel)
         else:
             y = KERNELS[kernel].matmul(self.sparse[kernel], x.reshape(-1, self.in_features))
-            if self.token_major:
-                y = token_major(y)
+        if self.token_major:
+            y = token_major(y)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
