@@ -10,6 +10,7 @@ from evaluation_fixtures import tiny_tokenizer
 
 from sparselm.errors import SparselmError
 from sparselm.facts import context_length, evaluating, family, hidden_size, is_causal_lm, load_tokenizer
+from sparselm.weights import find_block_lists
 
 
 @pytest.mark.parametrize(
@@ -41,7 +42,9 @@ def test_roberta_positions_past_the_context_do_not_exist():
 def test_hidden_size_is_the_width_of_the_first_block_input(name):
     model = tiny_model(name)
     widths = []
-    model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: widths.append(out.shape[-1]))
+    first_block = find_block_lists(model)[0].blocks[0]
+    first_block.register_forward_pre_hook(lambda _m, args, kwargs: widths.append(
+        (args[0] if args else kwargs["hidden_states"]).shape[-1]), with_kwargs=True)
     ids = torch.full((1, 4), 5)
     with torch.no_grad():
         model(input_ids=ids, **({"decoder_input_ids": ids} if name in ENCODER_DECODER else {}))
