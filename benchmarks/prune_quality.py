@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sparselm.calibration import sample_windows, token_stream
+from sparselm.windows import sample_windows, token_stream
 from sparselm.data import joined_text
 from sparselm.evaluation.perplexity import perplexity
 from sparselm.masks import NM

@@ -74,9 +74,14 @@ def hidden_size(config_or_model: Any) -> int:
 
 
 def family(config_or_model: Any) -> Family:
-    """decoder-only, encoder-only or encoder-decoder, from the config rather than the class name."""
+    """decoder-only, encoder-only or encoder-decoder, from the config rather than the class name.
+
+    A plain torch module without a config has no encoder stack to tell apart, so it counts as decoder-only.
+    """
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+    if isinstance(config_or_model, nn.Module) and getattr(config_or_model, "config", None) is None:
+        return "decoder-only"
     config = config_of(config_or_model)
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder"

@@ -9,9 +9,16 @@ floor(s·n) weights per block (the reference's `<= threshold` prunes one more, p
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..masks import NM, keep_n_of_m, keep_top, prune_count
+from ..masks import NM, Pattern, keep_n_of_m, keep_top, prune_count
+from ..weights import Matrix
+from .registry import Pruner, register
+
+if TYPE_CHECKING:
+    from .settings import PruneSettings
 
 
 class HessianAccumulator:
@@ -87,3 +94,21 @@ def _sweep_block(
         w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # rank-1 update in place (BLAS ger), no temporary
         err1[:, i] = err
     return q1, keep1, err1
+
+
+@register
+class SparseGPT(Pruner):
+    name = "sparsegpt"
+    block_patterns = False  # the column sweep compensates within rows; whole tiles are not part of the algorithm
+
+    def collector(self, in_features: int) -> HessianAccumulator:
+        return HessianAccumulator(in_features)
+
+    def prune_matrix(
+        self, matrix: Matrix, stats: HessianAccumulator, pattern: Pattern, sparsity: float, settings: PruneSettings
+    ) -> None:
+        nm = pattern if isinstance(pattern, NM) else None
+        pruned, _keep = sparsegpt_prune(
+            matrix.weight(), stats.hessian, sparsity, nm, settings.sparsegpt_blocksize, settings.sparsegpt_percdamp
+        )
+        matrix.set_weight(pruned)
