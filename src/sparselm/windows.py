@@ -105,7 +105,7 @@ def _stream_cache_path(tokenizer: Any, text: str) -> Path | None:
 def sample_windows(
     stream: torch.Tensor, samples: int, seqlen: int, seed: int, source: str = "the text"
 ) -> torch.Tensor:
-    """`samples` random windows of `seqlen` tokens (samples × seqlen), reproducible from the seed."""
+    """`samples` random windows of `seqlen` tokens (samples × seqlen), reproducible from `seed`."""
     if samples < 1 or seqlen < 1:
         raise SparselmError(
             "calibration needs at least 1 sample of at least 1 token; raise --calib-samples/--calib-seqlen"

@@ -5,6 +5,9 @@ of H⁻¹ drives a column sweep in blocks of 128. In each block the mask keeps t
 w²/[H⁻¹]ᵢᵢ² (the whole block at once for unstructured, every M columns for N:M), and each pruned column's
 error is spread over the columns not yet visited. One deliberate difference from the reference: it prunes exactly
 floor(s·n) weights per block (the reference's `<= threshold` prunes one more, plus ties), so the sparsity is exact.
+H is summed rather than averaged over sequences (a constant factor that cancels out of every step), and for N:M
+the blocksize is rounded down to a multiple of M, so that N:M groups never straddle two blocks (where the
+reference's groups, counted from each block's start, would break the pattern). Tests: tests/test_pruning.py.
 """
 
 from __future__ import annotations
