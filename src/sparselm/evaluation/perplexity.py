@@ -42,7 +42,6 @@ from ..facts import evaluating
 
 DEFAULT_SEQLEN = 2048
 LOGITS_BUDGET_BYTES = 1 << 30
-PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
 
 
 @dataclass(frozen=True)

@@ -60,10 +60,11 @@ def prune(
     if settings.needs_calibration:
         windows, calibration = _windows(model, settings, tokenizer, windows, note, progress)
     calibrated_at = time.perf_counter()
-    if settings.allocation == "owl":
-        owl = owl or owl_allocation(model, settings, windows, progress)
-    targets = {m.name: owl.target(m.block_name, settings.target_sparsity) if owl else settings.target_sparsity
-               for m in matrices}
+    allocation = (owl or owl_allocation(model, settings, windows, progress)) if settings.allocation == "owl" else None
+    targets = {
+        m.name: allocation.target(m.block_name, settings.target_sparsity) if allocation else settings.target_sparsity
+        for m in matrices
+    }
     if settings.scope == "global":
         progress.start(f"global {settings.method}", 1)
         settings.pruner.prune_together(matrices, settings.target_sparsity, settings.parsed_pattern)
@@ -77,8 +78,8 @@ def prune(
         target_sparsity=settings.target_sparsity,
         matrices=[matrix_row(m, targets[m.name], settings.parsed_pattern) for m in matrices],
         calibration=calibration,
-        block_sparsity=owl.block_sparsity if settings.allocation == "owl" else None,
-        outlier_ratio=owl.outlier_ratio if settings.allocation == "owl" else None,
+        block_sparsity=allocation.block_sparsity if allocation else None,
+        outlier_ratio=allocation.outlier_ratio if allocation else None,
         seconds=time.perf_counter() - started,
         calibration_seconds=calibrated_at - started if calibration else 0.0,
         notes=notes,

@@ -217,7 +217,7 @@ def prune_by_magnitude(weight: torch.Tensor, pattern: Pattern, sparsity: float) 
 
 
 @register
-class Magnitude(Pruner):
+class Magnitude(Pruner[None]):
     name = "magnitude"
     needs_calibration = False
     ranks_globally = True

@@ -9,9 +9,8 @@ choices, `PruneSettings` and the study configuration read the names from `regist
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
-from ..calibration import Collector
 from ..errors import SparselmError
 from ..masks import Pattern
 from ..weights import Matrix
@@ -20,7 +19,10 @@ if TYPE_CHECKING:
     from .settings import PruneSettings
 
 
-class Pruner(ABC):
+S = TypeVar("S")  # the statistics a method's collector gathers (None for methods without calibration)
+
+
+class Pruner(ABC, Generic[S]):
     """One pruning method.
 
     `needs_calibration`: the method scores weights with calibration inputs, gathered per matrix by `collector`.
@@ -33,13 +35,13 @@ class Pruner(ABC):
     ranks_globally: ClassVar[bool] = False
     block_patterns: ClassVar[bool] = True
 
-    def collector(self, in_features: int) -> Collector:
+    def collector(self, in_features: int) -> S:
         """A new statistic of one matrix's inputs (methods that need calibration override this)."""
         raise TypeError(f"{self.name} does not collect calibration statistics")
 
     @abstractmethod
     def prune_matrix(
-        self, matrix: Matrix, stats: Collector | None, pattern: Pattern, sparsity: float, settings: PruneSettings
+        self, matrix: Matrix, stats: S, pattern: Pattern, sparsity: float, settings: PruneSettings
     ) -> None:
         """Prune one matrix in place to `sparsity` under `pattern`; `stats` is its collector (None without one)."""
 
@@ -49,7 +51,7 @@ class Pruner(ABC):
 
 
 _PRUNERS: dict[str, Pruner] = {}
-P = TypeVar("P", bound=type[Pruner])
+P = TypeVar("P", bound=type[Pruner])  # register returns the class it was given
 
 
 def normalise(name: str) -> str:

@@ -100,7 +100,7 @@ def _sweep_block(
 
 
 @register
-class SparseGPT(Pruner):
+class SparseGPT(Pruner[HessianAccumulator]):
     name = "sparsegpt"
     block_patterns = False  # the column sweep compensates within rows; whole tiles are not part of the algorithm
 

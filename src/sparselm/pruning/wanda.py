@@ -37,7 +37,7 @@ def wanda_scores(weight: torch.Tensor, sum_sq: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class Wanda(Pruner):
+class Wanda(Pruner[ColumnNorms]):
     name = "wanda"
 
     def collector(self, in_features: int) -> ColumnNorms:
