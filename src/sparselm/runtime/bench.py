@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import SparselmError
+from ..facts import context_length
 from .accelerate import Policy, accelerate
 from .inputs import is_causal_lm, random_prefill
 
@@ -95,7 +96,7 @@ def bench(
     previous_threads = torch.get_num_threads()
     try:
         dense, source = load_with_source(model_or_dir)
-        limit = getattr(dense.config, "max_position_embeddings", None) or getattr(dense.config, "n_positions", None)
+        limit = context_length(dense)
         if limit and tokens[-1] > limit:
             raise SparselmError(f"--tokens {tokens[-1]} exceeds the model's {limit} positions; use smaller counts")
         accelerated = copy.deepcopy(dense)

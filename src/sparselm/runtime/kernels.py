@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SparselmError
+from ..masks import is_n_of_m
 
 BLOCK_SIZES = (16, 8)
 BLOCK_SLACK = 1.15
@@ -123,9 +124,7 @@ def is_block_structured(weight: torch.Tensor, block: int) -> bool:
 
 
 def is_two_four(keep: torch.Tensor) -> bool:
-    if keep.shape[-1] % 4:
-        return False
-    return int(keep.reshape(-1, 4).sum(dim=1).max()) <= 2
+    return is_n_of_m(keep, 2, 4)
 
 
 def cpu_candidates(blocks: list[int]) -> list[str]:
