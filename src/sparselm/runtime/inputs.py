@@ -8,11 +8,27 @@ import torch
 from torch import nn
 
 
-def is_causal_lm(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+def is_causal_lm(config_or_model: Any) -> bool:
+    """Whether this is a left-to-right language model: by its class for a model, else by the config's architectures
+    (a config without any: a decoder-only model type). Encoders are not, even those transformers can give a causal
+    head (BertLMHeadModel): their checkpoints were trained bidirectionally and generate junk.
+    (Local until sparselm.facts.is_causal_lm lands; then this becomes a call to it.)"""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
-    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model.config.model_type, ())
-    return type(model).__name__ in ((names,) if isinstance(names, str) else tuple(names))
+    config = getattr(config_or_model, "config", config_or_model)
+    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, ())
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if isinstance(config_or_model, nn.Module):
+        return type(config_or_model).__name__ in names
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    architectures = getattr(config, "architectures", None)
+    if architectures:
+        return any(a in names for a in architectures)
+    return bool(names) and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def forward_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
