@@ -101,8 +101,9 @@ def test_an_apparent_win_the_rounds_disagree_on_stays_dense_and_is_not_cached(ca
     model = model_at(0.95)
     report = accelerate(model, policy="auto", tokens=(64,))
     assert report["replaced"] == 0
-    layers = len(select_matrices(model))
-    assert timer.samples == layers * 2 * dispatch.MAX_ROUNDS  # measured again in more rounds before giving up
+    keys = set(layer_keys(model_at(0.95), 64))
+    assert len(keys) < len(select_matrices(model_at(0.95)))  # some layers share a key, and so a measurement
+    assert timer.samples == len(keys) * 2 * dispatch.MAX_ROUNDS  # measured again in more rounds before giving up
     assert json.loads((cache_dir / dispatch.CACHE_FILE).read_text()) == {}
     speedup = report["layers"][0]["speedups"][64]["csr"]
     assert speedup["speedup"] == pytest.approx(2.0) and speedup["speedup_low"] == pytest.approx(0.5)
@@ -161,8 +162,10 @@ def test_remeasure_ignores_the_cache_and_replaces_it(cache_dir, monkeypatch):
     assert set(sparse_choices(accelerate(model_at(0.95), tokens=(1, 64)))) == {"csr"}  # from the cache
     assert timer.samples == 0
     report = accelerate(model_at(0.95), tokens=(1, 64), remeasure=True)
-    assert report["replaced"] == 0 and timer.samples > 0
-    assert not any(layer["cached"] for layer in report["layers"])
+    assert report["replaced"] == 0
+    keys = {k for t in (1, 64) for k in layer_keys(model_at(0.95), t)}
+    assert timer.samples == len(keys) * 2 * dispatch.ROUNDS  # each key measured once, then shared in the call
+    assert not report["layers"][0]["cached"]
     saved = json.loads((cache_dir / dispatch.CACHE_FILE).read_text())
     assert {entry["choice"] for entry in saved.values()} == {"dense"}
 

@@ -46,16 +46,15 @@ def choose(
     tokens: list[int],
     sparsity: float,
     structure: str,
-    cache: dict[str, Any],
+    decisions: dispatch.Decisions,
     built: dict[str, torch.Tensor],
-    remeasure: bool,
 ) -> tuple[dict[int, str], dict[int, dict[str, Any]], bool]:
     """Per token count: the kernel to use, the decision behind it (policy auto) and whether nothing was measured."""
     if policy == "dense" or sparsity == 0.0 or not kernels:
         return {t: "dense" for t in tokens}, {}, True
     if policy in ("sparse", "semi-structured"):
         return {t: kernels[1] if len(kernels) > 1 else kernels[0] for t in tokens}, {}, True  # largest block
-    return dispatch.choose(weight, kernels, tokens, sparsity, structure, cache, built, remeasure)
+    return dispatch.choose(weight, kernels, tokens, sparsity, structure, decisions, built)
 
 
 def speedups_of(decision: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -110,7 +109,7 @@ def accelerate(
     if not tokens or tokens[0] < 1:
         raise SparselmError(f"token counts must be positive integers, got {tokens}")
     path = dispatch.cache_path()
-    cache = dispatch.load_cache(path) if use_cache else {}
+    decisions = dispatch.Decisions(dispatch.load_cache(path) if use_cache else {}, remeasure)
     layers = []
     for matrix in select_matrices(model):
         weight = matrix.weight().detach()
@@ -120,7 +119,7 @@ def accelerate(
         structure = structure_of(keep, blocks) if sparsity else "dense"
         kernels = candidates(weight, keep, blocks, policy)
         built: dict[str, torch.Tensor] = {}
-        choices, basis, cached = choose(weight, kernels, policy, tokens, sparsity, structure, cache, built, remeasure)
+        choices, basis, cached = choose(weight, kernels, policy, tokens, sparsity, structure, decisions, built)
         if any(k != "dense" for k in choices.values()):
             replace_module(model, matrix, choices, built)
         layers.append(
@@ -138,7 +137,7 @@ def accelerate(
         if progress:
             progress(matrix.name)
     if use_cache and policy == "auto":
-        dispatch.save_cache(path, cache)
+        dispatch.save_cache(path, decisions.cache)
     groups = arrange_outputs(model, example_inputs, fuse)
     return report(policy, tokens, layers, groups)
 

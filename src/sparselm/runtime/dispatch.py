@@ -8,7 +8,8 @@ Three rules keep one noisy measurement from deciding for good:
   An apparent win the rounds disagree on is measured again in more rounds, up to MAX_ROUNDS; if it stays unclear
   the layer stays dense for this run and nothing is cached, so a later run measures it again;
 - a cached decision is used only if it still satisfies both rules (else it is measured again), and `remeasure`
-  ignores the cache altogether (the new decisions replace the old ones).
+  ignores what was cached before (the new decisions replace the old ones). Within one accelerate() call, layers
+  with the same key share one measurement.
 Decisions are cached in a JSON file under $SPARSELM_CACHE keyed by shape, dtype, device, sparsity bucket, mask
 structure, token count, threads and torch version.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,19 +126,42 @@ def measure_and_decide(weight: torch.Tensor, built: dict[str, torch.Tensor], tok
     return decision
 
 
+@dataclass
+class Decisions:
+    """The decisions one accelerate() call works with: the persistent cache (mutated in place, saved by the caller)
+    and those made during this call, which layers of the same key reuse (noisy ones included, as dense)."""
+
+    cache: dict[str, Any]
+    remeasure: bool = False  # ignore what the cache held before this call
+    made: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def lookup(self, key: str, allowed: list[str]) -> dict[str, Any] | None:
+        if key in self.made:
+            return self.made[key]
+        entry = None if self.remeasure else self.cache.get(key)
+        return entry if trusted(entry, allowed) else None
+
+    def record(self, key: str, decision: Decision) -> dict[str, Any]:
+        entry = self.made[key] = decision.cache_entry()
+        if decision.confident:
+            self.cache[key] = entry
+        else:
+            self.cache.pop(key, None)
+        return entry
+
+
 def choose(
     weight: torch.Tensor,
     kernels: list[str],
     tokens: list[int],
     sparsity: float,
     structure: str,
-    cache: dict[str, Any],
+    decisions: Decisions,
     built: dict[str, torch.Tensor],
-    remeasure: bool = False,
 ) -> tuple[dict[int, str], dict[int, dict[str, Any]], bool]:
-    """Per token count: the kernel to use, the decision behind it (a cache entry: choice, median seconds, per-round
-    speed-ups) and whether nothing had to be measured. Sparse forms are built once into `built`, for the SparseLinear
-    that will use them. A cached decision contradicting the bound is dropped (nothing can beat dense there)."""
+    """Per token count: the kernel to use, the decision behind it (choice, median seconds, per-round speed-ups) and
+    whether nothing had to be measured. Sparse forms are built once into `built`, for the SparseLinear that will use
+    them. A cached decision contradicting the bound is dropped: nothing can beat dense there."""
     allowed = [k for k in kernels if can_win(k, sparsity, weight.element_size())]
     choices: dict[int, str] = {}
     basis: dict[int, dict[str, Any]] = {}
@@ -145,19 +169,15 @@ def choose(
     for t in tokens:
         key = cache_key(weight, sparsity, structure, t, torch.get_num_threads())
         if not allowed:
-            cache.pop(key, None)
+            decisions.cache.pop(key, None)
             choices[t] = "dense"
-        elif not remeasure and trusted(cache.get(key), allowed):
-            choices[t], basis[t] = cache[key]["choice"], cache[key]
-        else:
+            continue
+        entry = decisions.lookup(key, allowed)
+        if entry is None:
             measured = True
             built.update({k: KERNELS[k].build(weight) for k in allowed if k not in built})
-            decision = measure_and_decide(weight, {k: built[k] for k in allowed}, t)
-            choices[t], basis[t] = decision.choice, decision.cache_entry()
-            if decision.confident:
-                cache[key] = basis[t]
-            else:
-                cache.pop(key, None)
+            entry = decisions.record(key, measure_and_decide(weight, {k: built[k] for k in allowed}, t))
+        choices[t], basis[t] = entry["choice"], entry
     return choices, basis, not measured
 
 
