@@ -7,6 +7,8 @@ from rich.table import Table
 
 from ..errors import SparselmError
 from ..runtime import POLICIES, bench, generate
+from ..runtime.accelerate import check_settings
+from ..runtime.generate import check_generation
 from . import app
 from ._common import handles_errors, out_console, parse_int_list, print_json, progress_bar
 
@@ -34,6 +36,7 @@ def bench_command(
         raise SparselmError(f"--tokens needs positive integers, got '{tokens}'")
     if rounds < 1:
         raise SparselmError(f"--rounds must be at least 1, got {rounds}")
+    check_settings(policy, threads)
     with progress_bar(quiet=json_out) as progress:
         task = progress.add_task(f"benchmarking {model}", total=None)
         result = bench(
@@ -88,6 +91,7 @@ def run_command(
     json_out: bool = typer.Option(False, "--json", help="Print the text and layer choices as JSON."),
 ) -> None:
     """Generate text with the accelerated model (sparse kernels where they measured faster)."""
+    check_generation(model, prompt, max_new_tokens, policy, threads)
     with progress_bar(quiet=json_out) as progress:
         task = progress.add_task(f"loading and accelerating {model}", total=None)
         result = generate(

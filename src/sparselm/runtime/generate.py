@@ -29,6 +29,16 @@ def require_causal_lm(model_or_dir: str) -> None:
         )
 
 
+def check_generation(model_or_dir: str, prompt: str, max_new_tokens: int, policy: str, threads: int | None) -> None:
+    """Every check generate() makes before loading weights (callers may run it before showing progress)."""
+    if not prompt.strip():
+        raise SparselmError(f"--prompt is empty: give the text to continue, e.g. --prompt '{EXAMPLE_PROMPT}'")
+    if max_new_tokens < 1:
+        raise SparselmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_settings(policy, threads)
+    require_causal_lm(model_or_dir)
+
+
 def generate(
     model_or_dir: str,
     prompt: str,
@@ -41,12 +51,7 @@ def generate(
     """Greedy continuation of `prompt` by the accelerated model, with the accelerate report."""
     from ..models import load, load_tokenizer
 
-    if not prompt.strip():
-        raise SparselmError(f"--prompt is empty: give the text to continue, e.g. --prompt '{EXAMPLE_PROMPT}'")
-    if max_new_tokens < 1:
-        raise SparselmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    check_settings(policy, threads)
-    require_causal_lm(model_or_dir)
+    check_generation(model_or_dir, prompt, max_new_tokens, policy, threads)
     lm = load(model_or_dir, head="causal-lm")
     tokenizer = load_tokenizer(model_or_dir)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
