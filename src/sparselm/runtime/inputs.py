@@ -9,9 +9,9 @@ from torch import nn
 
 
 def is_causal_lm(config_or_model: Any) -> bool:
-    """Whether this is a left-to-right language model: by its class for a model, else by the config's architectures
-    (a config without any: a decoder-only model type). Encoders are not, even those transformers can give a causal
-    head (BertLMHeadModel): their checkpoints were trained bidirectionally and generate junk.
+    """Whether this is a left-to-right language model: a model by the class it was loaded as, a config by its
+    architectures (without any: a decoder-only model type). An encoder's config is not, although transformers can
+    load it with a causal head (BertLMHeadModel): its checkpoint was trained bidirectionally and generates junk.
     (Local until sparselm.facts.is_causal_lm lands; then this becomes a call to it.)"""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
