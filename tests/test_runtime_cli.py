@@ -9,7 +9,9 @@ from typer.testing import CliRunner
 
 from conftest import DECODER_ONLY, FAMILIES, tiny_config, tiny_model
 from sparselm.cli import app
+from sparselm.runtime import dispatch
 from sparselm.runtime.inputs import is_causal_lm
+from test_runtime_dispatch import DENSE_FASTER, FakeTimer
 from test_storage import prune_smallest
 
 runner = CliRunner()
@@ -79,6 +81,7 @@ def test_bench_prints_every_speedup_with_its_spread(tmp_path, monkeypatch):
 
 def test_bench_remeasure_ignores_cached_decisions(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSELM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dispatch, "kernel_samplers", FakeTimer(DENSE_FASTER))  # clear decisions, always cached
     prune_smallest(tiny_model("opt"), 0.95).save_pretrained(tmp_path / "m")
     args = ["bench", str(tmp_path / "m"), "--tokens", "8", "--rounds", "1", "--no-size", "--json"]
     assert runner.invoke(app, args).exit_code == 0
