@@ -99,12 +99,17 @@ def causal_lm_classes(config_or_model: Any) -> tuple[str, ...]:
 
 
 def is_causal_lm(config_or_model: Any) -> bool:
-    """Whether this is a causal language model: a model of its family's causal-LM class, or a config whose
-    checkpoint declares that class in `architectures`."""
+    """Whether this is a left-to-right language model: a model by the class it was loaded as, a config by the
+    classes its checkpoint declares in `architectures` or, without any, by being a decoder-only family with a
+    causal-LM class. An encoder's config is not, although transformers can give it a causal head
+    (BertLMHeadModel): its checkpoint was trained bidirectionally and generates junk."""
     classes = causal_lm_classes(config_or_model)
     if isinstance(config_or_model, nn.Module):
         return type(config_or_model).__name__ in classes
-    return any(a in classes for a in getattr(config_or_model, "architectures", None) or ())
+    architectures = getattr(config_of(config_or_model), "architectures", None)
+    if architectures:
+        return any(a in classes for a in architectures)
+    return bool(classes) and family(config_or_model) == "decoder-only"
 
 
 def has_tokenizer(directory: Path) -> bool:
