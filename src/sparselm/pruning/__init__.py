@@ -3,7 +3,7 @@
 from . import magnitude, wanda, sparsegpt  # noqa: F401, I001 (registers the methods, in the order users see them)
 from .driver import prune
 from .owl import OwlAllocation, owl_allocation
-from .progress import Progress
+from ..progress import Progress
 from .registry import Pruner, register, registered_methods
 from .report import PruneReport
 from .save import prune_to_dir

@@ -22,7 +22,7 @@ from ..weights import Matrix, by_block, select_matrices
 from ..windows import CALIBRATION_SPLIT, calibration_windows
 from .magnitude import prune_by_magnitude
 from .owl import OwlAllocation, block_pattern, owl_allocation
-from .progress import Progress, SilentProgress
+from ..progress import Progress, SilentProgress
 from .report import PruneReport, matrix_row
 from .settings import PruneSettings, settings_from
 

@@ -23,7 +23,7 @@ from torch import nn
 from ..calibration import BlockRef, collect_inputs, run_blocks, total_blocks
 from ..masks import NM, Pattern
 from ..weights import by_block, select_matrices
-from .progress import Progress, SilentProgress
+from ..progress import Progress, SilentProgress
 from .wanda import ColumnNorms, wanda_scores
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from ..facts import SPARSITY_JSON, load_tokenizer
 from ..io import atomic_dir, atomic_write_json
 from ..models import load_with_source, write_provenance
 from .driver import prune
-from .progress import Progress
+from ..progress import Progress
 from .settings import PruneSettings
 
 
