@@ -119,7 +119,9 @@ def _check_creatable(target: Path, shown: Path) -> None:
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise SparselmError(f"cannot create --out '{shown}': '{ancestor}' is a file, not a directory")
+        raise SparselmError(
+            f"cannot write to output directory '{shown}': '{ancestor}' is a file, not a directory; choose a writable --out"
+        )
     try:
         os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".sparselm-probe-"))
     except OSError as exc:
