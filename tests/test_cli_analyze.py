@@ -133,7 +133,7 @@ def test_analysing_into_the_models_parent_never_replaces_the_model(tmp_path, tin
     path = tiny_dir("gpt2")
     monkeypatch.chdir(path.parent)
     error = _error_line(runner.invoke(app, ["analyze", f"./{path.name}", "--out", ".", "--force"]))
-    assert "is or holds the input" in error and (path / "model.safetensors").is_file()
+    assert f"output '{path.name}' is the input '{path.name}'" in error and (path / "model.safetensors").is_file()
 
 
 def test_a_users_folder_named_like_the_model_needs_force(tmp_path, tiny_dir):

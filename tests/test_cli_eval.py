@@ -156,9 +156,9 @@ def test_finetune_never_replaces_a_users_directory_or_its_input(tmp_path, model_
     (mine / "notes.txt").write_text("notes")
     fails("finetune", str(model_dir), "--task", f"text:{text_file}", "--out", str(mine), match="--force")
     fails("finetune", str(model_dir), "--task", f"text:{text_file}", "--out", str(model_dir), "--force",
-          match="is or holds the input")
+          match=f"output '{model_dir}' is the input")
     fails("finetune", str(model_dir), "--task", f"text:{text_file}", "--out", str(tmp_path), "--force",
-          match="is or holds the input")
+          match=f"output '{tmp_path}' holds the input")
     assert (mine / "notes.txt").read_text() == "notes" and (model_dir / "config.json").is_file()
 
 

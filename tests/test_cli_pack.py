@@ -100,7 +100,9 @@ def _error_line(result) -> str:
 def test_pack_never_replaces_its_own_source(tmp_path, force):
     src = pruned_dir(tmp_path, "gpt2")
     before = {p.name: p.read_bytes() for p in src.iterdir()}
-    assert "is or holds the input" in _error_line(runner.invoke(app, ["pack", str(src), "--out", str(src), *force]))
+    assert f"output '{src}' is the input '{src}'" in _error_line(
+        runner.invoke(app, ["pack", str(src), "--out", str(src), *force])
+    )
     assert "lies inside the input" in _error_line(
         runner.invoke(app, ["pack", str(src), "--out", str(src / "packed"), *force])
     )
@@ -115,7 +117,7 @@ def test_pack_and_unpack_refuse_a_users_directory_and_the_current_one(tmp_path, 
     assert "--force" in _error_line(runner.invoke(app, ["pack", str(src), "--out", str(mine)]))
     assert runner.invoke(app, ["pack", str(src), "--out", str(tmp_path / "p")]).exit_code == 0
     assert "--force" in _error_line(runner.invoke(app, ["unpack", str(tmp_path / "p"), "--out", str(mine)]))
-    assert "is or holds the input" in _error_line(
+    assert "is the input" in _error_line(
         runner.invoke(app, ["unpack", str(tmp_path / "p"), "--out", str(tmp_path / "p"), "--force"])
     )
     monkeypatch.chdir(mine)

@@ -92,21 +92,23 @@ def check_output_dir(out: Path, inputs: Iterable[Path] = (), force: bool = False
     cwd = Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
         raise SparselmError(
-            f"--out '{out}' is the current directory or holds it, which cannot be replaced; "
-            "name a new directory inside it instead (e.g. --out ./out)"
+            f"output '{out}' is the current directory or holds it, which cannot be replaced; "
+            "name a new directory instead (e.g. --out ./out)"
         )
     for given in inputs:
         source = Path(given).expanduser().resolve()
-        if real == source or real in source.parents:
-            raise SparselmError(f"--out '{out}' is or holds the input '{given}'; choose an output outside it")
-        if source in real.parents:
-            raise SparselmError(f"--out '{out}' lies inside the input '{given}'; choose an output outside it")
+        relation = "is" if real == source else "holds" if real in source.parents else "lies inside"
+        if real == source or real in source.parents or source in real.parents:
+            raise SparselmError(f"output '{out}' {relation} the input '{given}'; choose an output outside it")
     if (target.is_symlink() or target.exists()) and not force and not _replaceable(target):
-        what = "a directory" if target.is_dir() and not target.is_symlink() else "a file"
         raise SparselmError(
-            f"'{out}' is {what} that sparselm did not write; choose another --out, or pass --force to replace it"
+            f"'{out}' is {_kind(target)} that sparselm did not write; choose another --out, or pass --force to replace it"
         )
     _check_creatable(target, out)
+
+
+def _kind(path: Path) -> str:
+    return "a symbolic link" if path.is_symlink() else "a directory" if path.is_dir() else "a file"
 
 
 def _replaceable(path: Path) -> bool:
