@@ -143,3 +143,8 @@ def test_pruned_then_packed_then_unpacked_outputs_carry_their_own_markers(tmp_pa
         assert listed == sorted(p.name for p in out.iterdir() if p.name != ".sparselm")
     assert tensors_of(tmp_path / "d").keys() == tensors_of(pruned).keys()
     assert all(torch.equal(tensors_of(tmp_path / "d")[k], v) for k, v in tensors_of(pruned).items())
+
+
+def test_unpack_of_a_missing_directory_says_so(tmp_path):
+    error = _error_line(runner.invoke(app, ["unpack", str(tmp_path / "nope"), "--out", str(tmp_path / "d")]))
+    assert f"no directory at '{tmp_path / 'nope'}'" in error and not (tmp_path / "d").exists()

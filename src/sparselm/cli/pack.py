@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from ..errors import SparselmError
 from ..io import check_output_dir
 from ..storage import FORMATS, pack, unpack
 from . import app
@@ -54,6 +55,8 @@ def unpack_command(
     json_out: bool = typer.Option(False, "--json", help="Print a summary as JSON on stdout."),
 ) -> None:
     """Rebuild the dense model directory bit-exactly (checksums are verified first)."""
+    if not packed.is_dir():
+        raise SparselmError(f"no directory at '{packed}'; pass a directory written by sparselm pack")
     check_output_dir(out, [packed], force)
     with progress_bar(quiet=json_out) as progress:
         task = progress.add_task(f"unpacking {escape(str(packed))}", total=None)
