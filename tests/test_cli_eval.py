@@ -131,7 +131,8 @@ def test_eval_of_a_packed_directory_without_its_manifest(tmp_path, model_dir, te
 
 def test_eval_of_a_config_that_is_not_json(model_dir, text_file):
     (model_dir / "config.json").write_text("{oops")
-    fails("eval", str(model_dir), "--task", f"text:{text_file}", match=f"'{model_dir / 'config.json'}' is not valid JSON")
+    fails("eval", str(model_dir), "--task", f"text:{text_file}",
+          match=f"'{model_dir / 'config.json'}' is not valid JSON")
 
 
 def test_eval_of_truncated_weights(model_dir, text_file):

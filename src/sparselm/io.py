@@ -67,7 +67,8 @@ def sparselm_wrote(path: Path) -> bool:
     if marker is not None:
         listed = marker.get("entries")
         return marker.get("written_by") == WRITTEN_BY and isinstance(listed, list) and entries <= set(listed)
-    if (path / MARKER_DIR).exists() or any(not (path / name).is_file() or (path / name).is_symlink() for name in entries):
+    plain_files = all((path / name).is_file() and not (path / name).is_symlink() for name in entries)
+    if (path / MARKER_DIR).exists() or not plain_files:
         return False
     return any(_read_json_object(path / name) is not None for name in LEGACY_OUTPUT_FILES)
 
@@ -102,7 +103,8 @@ def check_output_dir(out: Path, inputs: Iterable[Path] = (), force: bool = False
             raise SparselmError(f"output '{out}' {relation} the input '{given}'; choose an output outside it")
     if (target.is_symlink() or target.exists()) and not force and not _replaceable(target):
         raise SparselmError(
-            f"'{out}' is {_kind(target)} that sparselm did not write; choose another --out, or pass --force to replace it"
+            f"'{out}' is {_kind(target)} that sparselm did not write; "
+            "choose another --out, or pass --force to replace it"
         )
     _check_creatable(target, out)
 
@@ -122,7 +124,8 @@ def _check_creatable(target: Path, shown: Path) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise SparselmError(
-            f"cannot write to output directory '{shown}': '{ancestor}' is a file, not a directory; choose a writable --out"
+            f"cannot write to output directory '{shown}': '{ancestor}' is a file, not a directory; "
+            "choose a writable --out"
         )
     try:
         os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".sparselm-probe-"))

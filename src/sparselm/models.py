@@ -186,9 +186,10 @@ def read_provenance(path: Path) -> dict[str, Any]:
     f = Path(path) / PROVENANCE_FILE
     if not f.exists():
         return {}
-    prov = _read_json(f, "restore it or delete it (it only records where the model came from)")
+    fix = "restore it or delete it (it only records where the model came from)"
+    prov = _read_json(f, fix)
     if not isinstance(prov, dict):
-        raise SparselmError(f"'{f}' is not a JSON object; restore it or delete it (it only records where the model came from)")
+        raise SparselmError(f"'{f}' is not a JSON object; {fix}")
     return prov
 
 
@@ -301,18 +302,13 @@ def load_with_source(
     trust_remote_code: bool = False,
     **model_kwargs: Any,
 ) -> tuple[torch.nn.Module, ModelSource]:
-    from transformers import AutoConfig
+    from safetensors import SafetensorError
 
     from .storage import is_packed, unpacked
 
-    from safetensors import SafetensorError
-
     source = resolve(name_or_path)
     with unpacked(source.path) if is_packed(source.path) else nullcontext(source.path) as path:
-        try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise SparselmError(f"cannot read the config of '{name_or_path}': {_first_line(exc)}") from exc
+        config = load_config(path, name_or_path, trust_remote_code)
         for key, value in model_kwargs.pop("config_overrides", {}).items():
             setattr(config, key, value)
         cls = _model_class(head, config)
@@ -326,6 +322,16 @@ def load_with_source(
     return model, source
 
 
+def load_config(path: Path, name: str, trust_remote_code: bool = False) -> Any:
+    """The transformers config in `path`, or one clear line naming `name` when transformers cannot read it."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SparselmError(f"cannot read the config of '{name}': {_first_line(exc)}") from exc
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -335,7 +341,10 @@ def _weights_error(name: str, path: Path, exc: BaseException) -> str:
 
     if "packed" in read_provenance(path):
         return f"'{name}' is a packed directory whose {MANIFEST} is missing; copy the whole packed directory again"
-    return f"cannot load the weights of '{name}' ({_first_line(exc)}); the weight files are missing or corrupt, copy them again"
+    return (
+        f"cannot load the weights of '{name}' ({_first_line(exc)}); the weight files are missing or corrupt, "
+        "copy them again"
+    )
 
 
 def load_tokenizer(name_or_path: str) -> Any:

@@ -26,11 +26,9 @@ FILE_SYSTEM_FIXES = {
     errno.EDQUOT: "free space or choose another location",
     errno.EROFS: "choose a writable location",
 }
+FORCE_HELP = "Replace --out even when it is a file or a directory sparselm did not write (never an input)."
 err_console = Console(stderr=True)
 out_console = Console()
-
-
-FORCE_HELP = "Replace --out even when it is a file or a directory sparselm did not write (never an input)."
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

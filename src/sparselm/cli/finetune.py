@@ -12,6 +12,7 @@ from ..evaluation.objectives import config_family
 from ..evaluation.tasks import check_task, is_classification, task_names
 from ..finetune import DEFAULT_LR, OPTIMIZERS, finetune
 from ..io import check_output_dir
+from ..models import load_config
 from . import app
 from ._common import FORCE_HELP, handles_errors, model_inputs, out_console, print_json, progress_bar, text_inputs
 
@@ -63,9 +64,7 @@ def refuse_non_causal_lm(model: str, task: str, path: Path) -> None:
 
     A local check until the shared model fact (`is_causal_lm`) lands; the library refuses too.
     """
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path, model)
     if config_family(config) == "encoder-only":
         raise SparselmError(
             f"'{model}' is an encoder-only model ({config.model_type}), not a causal LM, so fine-tuning it on '{task}' "

@@ -106,7 +106,8 @@ def prune_command(
     for r in results:
         out_console.print(
             f"{r['method']} {r['pattern']} ({r['scope']}, {r['allocation']}): achieved sparsity "
-            f"{r['achieved_sparsity']:.4f} of {r['prunable_weights']:,} weights in {r['seconds']:.1f} s → {escape(r['out'])}",
+            f"{r['achieved_sparsity']:.4f} of {r['prunable_weights']:,} weights in {r['seconds']:.1f} s "
+            f"→ {escape(r['out'])}",
             highlight=False,
         )
 
