@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -111,3 +112,55 @@ def test_analyze_embedded_models(tmp_path):
     mini = json.loads((out / "minilm-l6" / "stats.json").read_text())
     assert mini["matrices_analysed"] == 6 * 6 and mini["quantized_from"] is None
     assert (out / "compare-weight-cdf.png").exists()
+
+
+# --- issue 11: every input is checked before anything is written; DIR/<model> follows the output rules
+
+
+def _error_line(result) -> str:
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+def test_a_bad_second_model_fails_before_the_first_is_analysed(tmp_path, tiny_dir):
+    out = tmp_path / "o"
+    error = _error_line(runner.invoke(app, ["analyze", str(tiny_dir("gpt2")), "/nonexistent", "--out", str(out)]))
+    assert "no model directory at '/nonexistent'" in error and not out.exists()
+
+
+def test_analysing_into_the_models_parent_never_replaces_the_model(tmp_path, tiny_dir, monkeypatch):
+    path = tiny_dir("gpt2")
+    monkeypatch.chdir(path.parent)
+    error = _error_line(runner.invoke(app, ["analyze", f"./{path.name}", "--out", ".", "--force"]))
+    assert f"output '{path.name}' is the input '{path.name}'" in error and (path / "model.safetensors").is_file()
+
+
+def test_a_users_folder_named_like_the_model_needs_force(tmp_path, tiny_dir):
+    path, out = tiny_dir("gpt2"), tmp_path / "res"
+    (out / path.name).mkdir(parents=True)
+    (out / path.name / "notes.txt").write_text("mine")
+    assert "--force" in _error_line(runner.invoke(app, ["analyze", str(path), "--out", str(out)]))
+    assert (out / path.name / "notes.txt").read_text() == "mine"
+    assert runner.invoke(app, ["analyze", str(path), "--out", str(out), "--force"]).exit_code == 0
+    assert (out / path.name / "stats.json").is_file() and not (out / path.name / "notes.txt").exists()
+
+
+def test_two_models_with_the_same_folder_name_are_refused(tmp_path, tiny_dir):
+    path = tiny_dir("gpt2")
+    twin = tmp_path / "twin" / path.name
+    shutil.copytree(path, twin)
+    error = _error_line(runner.invoke(app, ["analyze", str(path), str(twin), "--out", str(tmp_path / "res")]))
+    assert "several models would write to the same folder" in error
+
+
+def test_the_comparison_figure_replaces_only_a_previous_analysis(tmp_path, tiny_dir):
+    a, b, out = tiny_dir("gpt2"), tiny_dir("opt"), tmp_path / "res"
+    out.mkdir()
+    (out / "compare-weight-cdf.png").write_bytes(b"my figure")
+    assert "--force" in _error_line(runner.invoke(app, ["analyze", str(a), str(b), "--out", str(out)]))
+    assert (out / "compare-weight-cdf.png").read_bytes() == b"my figure"
+    assert runner.invoke(app, ["analyze", str(a), str(b), "--out", str(out), "--force"]).exit_code == 0
+    first = (out / "compare-weight-cdf.png").read_bytes()
+    assert first.startswith(b"\x89PNG")
+    assert runner.invoke(app, ["analyze", str(a), str(b), "--out", str(out)]).exit_code == 0  # a rerun needs no --force

@@ -116,3 +116,54 @@ def test_bad_budgets_and_a_text_source_without_path(model_dir, text_file):
     fails("eval", str(model_dir), "--task", "wiki-pair", "--max-examples", "0", match="--max-examples must be")
     fails("eval", str(model_dir), "--task", "text:", match="text: needs a file path")
     fails("eval", str(model_dir), "--task", "ptb", "--split", "dev2", match="unknown split")
+
+
+# --- issue 11: corrupt inputs are one line; fine-tuning never replaces what sparselm did not write
+
+
+def test_eval_of_a_packed_directory_without_its_manifest(tmp_path, model_dir, text_file):
+    packed = tmp_path / "packed"
+    assert runner.invoke(app, ["pack", str(model_dir), "--out", str(packed)]).exit_code == 0
+    (packed / "sparselm-pack.json").unlink()
+    fails("eval", str(packed), "--task", f"text:{text_file}",
+          match=f"'{packed}' is a packed directory whose sparselm-pack.json is missing")
+
+
+def test_eval_of_a_config_that_is_not_json(model_dir, text_file):
+    (model_dir / "config.json").write_text("{oops")
+    fails("eval", str(model_dir), "--task", f"text:{text_file}",
+          match=f"'{model_dir / 'config.json'}' is not valid JSON")
+
+
+def test_eval_of_truncated_weights(model_dir, text_file):
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])
+    fails("eval", str(model_dir), "--task", f"text:{text_file}", match="cannot load the weights of")
+
+
+def test_finetune_refuses_an_encoder_on_a_language_modelling_task(tmp_path, text_file, monkeypatch):
+    monkeypatch.setattr("sparselm.cli.finetune.finetune", lambda *a, **k: pytest.fail("training started"))
+    bert = save_tiny(tmp_path / "bert", "bert")
+    out = tmp_path / "tuned"
+    fails("finetune", str(bert), "--task", f"text:{text_file}", "--out", str(out),
+          match="is an encoder-only model (bert), not a causal LM")
+    assert not out.exists()
+
+
+def test_finetune_never_replaces_a_users_directory_or_its_input(tmp_path, model_dir, text_file, monkeypatch):
+    monkeypatch.setattr("sparselm.cli.finetune.finetune", lambda *a, **k: pytest.fail("training started"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("notes")
+    fails("finetune", str(model_dir), "--task", f"text:{text_file}", "--out", str(mine), match="--force")
+    fails("finetune", str(model_dir), "--task", f"text:{text_file}", "--out", str(model_dir), "--force",
+          match=f"output '{model_dir}' is the input")
+    fails("finetune", str(model_dir), "--task", f"text:{text_file}", "--out", str(tmp_path), "--force",
+          match=f"output '{tmp_path}' holds the input")
+    assert (mine / "notes.txt").read_text() == "notes" and (model_dir / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_finetune_refuses_the_embedded_encoder_on_ptb(tmp_path):
+    fails("finetune", "minilm-l6", "--task", "ptb", "--out", str(tmp_path / "t"),
+          match="'minilm-l6' is an encoder-only model (bert), not a causal LM")

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_model
 from sparselm.cli import app
-from test_storage import prune_smallest, pruned_dir
+from test_storage import prune_smallest, pruned_dir, tensors_of
 
 runner = CliRunner()
 
@@ -85,3 +85,66 @@ def test_run_generates_with_the_accelerated_embedded_model():
 
     prompt_tokens = len(load_tokenizer("smollm2-135m")("The capital of France is").input_ids)
     assert set(out["choices"]) == {"1", str(prompt_tokens)}  # decode steps and the prompt's prefill
+
+
+# --- issue 11: outputs replace only what sparselm wrote; the source is never replaced
+
+
+def _error_line(result) -> str:
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_pack_never_replaces_its_own_source(tmp_path, force):
+    src = pruned_dir(tmp_path, "gpt2")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    assert f"output '{src}' is the input '{src}'" in _error_line(
+        runner.invoke(app, ["pack", str(src), "--out", str(src), *force])
+    )
+    assert "lies inside the input" in _error_line(
+        runner.invoke(app, ["pack", str(src), "--out", str(src / "packed"), *force])
+    )
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_pack_and_unpack_refuse_a_users_directory_and_the_current_one(tmp_path, monkeypatch):
+    src = pruned_dir(tmp_path, "opt")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("notes")
+    assert "--force" in _error_line(runner.invoke(app, ["pack", str(src), "--out", str(mine)]))
+    assert runner.invoke(app, ["pack", str(src), "--out", str(tmp_path / "p")]).exit_code == 0
+    assert "--force" in _error_line(runner.invoke(app, ["unpack", str(tmp_path / "p"), "--out", str(mine)]))
+    assert "is the input" in _error_line(
+        runner.invoke(app, ["unpack", str(tmp_path / "p"), "--out", str(tmp_path / "p"), "--force"])
+    )
+    monkeypatch.chdir(mine)
+    assert "current directory" in _error_line(runner.invoke(app, ["unpack", str(tmp_path / "p"), "--out", "."]))
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_pruned_then_packed_then_unpacked_outputs_carry_their_own_markers(tmp_path):
+    from sparselm.io import MARKER
+    from sparselm.storage import read_manifest
+
+    src = pruned_dir(tmp_path, "llama")
+    pruned = tmp_path / "pruned"
+    assert runner.invoke(app, ["prune", str(src), "--sparsity", "0.5", "--out", str(pruned)]).exit_code == 0
+    for _ in range(2):  # the second run replaces what the first wrote
+        assert runner.invoke(app, ["pack", str(pruned), "--out", str(tmp_path / "p")]).exit_code == 0
+        assert runner.invoke(app, ["unpack", str(tmp_path / "p"), "--out", str(tmp_path / "d")]).exit_code == 0
+    manifest = read_manifest(tmp_path / "p")  # checksums verified
+    assert ".sparselm" not in manifest["files"]
+    for out in (pruned, tmp_path / "p", tmp_path / "d"):
+        listed = json.loads((out / MARKER).read_text())["entries"]
+        assert listed == sorted(p.name for p in out.iterdir() if p.name != ".sparselm")
+    assert tensors_of(tmp_path / "d").keys() == tensors_of(pruned).keys()
+    assert all(torch.equal(tensors_of(tmp_path / "d")[k], v) for k, v in tensors_of(pruned).items())
+
+
+def test_unpack_of_a_missing_directory_says_so(tmp_path):
+    error = _error_line(runner.invoke(app, ["unpack", str(tmp_path / "nope"), "--out", str(tmp_path / "d")]))
+    assert f"no directory at '{tmp_path / 'nope'}'" in error and not (tmp_path / "d").exists()

@@ -141,3 +141,127 @@ def test_smollm2_wanda_2_4_with_owl(tmp_path, text_file):
     assert record["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4) and len(record["block_sparsity"]) == 30
     assert record["calibration"]["source"] == f"text:{text_file}" and record["calibration"]["seqlen"] == 16
     assert transformers.AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+# --- issue 11: an output path is replaced only when sparselm wrote it; inputs and the working directory never are
+
+
+def user_tree(path: Path) -> Path:
+    (path / "sub").mkdir(parents=True)
+    (path / "notes.txt").write_text("notes\n")
+    (path / "sub" / "code.py").write_text("print(1)\n")
+    return path
+
+
+def user_files_intact(path: Path) -> bool:
+    return (path / "notes.txt").read_text() == "notes\n" and (path / "sub" / "code.py").read_text() == "print(1)\n"
+
+
+def leftovers(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name)
+
+
+@pytest.fixture
+def no_pruning(monkeypatch):
+    """Fail the test if pruning starts: output checks must come before any work."""
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("pruning started before the output was checked")
+
+    monkeypatch.setattr("sparselm.cli.prune.prune_to_dir", refuse)
+
+
+def one_error_line(result) -> str:
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+def test_a_users_directory_is_never_replaced_without_force(model_dir, tmp_path, no_pruning):
+    out = user_tree(tmp_path / "mine")
+    error = one_error_line(invoke("prune", model_dir("gpt2"), "--out", out))
+    assert f"'{out}' is a directory that sparselm did not write" in error and "--force" in error
+    assert user_files_intact(out) and leftovers(tmp_path) == []
+
+
+def test_a_users_file_is_never_replaced_without_force(model_dir, tmp_path, no_pruning):
+    out = tmp_path / "result.txt"
+    out.write_text("precious")
+    error = one_error_line(invoke("prune", model_dir("gpt2"), "--out", out))
+    assert "is a file that sparselm did not write" in error and "--force" in error
+    assert out.read_text() == "precious"
+
+
+def test_force_replaces_a_users_directory(model_dir, tmp_path):
+    out = user_tree(tmp_path / "mine")
+    result = invoke("prune", model_dir("gpt2"), "--out", out, "--force")
+    assert result.exit_code == 0, result.output
+    assert not (out / "notes.txt").exists() and (out / "sparsity.json").is_file() and leftovers(tmp_path) == []
+
+
+def test_a_directory_sparselm_wrote_is_replaced_until_someone_adds_to_it(model_dir, tmp_path):
+    path, out = model_dir("gpt2"), tmp_path / "pruned"
+    assert invoke("prune", path, "--sparsity", "0.1", "--out", out).exit_code == 0
+    result = invoke("prune", path, "--sparsity", "0.9", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "sparsity.json").read_text())["achieved_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    (out / "notes.txt").write_text("mine")
+    assert "--force" in one_error_line(invoke("prune", path, "--out", out))
+    assert (out / "notes.txt").read_text() == "mine" and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_the_input_is_never_replaced_even_with_force(model_dir, tmp_path, no_pruning, where, force):
+    path = model_dir("gpt2")
+    out = {"same": path, "inside": path / "pruned", "parent": path.parent}[where]
+    before = sorted(p.name for p in path.iterdir())
+    error = one_error_line(invoke("prune", path, "--out", out, *force))
+    relation = {"same": "is", "inside": "lies inside", "parent": "holds"}[where]
+    assert f"output '{out}' {relation} the input '{path}'" in error
+    assert sorted(p.name for p in path.iterdir()) == before
+
+
+def test_an_output_holding_the_calibration_text_is_refused(model_dir, tmp_path, no_pruning):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "calib.txt").write_text(TEXT)
+    calib = work / "calib.txt"
+    error = one_error_line(invoke("prune", model_dir("gpt2"), "--method", "wanda", "--calib", f"text:{calib}",
+                                  "--out", work, "--force"))
+    assert f"output '{work}' holds the input '{calib}'" in error and calib.read_text() == TEXT
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_the_current_directory_is_refused_with_no_leftovers(model_dir, tmp_path, monkeypatch, no_pruning, out):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mine.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    assert "current directory" in one_error_line(invoke("prune", model_dir("gpt2"), "--out", out, "--force"))
+    assert sorted(p.name for p in work.iterdir()) == ["mine.txt"] and leftovers(tmp_path) == []
+
+
+def test_unwritable_output_fails_before_pruning(model_dir, no_pruning):
+    error = one_error_line(invoke("prune", model_dir("gpt2"), "--out", "/proc/x"))
+    assert "cannot write to output directory '/proc/x'" in error
+
+
+def test_several_sparsities_check_every_output_first(model_dir, tmp_path, no_pruning):
+    out = tmp_path / "sweep"
+    user_tree(out / "s0.9")
+    error = one_error_line(invoke("prune", model_dir("gpt2"), "--sparsity", "0.5,0.9", "--out", out))
+    assert f"'{out / 's0.9'}' is a directory that sparselm did not write" in error
+    assert not (out / "s0.5").exists() and user_files_intact(out / "s0.9")
+
+
+def test_corrupt_config_is_one_line(model_dir, tmp_path, no_pruning):
+    path = model_dir("gpt2")
+    (path / "config.json").write_text('{"model_type": "gpt2",')
+    error = one_error_line(invoke("prune", path, "--out", tmp_path / "out"))
+    assert f"'{path / 'config.json'}' is not valid JSON" in error and "line 1, column 23" in error
+
+
+def test_square_brackets_in_a_model_name_are_shown_as_typed(tmp_path):
+    error = one_error_line(invoke("prune", "bad/[red]model", "--out", tmp_path / "out"))
+    assert "'bad/[red]model'" in error

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from conftest import tiny_model
 from sparselm import models
 from sparselm.errors import SparselmError
+from sparselm.io import MARKER_DIR
 from sparselm.storage import MANIFEST, is_packed, load_state_dict, pack, read_manifest, unpack
 from sparselm.weights import select_matrices
 
@@ -200,7 +201,7 @@ def test_sharded_source_round_trips(tmp_path):
     pack(tmp_path / "src", tmp_path / "packed")
     unpack(tmp_path / "packed", tmp_path / "dense")
     names = sorted(p.name for p in (tmp_path / "src").iterdir())
-    assert sorted(p.name for p in (tmp_path / "dense").iterdir()) == sorted([*names, "provenance.json"])
+    assert sorted(p.name for p in (tmp_path / "dense").iterdir()) == sorted([*names, "provenance.json", MARKER_DIR])
     original, restored = tensors_of(tmp_path / "src"), tensors_of(tmp_path / "dense")
     assert all(same_bits(original[k], restored[k]) for k in original)
     assert models.load(str(tmp_path / "dense")) is not None

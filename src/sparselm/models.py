@@ -155,6 +155,7 @@ def _looks_like_path(name: str) -> bool:
 def _resolve_local(name: str, path: Path) -> ModelSource:
     if not (path / "config.json").exists():
         raise SparselmError(f"'{name}' has no config.json, so it is not a Hugging Face model directory")
+    _check_config_file(path / "config.json")
     prov = read_provenance(path)
     return ModelSource(
         name=name,
@@ -164,11 +165,34 @@ def _resolve_local(name: str, path: Path) -> ModelSource:
     )
 
 
+def _check_config_file(path: Path) -> None:
+    """A JSON object naming its model_type, or one clear line (transformers fails deep inside its loader)."""
+    config = _read_json(path, "restore the model's original config.json")
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise SparselmError(
+            f"'{path}' names no model_type, so transformers cannot tell which model it describes; "
+            "restore the model's original config.json"
+        )
+
+
+def _read_json(path: Path, fix: str) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise SparselmError(f"'{path}' is not valid JSON ({reason}{where}); {fix}") from None
+
+
 def read_provenance(path: Path) -> dict[str, Any]:
     f = Path(path) / PROVENANCE_FILE
     if not f.exists():
         return {}
-    return json.loads(f.read_text())
+    fix = "restore it or delete it (it only records where the model came from)"
+    prov = _read_json(f, fix)
+    if not isinstance(prov, dict):
+        raise SparselmError(f"'{f}' is not a JSON object; {fix}")
+    return prov
 
 
 def write_provenance(path: Path, source: ModelSource, **extra: Any) -> None:
@@ -280,22 +304,49 @@ def load_with_source(
     trust_remote_code: bool = False,
     **model_kwargs: Any,
 ) -> tuple[torch.nn.Module, ModelSource]:
-    from transformers import AutoConfig
+    from safetensors import SafetensorError
 
     from .storage import is_packed, unpacked
 
     source = resolve(name_or_path)
     with unpacked(source.path) if is_packed(source.path) else nullcontext(source.path) as path:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = load_config(path, name_or_path, trust_remote_code)
         for key, value in model_kwargs.pop("config_overrides", {}).items():
             setattr(config, key, value)
         cls = _model_class(head, config)
         try:
             model = cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **model_kwargs)
         except ValueError as exc:
-            raise SparselmError(f"'{name_or_path}' cannot be loaded with a {head} head: {str(exc).splitlines()[0]}") from exc
+            raise SparselmError(f"'{name_or_path}' cannot be loaded with a {head} head: {_first_line(exc)}") from exc
+        except (OSError, SafetensorError) as exc:
+            raise SparselmError(_weights_error(name_or_path, source.path, exc)) from exc
     model.eval()
     return model, source
+
+
+def load_config(path: Path, name: str, trust_remote_code: bool = False) -> Any:
+    """The transformers config in `path`, or one clear line naming `name` when transformers cannot read it."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SparselmError(f"cannot read the config of '{name}': {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _weights_error(name: str, path: Path, exc: BaseException) -> str:
+    from .storage import MANIFEST
+
+    if "packed" in read_provenance(path):
+        return f"'{name}' is a packed directory whose {MANIFEST} is missing; copy the whole packed directory again"
+    return (
+        f"cannot load the weights of '{name}' ({_first_line(exc)}); the weight files are missing or corrupt, "
+        "copy them again"
+    )
 
 
 def load_tokenizer(name_or_path: str) -> Any:

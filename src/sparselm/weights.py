@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .errors import SparselmError
 from .facts import Family
-from .facts import family as model_family  # the name analysis/distribution.py imports
+from .facts import family
 
 Component = Literal["attention", "mlp", "embedding", "head", "other"]
 Side = Literal["encoder", "decoder", "cross-attention"]
@@ -91,7 +91,7 @@ def _has_matrix(module: nn.Module) -> bool:
 
 def find_block_lists(model: nn.Module) -> list[BlockList]:
     """The outermost ModuleLists of identical layers that hold Linear/Conv1D weights, in forward order."""
-    family = model_family(model)
+    model_family = family(model)
     found: list[BlockList] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -100,7 +100,7 @@ def find_block_lists(model: nn.Module) -> list[BlockList]:
             continue
         if len({type(m) for m in module}) != 1 or not _has_matrix(module[0]):
             continue
-        side = _block_side(name, family)
+        side = _block_side(name, model_family)
         found.append(BlockList(path=name, side=side, blocks=module))
     return sorted(found, key=lambda b: 0 if b.side == "encoder" else 1)
 
@@ -145,7 +145,7 @@ def _kind(module: nn.Module) -> Literal["linear", "conv1d", "embedding"] | None:
 
 def iter_matrices(model: nn.Module) -> Iterator[Matrix]:
     """Every distinct weight matrix of the model (tied weights appear once, under their first name)."""
-    family = model_family(model)
+    model_family = family(model)
     blocks = find_block_lists(model)
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -165,7 +165,7 @@ def iter_matrices(model: nn.Module) -> Iterator[Matrix]:
             block=block,
             block_path=block_list.path if block_list else None,
             component=_component(module_name, in_block, module),
-            side=_side(module_name, block_list.side if block_list else None, family),
+            side=_side(module_name, block_list.side if block_list else None, model_family),
             prunable=in_block,
         )
 

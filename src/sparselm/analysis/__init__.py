@@ -13,7 +13,8 @@ from ..weights import select_matrices
 from .distribution import Distribution, layers_csv, measure_distribution
 from .figures import compare_cdf_figure, write_model_figures
 
-__all__ = ["Distribution", "analyze_models", "measure_distribution", "write_distribution"]
+__all__ = ["COMPARE_FIGURE", "Distribution", "analyze_models", "measure_distribution", "write_distribution"]
+COMPARE_FIGURE = "compare-weight-cdf.png"
 
 
 def write_distribution(dist: Distribution, out: Path, slug: str) -> Path:
@@ -54,6 +55,6 @@ def analyze_models(
             "fraction_abs_le_2^-10": dist.overall["fraction_abs_le_2pow_minus_k"]["10"],
         }
     if len(dists) > 1:
-        compare_cdf_figure(dists, out / "compare-weight-cdf.png")
-        summary["compare"] = str(out / "compare-weight-cdf.png")
+        compare_cdf_figure(dists, out / COMPARE_FIGURE)
+        summary["compare"] = str(out / COMPARE_FIGURE)
     return summary

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..weights import Matrix, model_family, select_matrices
+from ..facts import family as model_family
+from ..weights import Matrix, select_matrices
 from .stats import POW2_EXPONENTS, QUANTILES, Histogram, summarize
 
 Progress = Callable[[str], None]

@@ -1,27 +1,39 @@
-"""Shared CLI plumbing: one-line errors, JSON output and progress bars."""
+"""Shared CLI plumbing: one-line errors, output checks, JSON output and progress bars."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..data import parse_source, read_text_file
 from ..errors import SparselmError
+from ..models import resolve
 
 F = TypeVar("F", bound=Callable[..., Any])
+FILE_SYSTEM_FIXES = {
+    errno.ENOSPC: "free space or choose another location",
+    errno.EDQUOT: "free space or choose another location",
+    errno.EROFS: "choose a writable location",
+}
+FORCE_HELP = "Replace --out even when it is a file or a directory sparselm did not write (never an input)."
 err_console = Console(stderr=True)
 out_console = Console()
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    """Print one error line (the message is shown as written: square brackets in paths are not markup)."""
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -36,6 +48,10 @@ def handles_errors(fn: F) -> F:
             raise fail(str(exc)) from None
         except PermissionError as exc:
             raise fail(f"permission denied: {exc.filename or exc}; choose a writable location") from None
+        except OSError as exc:
+            if exc.errno not in FILE_SYSTEM_FIXES:
+                raise
+            raise fail(f"{exc.strerror}: '{exc.filename}'; {FILE_SYSTEM_FIXES[exc.errno]}") from None
         except KeyboardInterrupt:
             raise fail("interrupted; nothing half-written was left behind", 130) from None
 
@@ -76,3 +92,20 @@ def parse_int_list(text: str, what: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise SparselmError(f"{what} must be an integer or a comma-separated list of integers, got '{text}'") from None
+
+
+def model_inputs(names: Iterable[str]) -> list[Path]:
+    """Each model's local directory, found now so that a bad name fails before any work or any output."""
+    return [resolve(name).path for name in names]
+
+
+def text_inputs(spec: str) -> list[Path]:
+    """The file behind a `text:PATH` source, checked now and never to be replaced by an output; none otherwise."""
+    try:
+        path = parse_source(spec).path
+    except SparselmError:
+        return []  # not a text source: the command names the problem itself
+    if path is None:
+        return []
+    read_text_file(path)
+    return [path]

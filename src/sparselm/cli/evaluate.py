@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from ..evaluation import evaluate
 from ..evaluation.tasks import task_names
@@ -41,7 +42,7 @@ def eval_command(
 
 
 def _print_result(result: dict) -> None:
-    head = f"[bold]{result['model']}[/bold] on {result['task']} ({result['split']})"
+    head = f"[bold]{escape(result['model'])}[/bold] on {escape(result['task'])} ({escape(result['split'])})"
     if "accuracy" in result:
         body = f"accuracy {result['accuracy']:.4f}, F1 {result['f1']:.4f} over {result['examples']} examples"
     elif "mlm_ppl" in result:
@@ -53,4 +54,4 @@ def _print_result(result: dict) -> None:
         )
     out_console.print(f"{head}: {body}", highlight=False)
     for note in result.get("notes", []):
-        out_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        out_console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)

@@ -5,11 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
-from ..evaluation.tasks import task_names
+from ..errors import SparselmError
+from ..evaluation.tasks import check_task, is_classification, task_names
+from ..facts import family, is_causal_lm
 from ..finetune import DEFAULT_LR, OPTIMIZERS, finetune
+from ..io import check_output_dir
+from ..models import load_config
 from . import app
-from ._common import handles_errors, out_console, print_json, progress_bar
+from ._common import FORCE_HELP, handles_errors, model_inputs, out_console, print_json, progress_bar, text_inputs
 
 
 @app.command("finetune")
@@ -27,9 +32,15 @@ def finetune_command(
     optimizer: str = typer.Option("adamw", "--optimizer", help=f"One of: {', '.join(OPTIMIZERS)} (sgd with momentum 0.9)."),
     seqlen: int | None = typer.Option(None, "--seqlen", help="Window length for causal-LM tasks (default: context, at most 512)."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Local WikiText-2 or GLUE MRPC files."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Fine-tune on the task's train split; pruned weights, their gradients and optimizer state stay exactly zero."""
+    check_task(task)
+    inputs = model_inputs([model])
+    if not is_classification(task):
+        refuse_non_causal_lm(model, task, inputs[0])
+    check_output_dir(out, [*inputs, *text_inputs(task), *([data_dir] if data_dir else [])], force)
     with progress_bar() as progress:
         report = finetune(
             model, task, out, epochs=epochs, lr=lr, max_steps=max_steps, batch_size=batch_size,
@@ -41,7 +52,19 @@ def finetune_command(
         return
     kept = "identical" if report["sparsity_identical"] else "[red]CHANGED[/red]"
     out_console.print(
-        f"fine-tuned [bold]{model}[/bold] on {task}: {report['steps']} steps over {report['examples']} examples, "
-        f"train loss {report['train_loss']:.4f}; sparsity of {report['masked_matrices']} masked matrices {kept} → {out}",
+        f"fine-tuned [bold]{escape(model)}[/bold] on {escape(task)}: {report['steps']} steps over {report['examples']} "
+        f"examples, train loss {report['train_loss']:.4f}; sparsity of {report['masked_matrices']} masked matrices "
+        f"{kept} → {escape(str(out))}",
         highlight=False,
     )
+
+
+def refuse_non_causal_lm(model: str, task: str, path: Path) -> None:
+    """A model that is not a causal LM learns nothing usable from a language-modelling task: refuse before
+    loading it."""
+    config = load_config(path, model)
+    if not is_causal_lm(config):
+        raise SparselmError(
+            f"'{model}' is an {family(config)} model ({config.model_type}), not a causal LM, so fine-tuning it on '{task}' "
+            "would train junk; fine-tune it on a classification task instead (e.g. --task wiki-pair)"
+        )

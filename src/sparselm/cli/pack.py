@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
+from ..errors import SparselmError
+from ..io import check_output_dir
 from ..storage import FORMATS, pack, unpack
 from . import app
-from ._common import err_console, handles_errors, out_console, print_json, progress_bar
+from ._common import FORCE_HELP, err_console, handles_errors, model_inputs, out_console, print_json, progress_bar
 
 
 @app.command("pack")
@@ -20,23 +23,26 @@ def pack_command(
         "auto", "--format", help=f"Codec: {'|'.join(FORMATS)}; auto keeps the smallest per tensor."
     ),
     dtype: str = typer.Option("keep", "--dtype", help="Value dtype: keep|fp16|bf16 (fp16/bf16 round the values)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print sizes as JSON on stdout."),
 ) -> None:
     """Store a (pruned) model with sparse codecs in safetensors plus a checksummed manifest."""
+    check_output_dir(out, model_inputs([model]), force)
     with progress_bar(quiet=json_out) as progress:
-        task = progress.add_task(f"packing {model}", total=None)
+        task = progress.add_task(f"packing {escape(model)}", total=None)
         summary = pack(model, out, format=format, dtype=dtype, progress=lambda _n: progress.advance(task))
     if json_out:
         print_json(summary)
         return
     if not summary["gain"]:
-        err_console.print(f"[yellow]note:[/yellow] {summary['message']}")
+        err_console.print(f"[yellow]note:[/yellow] {escape(summary['message'])}", highlight=False)
     codecs = ", ".join(f"{k}: {v}" for k, v in sorted(summary["codecs"].items()))
     out_console.print(
         f"packed {summary['tensors']} tensors ({codecs}): weights {summary['dense_bytes'] / 1e6:.2f} MB → "
         f"{summary['packed_bytes'] / 1e6:.2f} MB ({summary['ratio']:.2f}× smaller); files "
         f"{summary['file_bytes_dense'] / 1e6:.2f} MB → {summary['file_bytes_packed'] / 1e6:.2f} MB "
-        f"→ {summary['out']}"
+        f"→ {escape(summary['out'])}",
+        highlight=False,
     )
 
 
@@ -45,13 +51,20 @@ def pack_command(
 def unpack_command(
     packed: Path = typer.Argument(..., help="A directory written by sparselm pack."),
     out: Path = typer.Option(..., "--out", "-o", help="Dense model directory to write (replaced atomically)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print a summary as JSON on stdout."),
 ) -> None:
     """Rebuild the dense model directory bit-exactly (checksums are verified first)."""
+    if not packed.is_dir():
+        raise SparselmError(f"no directory at '{packed}'; pass a directory written by sparselm pack")
+    check_output_dir(out, [packed], force)
     with progress_bar(quiet=json_out) as progress:
-        task = progress.add_task(f"unpacking {packed}", total=None)
+        task = progress.add_task(f"unpacking {escape(str(packed))}", total=None)
         summary = unpack(packed, out, progress=lambda _n: progress.advance(task))
     if json_out:
         print_json(summary)
         return
-    out_console.print(f"unpacked {summary['tensors']} tensors into {', '.join(summary['files'])} → {summary['out']}")
+    out_console.print(
+        f"unpacked {summary['tensors']} tensors into {', '.join(summary['files'])} → {escape(summary['out'])}",
+        highlight=False,
+    )

@@ -5,13 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.progress import Progress as RichProgress
 from rich.progress import TaskID
 
 from ..errors import SparselmError
+from ..io import check_output_dir
 from ..pruning import PruneSettings, prune_to_dir, registered_methods, settings_from
 from . import app
-from ._common import err_console, handles_errors, out_console, parse_float_list, print_json, progress_bar
+from ._common import (
+    FORCE_HELP, err_console, handles_errors, model_inputs, out_console, parse_float_list, print_json, progress_bar,
+    text_inputs,
+)
 
 
 class BarProgress:
@@ -30,7 +35,7 @@ class BarProgress:
             self.bars.advance(self.task)
 
     def note(self, message: str) -> None:
-        err_console.print(f"[yellow]note:[/yellow] {message}", highlight=False)
+        err_console.print(f"[yellow]note:[/yellow] {escape(message)}", highlight=False)
 
 
 def output_dirs(out: Path, sparsities: list[float | None]) -> list[Path]:
@@ -63,6 +68,7 @@ def prune_command(
     include_embeddings: bool = typer.Option(
         False, "--include-embeddings", help="Also prune embeddings and untied heads (by magnitude)."
     ),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Prune a model (magnitude, Wanda or SparseGPT) and write loadable Hugging Face directories with sparsity.json."""
@@ -84,9 +90,13 @@ def prune_command(
         )
         for value in values
     ]
+    inputs = model_inputs([model]) + text_inputs(calib)
+    targets = output_dirs(out, values)
+    for target in targets:
+        check_output_dir(target, inputs, force)
     results = []
     with progress_bar(quiet=json_out) as bars:
-        for settings, target in zip(runs, output_dirs(out, values)):
+        for settings, target in zip(runs, targets):
             label = f"{settings.method} s={settings.target_sparsity:g}"
             result = prune_to_dir(model, settings, target, BarProgress(bars, label))
             results.append({"out": str(target), **_summary(result)})
@@ -96,7 +106,9 @@ def prune_command(
     for r in results:
         out_console.print(
             f"{r['method']} {r['pattern']} ({r['scope']}, {r['allocation']}): achieved sparsity "
-            f"{r['achieved_sparsity']:.4f} of {r['prunable_weights']:,} weights in {r['seconds']:.1f} s → {r['out']}"
+            f"{r['achieved_sparsity']:.4f} of {r['prunable_weights']:,} weights in {r['seconds']:.1f} s "
+            f"→ {escape(r['out'])}",
+            highlight=False,
         )
 
 
