@@ -28,6 +28,11 @@ def test_default_config_is_the_seed_study() -> None:
     assert decoder.tasks == ["ptb", "wiki"] and encoder.tasks == ["wiki-pair"]
     assert load_config(None, "full").models[0].tasks == ["ptb", "wiki", "wiki-pair"]  # the decoder fine-tuned too
     assert config.size.enabled and config.runtime.enabled
+    # Timed as benchmarks/runtime_speed.py times (7 alternating rounds, 16 decode steps), at fewer sparsities.
+    assert (config.runtime.rounds, config.runtime.steps, config.runtime.sparsities) == (7, 16, [0.0, 0.9, 0.95])
+    assert load_config(None, "full").runtime.sparsities is None
+    timed = [c for c in plan(config) if c.kind == CellKind.BENCH]
+    assert len(timed) == 2 * (1 + 3 * 2)  # per model: the dense model and three methods at 0.9 and 0.95
     # The shipped file is readable YAML a user can copy (comments included).
     assert "# The default sparselm study" in default_config_text()
 

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -25,6 +26,10 @@ from .config import CellKind, StudyConfig, resources_of
 
 Outcome = tuple[Cell, dict[str, Any]]
 RAY_CONNECT_TIMEOUT_S = 5.0
+# HTTP/2 (RFC 9113 §3.4): the client's preface is this string and a SETTINGS frame; a server's first frame is SETTINGS.
+HTTP2_SETTINGS = 0x4
+HTTP2_FRAME_HEADER = 9
+HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, HTTP2_SETTINGS, 0, 0, 0, 0, 0])
 
 
 class Executor(Protocol):
@@ -111,10 +116,8 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(
-        self, config: StudyConfig, out: str, address: str | None, workers: int | None, ray: Any = None
-    ) -> None:
-        ray = ray or optional_import("ray", "ray", "the Ray executor")
+    def __init__(self, config: StudyConfig, out: str, address: str | None, workers: int | None) -> None:
+        ray = optional_import("ray", "ray", "the Ray executor")
         self.ray = ray
         if address:
             check_ray_address(address)
@@ -189,8 +192,10 @@ class RayExecutor:
 def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
     """Fail fast, with a clear message, when a Ray address does not answer (ray.init would wait a long time).
 
-    A plain TCP connection with a deadline to Ray's GCS (HOST:PORT) or Ray client server (ray://HOST:PORT): a refused
-    connection or silence means no cluster is there. Whether what answers speaks Ray's protocol is left to ray.init.
+    Ray's GCS (HOST:PORT) and Ray client server (ray://HOST:PORT) are gRPC servers: a TCP connection with a
+    deadline, then HTTP/2's connection preface, which every such server answers with a SETTINGS frame. A refused
+    connection, silence (a firewall or proxy that accepts anything) or another protocol means no cluster is there;
+    whether the server is really Ray is left to ray.init.
     """
     if address == "auto" or address.startswith("local"):
         return
@@ -202,15 +207,32 @@ def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> N
         host, port = None, 0
     if not host or parsed.scheme not in ("ray", "gcs"):
         raise SparselmError(f"'{address}' is not a Ray address; use HOST:PORT (GCS) or ray://HOST:PORT (Ray client)")
+    reason = _grpc_silence(host, port, timeout)
+    if reason:
+        raise SparselmError(
+            f"the Ray cluster at '{address}' does not answer ({host}:{port}: {reason}, waited at most {timeout:g} s); "
+            "check the address and that `ray start --head` runs there, or drop --ray-address for a local cluster"
+        )
+
+
+def _grpc_silence(host: str, port: int, timeout: float) -> str | None:
+    """Why no gRPC server answers at host:port within `timeout` seconds, or None when one does."""
+    deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.sendall(HTTP2_CLIENT_PREFACE)
+            header = b""
+            while len(header) < HTTP2_FRAME_HEADER:
+                conn.settimeout(max(0.001, deadline - time.monotonic()))
+                chunk = conn.recv(HTTP2_FRAME_HEADER - len(header))
+                if not chunk:
+                    return "closed the connection without answering"
+                header += chunk
+    except TimeoutError:
+        return "timed out"
     except OSError as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
-    raise SparselmError(
-        f"the Ray cluster at '{address}' does not answer ({host}:{port}: {reason}, waited at most {timeout:g} s); "
-        "check the address and that `ray start --head` runs there, or drop --ray-address for a local cluster"
-    )
+        return (exc.strerror or type(exc).__name__).lower()
+    return None if header[3] == HTTP2_SETTINGS else "answers, but not as a gRPC server"
 
 
 def make_executor(
