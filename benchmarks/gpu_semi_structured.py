@@ -10,29 +10,29 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from sparselm.runtime.timing import compare
+
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 TOKENS = [1, 128, 512, 2048]
 ROUNDS = 20
+MIN_SAMPLE_SECONDS = 0.001  # GPU calls of a few microseconds are repeated so launch jitter averages out
 
 
-def cuda_median(fn: Callable[[], object], rounds: int = ROUNDS) -> float:
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def side_by_side(dense: Callable[[], object], sparse: Callable[[], object]) -> dict:
+    """Seconds per call of each (medians of alternating rounds) and the speed-up with its range over rounds."""
+    result = compare(dense, sparse, ROUNDS, MIN_SAMPLE_SECONDS, synchronize=torch.cuda.synchronize)
+    return {"dense": result.baseline.median, "sparse": result.candidate.median, **result.speedup.as_dict()}
+
+
+def speedup_text(timed: dict) -> str:
+    noise = ", within noise" if timed["within_noise"] else ""
+    return f"{timed['speedup']:.2f}× [{timed['speedup_low']:.2f}–{timed['speedup_high']:.2f}{noise}]"
 
 
 def two_four(weight: torch.Tensor) -> torch.Tensor:
@@ -50,12 +50,14 @@ def matrices() -> list[dict]:
         ws = to_sparse_semi_structured(w)
         for t in TOKENS:
             x = torch.randn(t, in_f, device="cuda", dtype=torch.float16)
-            dense, sparse = cuda_median(lambda: F.linear(x, w)), cuda_median(lambda: F.linear(x, ws))
+            timed = side_by_side(lambda: F.linear(x, w), lambda: F.linear(x, ws))
             err = (F.linear(x, ws) - F.linear(x, w)).abs().max().item()
-            rows.append({"shape": [out_f, in_f], "tokens": t, "dense_us": dense * 1e6, "sparse_us": sparse * 1e6,
-                         "speedup": dense / sparse, "max_abs_err": err})
-            print(f"{out_f}x{in_f} T={t:<5} dense {dense * 1e6:8.1f} us  2:4 {sparse * 1e6:8.1f} us  "
-                  f"{dense / sparse:.2f}×  max|Δ| {err:.2e}", flush=True)
+            rows.append({"shape": [out_f, in_f], "tokens": t, "dense_us": timed["dense"] * 1e6,
+                         "sparse_us": timed["sparse"] * 1e6, "speedup": timed["speedup"],
+                         "speedup_range": [timed["speedup_low"], timed["speedup_high"]],
+                         "within_noise": timed["within_noise"], "max_abs_err": err})
+            print(f"{out_f}x{in_f} T={t:<5} dense {timed['dense'] * 1e6:8.1f} us  2:4 {timed['sparse'] * 1e6:8.1f} us  "
+                  f"{speedup_text(timed)}  max|Δ| {err:.2e}", flush=True)
     return rows
 
 
@@ -74,13 +76,14 @@ def whole_model() -> list[dict]:
         ids = torch.randint(3, dense.config.vocab_size, (1, t), device="cuda")
         kw = {"input_ids": ids, "logits_to_keep": 1}
         with torch.inference_mode():
-            d = cuda_median(lambda: dense(**kw))
-            s = cuda_median(lambda: sparse(**kw))
+            timed = side_by_side(lambda: dense(**kw), lambda: sparse(**kw))
             err = (dense(**kw).logits - sparse(**kw).logits).abs().max().item()
-        rows.append({"tokens": t, "dense_ms": d * 1e3, "semi_structured_ms": s * 1e3, "speedup": d / s,
-                     "max_abs_logit_err": err, "replaced": report["replaced"]})
-        print(f"smollm2-135m 2:4 prefill {t}: dense {d * 1e3:.2f} ms, semi-structured {s * 1e3:.2f} ms → "
-              f"{d / s:.2f}× ({report['replaced']} layers), max|Δlogit| {err:.3e}", flush=True)
+        rows.append({"tokens": t, "dense_ms": timed["dense"] * 1e3, "semi_structured_ms": timed["sparse"] * 1e3,
+                     "speedup": timed["speedup"], "speedup_range": [timed["speedup_low"], timed["speedup_high"]],
+                     "within_noise": timed["within_noise"], "max_abs_logit_err": err, "replaced": report["replaced"]})
+        print(f"smollm2-135m 2:4 prefill {t}: dense {timed['dense'] * 1e3:.2f} ms, semi-structured "
+              f"{timed['sparse'] * 1e3:.2f} ms → {speedup_text(timed)} ({report['replaced']} layers), "
+              f"max|Δlogit| {err:.3e}", flush=True)
     return rows
 
 

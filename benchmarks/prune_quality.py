@@ -1,6 +1,6 @@
 """Perplexity of smollm2-135m on PTB after each pruning method, at 0.5 and 2:4, with and without OWL.
 
-Protocol (issue 3): token perplexity (SparseGPT/Wanda protocol, sparselm.evaluation.perplexity) on the PTB test
+Protocol: token perplexity (SparseGPT/Wanda protocol, sparselm.evaluation.perplexity) on the PTB test
 sentences joined with " ", seqlen 1024, first 16 windows; calibration: 32 random windows of 1024 PTB-train tokens,
 seed 0, drawn once and shared by every method; the OWL allocation (a function of the dense model, the windows and
 the target sparsity only) is computed once and shared by the OWL rows. With 2:4, OWL moves N per block; where every
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from sparselm.calibration import sample_windows, token_stream
 from sparselm.data import joined_text
 from sparselm.evaluation.perplexity import perplexity
 from sparselm.masks import NM
 from sparselm.models import load, load_tokenizer
 from sparselm.pruning import OwlAllocation, owl_allocation, prune, settings_from
+from sparselm.windows import sample_windows, token_stream
 
 MODEL = "smollm2-135m"
 # (label, prune fields or None for the dense model)

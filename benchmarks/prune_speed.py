@@ -4,7 +4,7 @@ Each side runs in its own subprocess on the same loaded weights (every Linear in
 timed after loading, with peak RSS sampled from /proc over the loaded model as baseline. transformers maps
 safetensors weights from the file; "loaded" here means every page rewritten into private memory first (the state
 after any earlier in-place step), and a third run times sparselm on the still file-mapped weights for comparison.
-Targets (issue 3): at least 30× faster than torch, and under 0.3 GB above the loaded model.
+Targets: at least 30× faster than torch, and under 0.3 GB above the loaded model.
 Run: .venv/bin/python benchmarks/prune_speed.py [--threads N]
 """
 

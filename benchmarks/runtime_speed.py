@@ -4,7 +4,8 @@ Targets (issue 5, 2 threads): prefill of 128 tokens as generation runs it (logit
 ≥ 2.0× faster than dense at 0.9 global magnitude sparsity and ≥ 3.0× at 0.95; at every sparsity from 0 to 0.99 the
 accelerated model is never below 0.95× of dense, for prefill nor for one-token decode steps (KV cache).
 Each row loads the pruned model, lets `accelerate` measure its layers, then alternates dense and accelerated runs
-(medians of --rounds).
+(runtime.timing: the median of the per-round speed-ups, printed with their range over --rounds and marked "within
+noise" when that range reaches 1.0×; a target counts as met only by a result that is not within noise).
 Run: .venv/bin/python benchmarks/runtime_speed.py [--threads 2] [--rounds 7] [--sparsities 0,0.9] [--no-block] [--json]
 """
 
@@ -32,21 +33,32 @@ def row(sparsity: float, pattern: str, threads: int, rounds: int) -> dict:
     result = bench(path, tokens=[128], threads=threads, rounds=rounds, steps=16, measure_size=False)
     prefill, decode = result["prefill"][0], result["decode"]
     target = TARGETS.get(sparsity) if pattern == "unstructured" else None
-    ok = prefill["speedup"] >= FLOOR and decode["speedup"] >= FLOOR and (target is None or prefill["speedup"] >= target)
+    above_floor = all(r["speedup"] >= FLOOR or r["within_noise"] for r in (prefill, decode))
+    ok = above_floor and (target is None or (prefill["speedup"] >= target and not prefill["within_noise"]))
     return {
         "sparsity": sparsity,
         "pattern": pattern,
         "prefill128_dense_ms": prefill["dense_ms"],
         "prefill128_accelerated_ms": prefill["accelerated_ms"],
         "prefill128_speedup": prefill["speedup"],
+        "prefill128_speedup_range": [prefill["speedup_low"], prefill["speedup_high"]],
+        "prefill128_within_noise": prefill["within_noise"],
         "decode_dense_ms": decode["dense_ms"],
         "decode_accelerated_ms": decode["accelerated_ms"],
         "decode_speedup": decode["speedup"],
+        "decode_speedup_range": [decode["speedup_low"], decode["speedup_high"]],
+        "decode_within_noise": decode["within_noise"],
         "sparse_layers": result["layers"]["choices"],
         "fused_groups": result["layers"]["fused_groups"],
         "target": target,
         "ok": ok,
     }
+
+
+def with_spread(r: dict, step: str) -> str:
+    low, high = r[f"{step}_speedup_range"]
+    noise = ", within noise" if r[f"{step}_within_noise"] else ""
+    return f"{r[f'{step}_speedup']:.2f}× [{low:.2f}–{high:.2f}{noise}]"
 
 
 def main() -> None:
@@ -65,9 +77,9 @@ def main() -> None:
         goal = "" if r["target"] is None else f" (target ≥{r['target']:.1f}×)"
         print(
             f"s={sparsity:<5} {pattern:>12}  prefill 128: dense {r['prefill128_dense_ms']:8.1f} ms, accelerated "
-            f"{r['prefill128_accelerated_ms']:8.1f} ms → {r['prefill128_speedup']:.2f}×{goal}  "
+            f"{r['prefill128_accelerated_ms']:8.1f} ms → {with_spread(r, 'prefill128')}{goal}  "
             f"decode: {r['decode_dense_ms']:6.1f} → {r['decode_accelerated_ms']:6.1f} ms/token "
-            f"({r['decode_speedup']:.2f}×)  sparse layers {r['sparse_layers']}, {r['fused_groups']} fused groups  "
+            f"({with_spread(r, 'decode')})  sparse layers {r['sparse_layers']}, {r['fused_groups']} fused groups  "
             f"{'ok' if r['ok'] else 'MISSED'}",
             flush=True,
         )

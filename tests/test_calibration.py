@@ -1,4 +1,4 @@
-"""The calibration driver: windows, seqlen choice, and block-by-block replay equal to the model's own forward."""
+"""The calibration driver: block-by-block replay equal to the model's own forward, input collection."""
 
 from __future__ import annotations
 
@@ -7,44 +7,9 @@ import torch
 from conftest import ENCODER_DECODER, tiny_model
 
 from sparselm import calibration
-from sparselm.calibration import (
-    StopForward,
-    capture,
-    choose_seqlen,
-    model_context,
-    run_blocks,
-    sample_windows,
-    token_stream,
-)
+from sparselm.calibration import StopForward, capture, check_vocab, collect_inputs, run_blocks
 from sparselm.errors import SparselmError
-from sparselm.weights import find_block_lists
-
-
-def test_sample_windows_reproducible_and_in_range():
-    stream = torch.arange(1000)
-    a = sample_windows(stream, 8, 50, seed=3)
-    assert a.shape == (8, 50)
-    assert torch.equal(a, sample_windows(stream, 8, 50, seed=3))
-    assert not torch.equal(a, sample_windows(stream, 8, 50, seed=4))
-    assert bool(((a[:, 1:] - a[:, :-1]) == 1).all())  # contiguous windows of the stream
-
-
-def test_too_many_samples_is_a_clear_error():
-    with pytest.raises(SparselmError, match="only 10 windows of 100.*lower --calib-samples"):
-        sample_windows(torch.arange(1000), 11, 100, seed=0)
-
-
-def test_seqlen_default_and_clamp():
-    model = tiny_model("llama")
-    notes: list[str] = []
-    assert model_context(model) == 128
-    assert choose_seqlen(model, 4, None, notes.append) == 128
-    assert choose_seqlen(model, 4, 64, notes.append) == 64
-    assert notes == []
-    clamped = choose_seqlen(model, 4, 128, notes.append, budget=4 * 32 * 4 * 40)
-    assert clamped < 128 and "clamped from 128" in notes[0]
-    with pytest.raises(SparselmError, match="exceeds the model's context"):
-        choose_seqlen(model, 4, 4096, notes.append)
+from sparselm.weights import by_block, find_block_lists, select_matrices
 
 
 def test_capture_stops_at_the_last_block_and_batches_windows(family, monkeypatch):
@@ -142,33 +107,44 @@ def test_encoder_stack_comes_first_and_decoder_sees_pruned_encoder():
     assert cross_inputs[0].shape == (2, 8, 32) and not bool(cross_inputs[0].any())
 
 
-class CountingTokenizer:
-    """The embedded MiniLM tokenizer, counting how often it is asked to tokenise."""
+def test_collect_inputs_sums_every_token_each_matrix_sees():
+    """Each matrix's collector receives exactly its module's inputs over all batches; hooks are gone afterwards."""
+    model = tiny_model("llama")
+    windows = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(1))
+    mats = by_block(select_matrices(model))["model.layers.1"]
+    seen: dict[str, list[torch.Tensor]] = {m.name: [] for m in mats}
+    handles = [m.module.register_forward_hook(lambda _mod, i, _o, n=m.name: seen[n].append(i[0].reshape(-1, i[0].shape[-1])))
+               for m in mats]
 
-    def __init__(self) -> None:
-        from sparselm.models import load_tokenizer
+    class SumOfSquares:
+        def __init__(self, in_features: int) -> None:
+            self.total, self.tokens = torch.zeros(in_features, dtype=torch.float64), 0
 
-        self.inner = load_tokenizer("minilm-l6")
-        self.backend_tokenizer = self.inner.backend_tokenizer
-        self.calls = 0
+        def add(self, inputs: torch.Tensor) -> None:
+            self.total += inputs.reshape(-1, inputs.shape[-1]).double().pow(2).sum(0)
+            self.tokens += inputs.reshape(-1, inputs.shape[-1]).shape[0]
 
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.inner(*args, **kwargs)
+    collected = {}
+
+    def visit(ref, run):
+        if ref.name == "model.layers.1":
+            collected.update(collect_inputs(mats, SumOfSquares, run))
+
+    try:
+        run_blocks(model, windows, visit, read_only=True)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(collected) == {m.name for m in mats}
+    for m in mats:
+        expected = torch.cat(seen[m.name]).double()
+        assert collected[m.name].tokens == expected.shape[0] == 36
+        torch.testing.assert_close(collected[m.name].total, expected.pow(2).sum(0))
+        assert not m.module._forward_hooks
 
 
-def test_token_stream_is_cached_by_tokenizer_and_text(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSELM_CACHE", str(tmp_path / "cache"))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("the quick brown fox jumps over the lazy dog . " * 50)
-    tokenizer = CountingTokenizer()
-    first = token_stream(tokenizer, f"text:{corpus}")
-    expected = tokenizer.inner(corpus.read_text(), add_special_tokens=False)["input_ids"]
-    assert first.tolist() == expected and first.dtype == torch.long
-    cached = list((tmp_path / "cache" / "tokens").glob("*.safetensors"))
-    assert len(cached) == 1 and tokenizer.calls == 1
-    assert torch.equal(token_stream(tokenizer, f"text:{corpus}"), first) and tokenizer.calls == 1
-    cached[0].write_bytes(b"damaged")  # a broken entry is rebuilt, not trusted
-    assert torch.equal(token_stream(tokenizer, f"text:{corpus}"), first) and tokenizer.calls == 2
-    corpus.write_text("another text entirely")  # new text, new key
-    assert token_stream(tokenizer, f"text:{corpus}").numel() == 3 and tokenizer.calls == 3
+def test_token_ids_outside_the_vocabulary_are_refused():
+    model = tiny_model("gpt2")
+    check_vocab(model, torch.tensor([[0, 95]]))
+    with pytest.raises(SparselmError, match="token id 96 is outside the model's vocabulary of 96"):
+        check_vocab(model, torch.tensor([[0, 96]]))

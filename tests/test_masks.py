@@ -56,12 +56,23 @@ def test_prune_count_is_floor_and_robust():
     assert prune_count(7, 0.0) == 0
 
 
+def _stable_sort_keep(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Independent reference: prune the first n_prune entries of a stable ascending sort of each row."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :n_prune], False)
+    return keep
+
+
 @pytest.mark.parametrize("s", [0.0, 0.3, 0.5, 0.9])
-def test_keep_top_exact_count(s):
-    scores = torch.randn(16, 24).abs()
-    keep = keep_top(scores, prune_count(scores.numel(), s))
-    assert int((~keep).sum()) == prune_count(scores.numel(), s)
-    assert scores[keep].min() >= scores[~keep].max() if s > 0 else bool(keep.all())
+def test_keep_top_equals_a_stable_sort(s):
+    g = torch.Generator().manual_seed(7)
+    scores = torch.round(torch.randn(16, 24, generator=g).abs() * 4) / 4  # many ties
+    n_prune = prune_count(scores.numel(), s)
+    keep = keep_top(scores, n_prune)
+    assert torch.equal(keep, _stable_sort_keep(scores.reshape(1, -1), n_prune).view(16, 24))
+    assert int((~keep).sum()) == n_prune == int(s * 384 + 1e-6)
+    per_row = keep_top_per_row(scores, s)
+    assert torch.equal(per_row, _stable_sort_keep(scores, int(s * 24 + 1e-6)))
 
 
 def test_ties_prune_lower_index_first():
@@ -94,11 +105,25 @@ def test_block_pattern_prunes_whole_tiles_by_norm():
 
 
 def test_keep_mask_dispatch():
-    scores = torch.randn(8, 16).abs()
-    assert sparsity(keep_mask(scores, Unstructured(), 0.25)) == 0.25
-    assert is_n_of_m(keep_mask(scores, NM(2, 4), 0.9), 2, 4)
+    scores = torch.randn(8, 16, generator=torch.Generator().manual_seed(8)).abs()
+    assert torch.equal(keep_mask(scores, Unstructured(), 0.25), keep_top(scores, 32))
+    assert torch.equal(keep_mask(scores, NM(2, 4), 0.9), keep_n_of_m(scores, 2, 4))  # N:M ignores the sparsity
     per_row = keep_mask(scores, Unstructured(), 0.5, per_row=True)
-    assert per_row.sum(dim=1).tolist() == [8] * 8
+    assert torch.equal(per_row, _stable_sort_keep(scores, 8))
+
+
+def test_pattern_checks_reject_masks_that_break_them():
+    keep = torch.tensor([[True, True, False, False, True, False, True, False]])
+    assert is_n_of_m(keep, 2, 4) and not is_n_of_m(keep, 1, 4)
+    keep[0, 2] = True  # three kept in the first group of four
+    assert not is_n_of_m(keep, 2, 4) and is_n_of_m(keep, 3, 4)
+    assert not is_n_of_m(torch.zeros(2, 6, dtype=torch.bool), 2, 4)  # 6 inputs cannot hold 2:4
+    assert is_n_of_m(torch.zeros(3, 2, 8, dtype=torch.bool), 2, 4)  # leading dimensions are rows too
+    tiles = torch.zeros(4, 8, dtype=torch.bool)
+    tiles[:2, 4:] = True
+    assert is_block(tiles, 2, 4) and not is_block(tiles, 4, 4)
+    tiles[0, 0] = True
+    assert not is_block(tiles, 2, 4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -8,9 +8,8 @@ import torch
 from conftest import DECODER_ONLY, tiny_model
 from sparselm.errors import SparselmError
 from sparselm.runtime import SparseLinear, accelerate, bench
-from sparselm.runtime import dispatch
-from sparselm.runtime.fusion import SiblingGroup
-from sparselm.runtime.kernels import build_csr, feature_major_mm, is_block_structured, token_major, transposed_copy
+from sparselm.runtime.modules import SiblingGroup
+from sparselm.runtime.kernels import block_sizes_of, build_csr, feature_major_mm, token_major, transposed_copy
 from sparselm.weights import select_matrices
 from test_storage import prune_smallest
 
@@ -180,32 +179,7 @@ def test_block_structured_masks_run_on_bsr():
     assert all(set(layer["choices"].values()) == {"bsr16"} for layer in report["layers"])
     assert torch.allclose(logits(model, kw), reference, atol=1e-5, rtol=1e-4)
     w = select_matrices(prune_smallest(tiny_model("llama"), 0.5))[0].weight()
-    assert not is_block_structured(w, 8)
-
-
-def test_auto_measures_once_then_uses_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSELM_CACHE", str(tmp_path))
-    model = prune_smallest(tiny_model("opt"), 0.95)
-    first = accelerate(model, policy="auto", tokens=(1, 64))
-    assert (tmp_path / dispatch.CACHE_FILE).exists()
-    assert not all(layer["cached"] for layer in first["layers"])
-    again = accelerate(prune_smallest(tiny_model("opt"), 0.95), policy="auto", tokens=(1, 64))
-    assert all(layer["cached"] for layer in again["layers"])
-    for layer in first["layers"]:
-        for t, times in layer["microseconds"].items():
-            assert set(times) >= {"dense", "csr"} and all(v > 0 for v in times.values())
-            assert layer["choices"][t] in {"dense", "csr"}
-
-
-def test_decision_needs_a_clear_win():
-    def both(times):
-        return {"min": times, "median": times}
-
-    assert dispatch.decide(both({"dense": 1.0, "csr": 0.95})) == "dense"
-    assert dispatch.decide(both({"dense": 1.0, "csr": 0.5, "bsr16": 0.4})) == "bsr16"
-    assert dispatch.decide(both({"dense": 1.0})) == "dense"
-    lucky = {"min": {"dense": 1.0, "csr": 0.5}, "median": {"dense": 1.0, "csr": 1.2}}
-    assert dispatch.decide(lucky) == "dense"
+    assert block_sizes_of(w != 0) == []  # unstructured: no block size
 
 
 def test_layer_picks_the_choice_of_the_nearest_token_count():
@@ -263,6 +237,18 @@ def test_bench_reports_prefill_decode_and_sizes(family, policy, tmp_path):
     result = bench(str(tmp_path / "m"), tokens=[1, 16], policy=policy, rounds=2, steps=2)
     assert [r["tokens"] for r in result["prefill"]] == [1, 16]
     assert all(r["dense_ms"] > 0 and r["accelerated_ms"] > 0 and r["speedup"] > 0 for r in result["prefill"])
+    for r in [*result["prefill"], *([result["decode"]] if result["decode"] else [])]:
+        for side in ("dense_ms", "accelerated_ms", "speedup"):
+            assert r[f"{side}_low"] <= r[side] <= r[f"{side}_high"]
+        assert r["within_noise"]  # two rounds cannot show that the sides differ
     assert (result["decode"] is not None) == (family in DECODER_ONLY)
     assert result["size"]["packed_bytes"] < result["size"]["dense_bytes"]
     assert result["layers"]["total"] == len(select_matrices(model))
+
+
+def test_bench_of_a_dense_model_runs_the_same_computation_on_both_sides(tmp_path):
+    tiny_model("opt").save_pretrained(tmp_path / "m")
+    result = bench(str(tmp_path / "m"), tokens=[8], rounds=3, steps=2, measure_size=False)
+    assert result["layers"]["replaced"] == 0 and result["rounds"] == 3
+    row = result["prefill"][0]
+    assert row["speedup_low"] <= row["speedup"] <= row["speedup_high"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -50,6 +51,8 @@ def study(tmp_path_factory) -> Path:
 def browser() -> str:
     found = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
     if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("no chromium on this CI machine: .ci/run must install it (apt-get install -y chromium)")
         pytest.skip("no chromium on this machine: .ci/run installs it (apt-get install -y chromium)")
     return found
 

@@ -8,7 +8,8 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import DECODER_ONLY, ENCODER_DECODER, ENCODER_ONLY, tiny_model
 from sparselm.errors import SparselmError
-from sparselm.weights import find_block_lists, iter_matrices, model_family, select_matrices, sparsity_of
+from sparselm.facts import family as model_family
+from sparselm.weights import by_block, find_block_lists, iter_matrices, select_matrices, sparsity_of
 
 
 def test_family_is_detected(family):
@@ -90,3 +91,17 @@ def test_sparsity_of_counts_exact_zeros():
 def test_model_without_blocks_has_nothing_to_prune():
     with pytest.raises(SparselmError, match="no Linear/Conv1D"):
         select_matrices(torch.nn.Sequential(torch.nn.Embedding(10, 4)))
+
+
+def test_matrices_grouped_by_block_name(family):
+    model = tiny_model(family)
+    groups = by_block(select_matrices(model, include_embeddings=True))
+    stacks = find_block_lists(model)
+    assert list(groups) == [f"{s.path}.{i}" for s in stacks for i in range(len(s.blocks))]
+    for name, mats in groups.items():
+        block = model.get_submodule(name)
+        inside = {id(module) for module in block.modules()}
+        assert all(m.block_name == name and id(m.module) in inside for m in mats)
+    outside = [m for m in select_matrices(model, include_embeddings=True) if m.block_name is None]
+    assert outside and all(m.block is None for m in outside)
+    assert sum(len(v) for v in groups.values()) + len(outside) == len(select_matrices(model, include_embeddings=True))

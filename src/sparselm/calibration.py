@@ -1,4 +1,4 @@
-"""Calibration: token windows from a text source, and one block-by-block driver for every architecture.
+"""Calibration: one block-by-block driver for every architecture (the token windows it is fed: `windows.py`).
 
 The driver (`run_blocks`) works on any model whose transformer blocks `sparselm.weights.find_block_lists` finds.
 For each stack of blocks (encoder stacks first) it runs the model once per calibration window with forward
@@ -14,28 +14,18 @@ sees the pruned encoder's output.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 from torch import nn
 
-from .data import joined_text, parse_source
 from .errors import SparselmError
-from .io import atomic_write_bytes
-from .models import cache_dir, quiet_transformers
-from .weights import BlockList, find_block_lists, model_family
+from .facts import family
+from .weights import BlockList, Matrix, find_block_lists
 
-DEFAULT_SEQLEN = 2048
-FALLBACK_CONTEXT = 512
-MEMORY_FRACTION = 0.5  # of available RAM that held calibration activations may use
 BATCH_TOKENS = 4096  # calibration tokens per block call
 
 
@@ -67,115 +57,12 @@ class Captured:
 Visitor = Callable[[BlockRef, Callable[[], object]], None]
 
 
-def model_context(model: nn.Module) -> int:
-    """The longest sequence the model's position embeddings allow (relative-position models: a safe default)."""
-    config = model.config
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return FALLBACK_CONTEXT
+class Collector(Protocol):
+    """A running statistic of one matrix's inputs (Wanda's column norms, SparseGPT's Hessian)."""
 
+    tokens: int
 
-def hidden_size(model: nn.Module) -> int:
-    config = model.config
-    for key in ("hidden_size", "d_model", "n_embd"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1024
-
-
-def available_memory() -> int:
-    """Bytes the kernel says are available (Linux), or a conservative 4 GiB elsewhere."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
-
-
-def activation_bytes(model: nn.Module, samples: int, seqlen: int) -> int:
-    """Held activations (one hidden-state tensor per window, float32) plus one block's working set (~8 more)."""
-    per_window = seqlen * hidden_size(model) * 4
-    return per_window * samples + per_window * 8
-
-
-def choose_seqlen(
-    model: nn.Module, samples: int, requested: int | None, note: Callable[[str], None], budget: int | None = None
-) -> int:
-    """`requested`, or min(2048, the model's context); clamped (with a note) when the activations would not fit."""
-    context = model_context(model)
-    seqlen = requested if requested is not None else min(DEFAULT_SEQLEN, context)
-    if seqlen > context:
-        raise SparselmError(
-            f"--calib-seqlen {seqlen} exceeds the model's context of {context} tokens; use ≤ {context}"
-        )
-    budget = int(available_memory() * MEMORY_FRACTION) if budget is None else budget
-    if activation_bytes(model, samples, seqlen) > budget:
-        fit = max(1, budget // (hidden_size(model) * 4 * (samples + 8)))
-        note(
-            f"calibration seqlen clamped from {seqlen} to {fit}: {samples} windows of {seqlen} tokens would hold "
-            f"{activation_bytes(model, samples, seqlen) / 2**30:.1f} GiB of activations "
-            f"(budget {budget / 2**30:.1f} GiB)"
-        )
-        seqlen = int(fit)
-    return seqlen
-
-
-def token_stream(tokenizer: Any, spec: str, split: str = "train") -> torch.Tensor:
-    """The source's text for a split, tokenised as one stream (no special tokens), as 1-D int64.
-
-    Tokenising a whole training split takes seconds, so the stream is cached under $SPARSELM_CACHE, keyed by the
-    tokenizer's full serialisation and the text itself (fast tokenizers only; others are tokenised every time).
-    """
-    text = joined_text(parse_source(spec), split)
-    path = _stream_cache_path(tokenizer, text)
-    if path is not None and path.is_file():
-        try:
-            return load_file(path)["ids"].long()
-        except (OSError, KeyError, SafetensorError):  # a damaged cache entry is rebuilt below
-            pass
-    with quiet_transformers():  # "sequence longer than the model's maximum": expected, windows are cut from it
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"])
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, save({"ids": ids.to(torch.int32)}))  # vocabularies are far below 2**31
-    return ids.long()
-
-
-def _stream_cache_path(tokenizer: Any, text: str) -> Path | None:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    spec = json.loads(backend.to_str())
-    for runtime_state in ("truncation", "padding"):  # set per call by the tokenizer, not part of its identity
-        spec.pop(runtime_state, None)
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-    digest.update(b"\0" + text.encode())
-    return cache_dir() / "tokens" / f"{digest.hexdigest()[:32]}.safetensors"
-
-
-def sample_windows(
-    stream: torch.Tensor, samples: int, seqlen: int, seed: int, source: str = "the text"
-) -> torch.Tensor:
-    """`samples` random windows of `seqlen` tokens (samples × seqlen), reproducible from the seed."""
-    if samples < 1 or seqlen < 1:
-        raise SparselmError(
-            "calibration needs at least 1 sample of at least 1 token; raise --calib-samples/--calib-seqlen"
-        )
-    holds = stream.numel() // seqlen
-    if samples > holds:
-        raise SparselmError(
-            f"{source} holds {stream.numel():,} tokens, only {holds} windows of {seqlen}, but {samples} calibration "
-            f"samples were requested; lower --calib-samples or --calib-seqlen, or use a longer text"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seqlen + 1, (samples,), generator=generator)
-    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+    def add(self, inputs: torch.Tensor) -> None: ...
 
 
 def check_vocab(model: nn.Module, windows: torch.Tensor) -> None:
@@ -185,6 +72,8 @@ def check_vocab(model: nn.Module, windows: torch.Tensor) -> None:
             f"calibration token id {int(windows.max())} is outside the model's vocabulary of {vocab}; "
             "the tokenizer does not belong to this model"
         )
+
+
 
 
 @contextmanager
@@ -262,9 +151,9 @@ def _device(model: nn.Module) -> torch.device:
 
 def _model_inputs(model: nn.Module) -> Callable[[torch.Tensor], dict[str, Any]]:
     """Keyword inputs for one window: encoder-decoder models read the same tokens on the decoder side."""
-    if model_family(model) == "encoder-decoder":
+    if family(model) == "encoder-decoder":
         return lambda ids: {"input_ids": ids, "decoder_input_ids": ids, "use_cache": False}
-    if getattr(model.config, "use_cache", None) is not None and model_family(model) == "decoder-only":
+    if getattr(model.config, "use_cache", None) is not None and family(model) == "decoder-only":
         return lambda ids: {"input_ids": ids, "use_cache": False}
     return lambda ids: {"input_ids": ids}
 
@@ -308,6 +197,20 @@ def run_blocks(
                 if on_block_done is not None:
                     on_block_done(ref)
             del captured, hidden
+
+
+def collect_inputs(
+    matrices: list[Matrix], make: Callable[[int], Collector], run: Callable[[], object]
+) -> dict[str, Collector]:
+    """Run a block once (`run`) with hooks feeding each matrix's inputs to a new collector; hooks are then removed."""
+    stats = {m.name: make(m.shape[1]) for m in matrices}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        return lambda _module, inputs, _output: stats[name].add(inputs[0])
+
+    with module_hooks({m.module: hook_for(m.name) for m in matrices}):
+        run()
+    return stats
 
 
 def total_blocks(model: nn.Module) -> int:

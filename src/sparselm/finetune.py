@@ -37,6 +37,7 @@ from .evaluation.classification import DEFAULT_MAX_LENGTH, encode, load_classifi
 from .evaluation.objectives import load_language_model
 from .evaluation.perplexity import model_context
 from .evaluation.tasks import check_task, classification_task, is_classification
+from .facts import FINETUNE_JSON, SPARSITY_JSON
 from .io import atomic_dir, atomic_write_json, ensure_writable_dir
 from .masks import apply_keep
 from .models import read_provenance, resolve, write_provenance
@@ -243,6 +244,6 @@ def _save(model: nn.Module, tokenizer: Any, model_or_dir: str, task: str, out_di
         previous = read_provenance(source.path)
         kept = {k: v for k, v in previous.items() if k not in ("base_model", "quantized_from")}
         write_provenance(tmp, source, **{**kept, "finetuned_task": task, "finetuned_from": model_or_dir})
-        if (source.path / "sparsity.json").is_file():
-            shutil.copy2(source.path / "sparsity.json", tmp / "sparsity.json")
-        atomic_write_json(tmp / "finetune.json", report)
+        if (source.path / SPARSITY_JSON).is_file():
+            shutil.copy2(source.path / SPARSITY_JSON, tmp / SPARSITY_JSON)
+        atomic_write_json(tmp / FINETUNE_JSON, report)

@@ -172,9 +172,12 @@ def keep_mask(scores: torch.Tensor, pattern: Pattern, sparsity: float, per_row: 
 
 
 def is_n_of_m(keep: torch.Tensor, n: int, m: int) -> bool:
-    """Whether every group of m consecutive inputs keeps at most n weights."""
-    rows, cols = keep.shape
-    return bool((keep.reshape(rows, cols // m, m).sum(dim=2) <= n).all())
+    """Whether every group of m consecutive inputs (last dimension) keeps at most n weights; False when the input
+    size is not a multiple of m, since such a matrix cannot hold the pattern."""
+    cols = keep.shape[-1]
+    if cols % m:
+        return False
+    return bool((keep.reshape(-1, cols // m, m).sum(dim=2) <= n).all())
 
 
 def is_block(keep: torch.Tensor, rows: int, cols: int) -> bool:

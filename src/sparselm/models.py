@@ -21,9 +21,11 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import SparselmError
+from .facts import PROVENANCE_JSON
+from .facts import load_tokenizer as facts_load_tokenizer
 from .io import atomic_dir, atomic_write_json
 
-PROVENANCE_FILE = "provenance.json"
+PROVENANCE_FILE = PROVENANCE_JSON
 Head = Literal["auto", "base", "causal-lm", "masked-lm", "seq2seq-lm", "sequence-classification"]
 
 
@@ -307,9 +309,8 @@ def load_with_source(
 
 
 def load_tokenizer(name_or_path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve(name_or_path).path)
+    """The model's tokenizer; a model without one is a clear error (`facts.load_tokenizer` decides)."""
+    return facts_load_tokenizer(name_or_path, required=True)
 
 
 def describe_embedded() -> list[dict[str, Any]]:

@@ -17,10 +17,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import SparselmError
+from .facts import Family
+from .facts import family as model_family  # the name analysis/distribution.py imports
 
 Component = Literal["attention", "mlp", "embedding", "head", "other"]
 Side = Literal["encoder", "decoder", "cross-attention"]
-Family = Literal["decoder-only", "encoder-only", "encoder-decoder"]
 
 CROSS_ATTENTION_MARKERS = ("encoder_attn", "encdecattention", "crossattention", "cross_attn")
 ATTENTION_MARKERS = ("attn", "attention")
@@ -51,6 +52,11 @@ class Matrix:
     prunable: bool
 
     @property
+    def block_name(self) -> str | None:
+        """`<stack path>.<index>` of the block holding the matrix (as `calibration.BlockRef.name`), or None."""
+        return f"{self.block_path}.{self.block}" if self.block_path is not None else None
+
+    @property
     def parameter(self) -> nn.Parameter:
         return self.module.weight
 
@@ -77,20 +83,6 @@ class Matrix:
         if tuple(value.shape) != self.shape:
             raise ValueError(f"{self.name}: expected shape {self.shape}, got {tuple(value.shape)}")
         self.weight().copy_(value.to(self.module.weight.dtype))
-
-
-def model_family(model: nn.Module) -> Family:
-    """decoder-only, encoder-only or encoder-decoder, from the config rather than the class name."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    config = getattr(model, "config", None)
-    if config is None:
-        return "decoder-only"
-    if getattr(config, "is_encoder_decoder", False):
-        return "encoder-decoder"
-    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return "encoder-only"
-    return "decoder-only"
 
 
 def _has_matrix(module: nn.Module) -> bool:
@@ -189,21 +181,13 @@ def select_matrices(model: nn.Module, include_embeddings: bool = False) -> list[
     return chosen
 
 
-def block_matrices(block: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    """The Linear/Conv1D modules inside one block, with names relative to the block."""
-    return [
-        (f"{prefix}{name}", module) for name, module in block.named_modules() if isinstance(module, (nn.Linear, Conv1D))
-    ]
-
-
-def as_out_in(module: nn.Module) -> torch.Tensor:
-    """A Linear/Conv1D weight as out × in (a view for Conv1D)."""
-    w = module.weight.data
-    return w.t() if isinstance(module, Conv1D) else w
-
-
-def layer_input_features(module: nn.Module) -> int:
-    return as_out_in(module).shape[1]
+def by_block(matrices: list[Matrix]) -> dict[str, list[Matrix]]:
+    """The matrices inside transformer blocks, grouped by block name in model order."""
+    groups: dict[str, list[Matrix]] = {}
+    for m in matrices:
+        if m.block_name is not None:
+            groups.setdefault(m.block_name, []).append(m)
+    return groups
 
 
 def sparsity_of(matrices: list[Matrix]) -> float:

@@ -6,9 +6,14 @@ import typer
 from rich.table import Table
 
 from ..errors import SparselmError
-from ..runtime import POLICIES, accelerate, bench
+from ..runtime import POLICIES, bench, generate
+from ..runtime.accelerate import check_settings
+from ..runtime.generate import check_generation
 from . import app
 from ._common import handles_errors, out_console, parse_int_list, print_json, progress_bar
+
+
+REMEASURE_HELP = "Measure every layer's kernels again instead of using the cached dispatch decisions."
 
 
 @app.command("bench")
@@ -18,8 +23,11 @@ def bench_command(
     tokens: str = typer.Option("1,128,512", "--tokens", help="Prefill token counts, comma-separated."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: torch's current setting)."),
     policy: str = typer.Option("auto", "--policy", help=f"Runtime policy: {'|'.join(POLICIES)}."),
-    rounds: int = typer.Option(5, "--rounds", help="Interleaved timing rounds (the median is reported)."),
+    rounds: int = typer.Option(
+        5, "--rounds", help="Alternating timing rounds (the median is reported with the range over rounds)."
+    ),
     no_size: bool = typer.Option(False, "--no-size", help="Skip the packed-size measurement."),
+    remeasure: bool = typer.Option(False, "--remeasure", help=REMEASURE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print all results as JSON on stdout."),
 ) -> None:
     """File size and prefill/decode speed, dense vs accelerated, with the kernel chosen for each layer."""
@@ -28,11 +36,12 @@ def bench_command(
         raise SparselmError(f"--tokens needs positive integers, got '{tokens}'")
     if rounds < 1:
         raise SparselmError(f"--rounds must be at least 1, got {rounds}")
+    check_settings(policy, threads)
     with progress_bar(quiet=json_out) as progress:
         task = progress.add_task(f"benchmarking {model}", total=None)
         result = bench(
             model, counts, threads=threads, policy=policy, rounds=rounds, measure_size=not no_size,
-            progress=lambda _n: progress.advance(task),
+            progress=lambda _n: progress.advance(task), remeasure=remeasure,
         )
     if json_out:
         print_json(result)
@@ -42,13 +51,13 @@ def bench_command(
 
 def print_bench(result: dict) -> None:
     title = f"{result['model']}: dense vs accelerated ({result['threads']} threads, policy {result['policy']})"
-    table = Table(title=title)
+    table = Table(title=title, caption=f"medians of {result['rounds']} alternating rounds (range over the rounds)")
     for col in ("step", "tokens", "dense ms", "accelerated ms", "speed-up", "accelerated tokens/s"):
         table.add_column(col, justify="right")
     rows = [("prefill", r) for r in result["prefill"]] + ([("decode", result["decode"])] if result["decode"] else [])
     for step, r in rows:
         table.add_row(
-            step, str(r["tokens"]), f"{r['dense_ms']:.2f}", f"{r['accelerated_ms']:.2f}", f"{r['speedup']:.2f}×",
+            step, str(r["tokens"]), ms_with_range(r, "dense_ms"), ms_with_range(r, "accelerated_ms"), speedup_text(r),
             f"{r['accelerated_tokens_per_s']:.1f}",
         )
     out_console.print(table)
@@ -61,6 +70,15 @@ def print_bench(result: dict) -> None:
                           f"({s['dense_bytes'] / max(s['packed_bytes'], 1):.2f}× smaller, {s['source']})")
 
 
+def ms_with_range(row: dict, key: str) -> str:
+    return f"{row[key]:.2f} ({row[key + '_low']:.2f}–{row[key + '_high']:.2f})"
+
+
+def speedup_text(row: dict) -> str:
+    noise = ", within noise" if row["within_noise"] else ""
+    return f"{row['speedup']:.2f}× ({row['speedup_low']:.2f}–{row['speedup_high']:.2f}{noise})"
+
+
 @app.command("run")
 @handles_errors
 def run_command(
@@ -69,27 +87,21 @@ def run_command(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate (greedy)."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads."),
     policy: str = typer.Option("auto", "--policy", help=f"Runtime policy: {'|'.join(POLICIES)}."),
+    remeasure: bool = typer.Option(False, "--remeasure", help=REMEASURE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the text and layer choices as JSON."),
 ) -> None:
     """Generate text with the accelerated model (sparse kernels where they measured faster)."""
-    import torch
-
-    from ..models import load, load_tokenizer
-
-    if max_new_tokens < 1:
-        raise SparselmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_generation(model, prompt, max_new_tokens, policy, threads)
     with progress_bar(quiet=json_out) as progress:
         task = progress.add_task(f"loading and accelerating {model}", total=None)
-        lm = load(model, head="causal-lm")
-        tokenizer = load_tokenizer(model)
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        report = accelerate(lm, policy, tokens=(1, ids.shape[1]), threads=threads,
-                            progress=lambda _n: progress.advance(task))
-    with torch.inference_mode():
-        out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        result = generate(
+            model, prompt, max_new_tokens, policy=policy, threads=threads, remeasure=remeasure,
+            progress=lambda _n: progress.advance(task),
+        )
+    report = result["report"]
     if json_out:
-        print_json({"prompt": prompt, "completion": text, "replaced": report["replaced"], "choices": report["choices"]})
+        print_json({"prompt": prompt, "completion": result["completion"], "replaced": report["replaced"],
+                    "choices": report["choices"]})
         return
-    out_console.print(f"[bold]{prompt}[/bold]{text}", highlight=False)
+    out_console.print(f"[bold]{prompt}[/bold]{result['completion']}", highlight=False)
     out_console.print(f"[dim]{report['replaced']} of {report['layers_total']} layers on sparse kernels[/dim]")

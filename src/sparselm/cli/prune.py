@@ -9,7 +9,7 @@ from rich.progress import Progress as RichProgress
 from rich.progress import TaskID
 
 from ..errors import SparselmError
-from ..pruning import PruneSettings, prune_to_dir, settings_from
+from ..pruning import PruneSettings, prune_to_dir, registered_methods, settings_from
 from . import app
 from ._common import err_console, handles_errors, out_console, parse_float_list, print_json, progress_bar
 
@@ -47,7 +47,7 @@ def prune_command(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Output model directory; with several sparsities, DIR/s<value>/ each."
     ),
-    method: str = typer.Option("magnitude", "--method", help="magnitude, wanda or sparsegpt."),
+    method: str = typer.Option("magnitude", "--method", help=f"One of: {', '.join(registered_methods())}."),
     sparsity: str = typer.Option(
         None, "--sparsity", help="Fraction of weights to remove, or a list (0.1,0.5,0.9); default 0.5, N:M fixes it."
     ),

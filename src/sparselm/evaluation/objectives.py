@@ -11,15 +11,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from .. import facts
 from ..errors import SparselmError
 from ..models import load_with_source, read_provenance, resolve
-from ..weights import model_family
 
 Objective = Literal["clm", "mlm"]
 OBJECTIVES: tuple[str, ...] = ("clm", "mlm")
@@ -37,10 +36,6 @@ class LanguageModel:
     notes: list[str] = field(default_factory=list)
 
 
-def config_family(config: Any) -> str:
-    return model_family(SimpleNamespace(config=config))
-
-
 def load_language_model(model_or_dir: str, objective: Objective = "clm") -> LanguageModel:
     """The model with the head that scores `objective` for its family, its tokenizer, and notes for the reader."""
     from transformers import AutoConfig
@@ -50,7 +45,7 @@ def load_language_model(model_or_dir: str, objective: Objective = "clm") -> Lang
         raise SparselmError(f"unknown objective '{objective}'; use clm or mlm")
     source = resolve(model_or_dir)
     config = AutoConfig.from_pretrained(source.path)
-    family = config_family(config)
+    family = facts.family(config)
     archs = getattr(config, "architectures", None) or []
     finetuned_on = read_provenance(source.path).get("finetuned_task")
     notes: list[str] = []
@@ -106,15 +101,7 @@ def decoder_as_causal_lm(seq2seq: nn.Module) -> nn.Module:
 
 def load_text_tokenizer(model_or_dir: str) -> Any:
     """The model's tokenizer, or a clear message when the directory has none."""
-    from ..models import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(model_or_dir)
-    except (OSError, ValueError, TypeError) as exc:
-        raise SparselmError(
-            f"no usable tokenizer for '{model_or_dir}' ({str(exc).splitlines()[0][:120]}); save the tokenizer in the "
-            "model directory (tokenizer.save_pretrained(DIR))"
-        ) from None
+    tokenizer = facts.load_tokenizer(model_or_dir, required=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer

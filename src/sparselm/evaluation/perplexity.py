@@ -37,11 +37,11 @@ from rich.progress import Progress
 from torch import nn
 
 from ..errors import SparselmError
+from ..facts import context_length as model_context  # run.py and finetune.py read it under this name
+from ..facts import evaluating
 
 DEFAULT_SEQLEN = 2048
 LOGITS_BUDGET_BYTES = 1 << 30
-# Families whose learned positions start after the padding index, so max_position_embeddings overstates the context.
-PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
 
 
 @dataclass(frozen=True)
@@ -52,19 +52,6 @@ class TokenStream:
     text_start: int
     text_end: int
     offsets: list[tuple[int, int]] | None
-
-
-def model_context(model: nn.Module) -> int | None:
-    """How many positions the model can attend to, or None when its positions are unbounded (relative)."""
-    config = model.config
-    config = getattr(config, "get_text_config", lambda: config)()
-    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            if getattr(config, "model_type", "") in PADDING_OFFSET_POSITIONS:
-                value -= (getattr(config, "pad_token_id", None) or 0) + 1
-            return value
-    return None
 
 
 def resolve_seqlen(model: nn.Module, seqlen: int | None) -> int:
@@ -138,21 +125,16 @@ def perplexity(
         raise SparselmError(f"the text has {n} tokens, fewer than one window of {seqlen}; use a smaller --seqlen")
     windows = available if max_windows is None else min(available, max_windows)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            nll, micro = _window_nll(model, stream.ids, seqlen, windows, batch_size, device, progress)
-            token_nll = nll[:, : seqlen - 1].double().mean(dim=1)
-            per_token = torch.full((n,), math.nan, dtype=torch.float64)
-            covered = min(windows * seqlen, n - 1)
-            per_token[1 : covered + 1] = nll.double().flatten()[:covered]
-            truncated = windows < available
-            first_scored = _score_first_token(model, tokenizer, stream, per_token, device)
-            if not truncated:
-                _score_tail(model, stream, per_token, covered, seqlen, device)
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        nll, micro = _window_nll(model, stream.ids, seqlen, windows, batch_size, device, progress)
+        token_nll = nll[:, : seqlen - 1].double().mean(dim=1)
+        per_token = torch.full((n,), math.nan, dtype=torch.float64)
+        covered = min(windows * seqlen, n - 1)
+        per_token[1 : covered + 1] = nll.double().flatten()[:covered]
+        truncated = windows < available
+        first_scored = _score_first_token(model, tokenizer, stream, per_token, device)
+        if not truncated:
+            _score_tail(model, stream, per_token, covered, seqlen, device)
     text_end = stream.text_end if not truncated else min(stream.text_end, covered + 1)
     scored = per_token[stream.text_start if first_scored else stream.text_start + 1 : text_end]
     loglikelihood = -float(scored.sum())

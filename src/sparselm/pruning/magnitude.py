@@ -12,11 +12,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..analysis.stats import Histogram, order_statistics
-from ..masks import NM, Block, Pattern, apply_keep, expand_tiles, keep_n_of_m, prune_count, tile_scores
+from ..masks import NM, Block, Pattern, apply_keep, expand_tiles, keep_mask, keep_n_of_m, prune_count, tile_scores
+from ..weights import Matrix
+from .registry import Pruner, register
+
+if TYPE_CHECKING:
+    from .settings import PruneSettings
 
 SAMPLE_SIZE = 1 << 20
 
@@ -203,3 +209,23 @@ def _abs_into(buffer: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.dtype == torch.float32:
         return torch.abs(weight.reshape(-1), out=buffer)
     return buffer.copy_(weight.reshape(-1)).abs_()
+
+
+def prune_by_magnitude(weight: torch.Tensor, pattern: Pattern, sparsity: float) -> None:
+    """Zero the lowest-|w| weights of one out × in matrix in place (also the fallback of calibrated methods)."""
+    apply_keep(weight, keep_mask(weight.abs().float(), pattern, sparsity))
+
+
+@register
+class Magnitude(Pruner[None]):
+    name = "magnitude"
+    needs_calibration = False
+    ranks_globally = True
+
+    def prune_matrix(
+        self, matrix: Matrix, stats: None, pattern: Pattern, sparsity: float, settings: PruneSettings
+    ) -> None:
+        prune_by_magnitude(matrix.weight(), pattern, sparsity)
+
+    def prune_together(self, matrices: list[Matrix], sparsity: float, pattern: Pattern) -> None:
+        prune_global([m.weight() for m in matrices], sparsity, pattern)

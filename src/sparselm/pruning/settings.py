@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from ..data import parse_source
 from ..errors import SparselmError
-from ..masks import NM, Block, Pattern, Unstructured, parse_pattern
+from ..masks import NM, Block, Pattern, parse_pattern
+from .registry import Pruner, pruner, registered_methods
 
-Method = Literal["magnitude", "wanda", "sparsegpt"]
-METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
 DEFAULT_SPARSITY = 0.5
 OWL_THRESHOLD = 5.0  # OWL's M: a score is an outlier when it exceeds M × the block's mean score
 OWL_LAMBDA = 0.08  # OWL's λ: per-block sparsities spread over [s − λ, s + λ]
@@ -22,7 +22,7 @@ class PruneSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Method = "magnitude"
+    method: str = "magnitude"  # a registered method (`registered_methods()`)
     sparsity: float | None = None
     scope: Literal["global", "layer"] = "layer"
     pattern: str = "unstructured"
@@ -36,6 +36,11 @@ class PruneSettings(BaseModel):
     owl_lambda: float = OWL_LAMBDA
     sparsegpt_blocksize: int = 128
     sparsegpt_percdamp: float = 0.01
+
+    @field_validator("method")
+    @classmethod
+    def _method_registered(cls, value: str) -> str:
+        return pruner(value).name
 
     @field_validator("sparsity")
     @classmethod
@@ -71,21 +76,29 @@ class PruneSettings(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> PruneSettings:
         pattern = self.parsed_pattern
-        if self.scope == "global" and self.method != "magnitude":
+        if self.scope == "global" and not self.pruner.ranks_globally:
             raise SparselmError(
-                f"--scope global ranks weights of all matrices together, which only magnitude does; "
-                f"{self.method} compares weights within each matrix: use --scope layer"
+                "--scope global ranks weights of all matrices together, which only "
+                f"{_methods_where(lambda p: p.ranks_globally)} can do; {self.method} compares weights within each "
+                "matrix: use --scope layer"
             )
         if self.scope == "global" and self.allocation == "owl":
             raise SparselmError("OWL sets one sparsity per block, which a global ranking ignores; use --scope layer")
-        if isinstance(pattern, Block) and self.method == "sparsegpt":
-            raise SparselmError("block patterns work with magnitude and wanda; use --pattern unstructured or N:M")
+        if isinstance(pattern, Block) and not self.pruner.block_patterns:
+            raise SparselmError(
+                f"block patterns work with {_methods_where(lambda p: p.block_patterns)}; "
+                "use --pattern unstructured or N:M"
+            )
         if isinstance(pattern, NM) and self.sparsity is not None and abs(self.sparsity - pattern.sparsity) > 1e-9:
             raise SparselmError(
                 f"pattern {pattern} fixes the sparsity at {pattern.sparsity:g}, but {self.sparsity:g} was asked; "
                 f"omit --sparsity or pass {pattern.sparsity:g}"
             )
         return self
+
+    @property
+    def pruner(self) -> Pruner:
+        return pruner(self.method)
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -101,11 +114,14 @@ class PruneSettings(BaseModel):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "magnitude" or self.allocation == "owl"
+        """The method scores with calibration inputs, or OWL needs them to allocate sparsity per block."""
+        return self.pruner.needs_calibration or self.allocation == "owl"
 
-    @property
-    def is_unstructured(self) -> bool:
-        return isinstance(self.parsed_pattern, Unstructured)
+
+def _methods_where(test: Callable[[Pruner], bool]) -> str:
+    """The registered methods passing `test`, as prose: `magnitude`, `magnitude and wanda`, `a, b and c`."""
+    names = [name for name in registered_methods() if test(pruner(name))]
+    return " and ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def settings_from(**fields: object) -> PruneSettings:
@@ -117,6 +133,4 @@ def settings_from(**fields: object) -> PruneSettings:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "settings"
-        if field == "method":
-            raise SparselmError(f"unknown method '{first.get('input')}'; use one of: {', '.join(METHODS)}") from None
         raise SparselmError(f"invalid {field} ({first['msg']}); got {first.get('input')!r}") from None

@@ -5,13 +5,23 @@ of H⁻¹ drives a column sweep in blocks of 128. In each block the mask keeps t
 w²/[H⁻¹]ᵢᵢ² (the whole block at once for unstructured, every M columns for N:M), and each pruned column's
 error is spread over the columns not yet visited. One deliberate difference from the reference: it prunes exactly
 floor(s·n) weights per block (the reference's `<= threshold` prunes one more, plus ties), so the sparsity is exact.
+H is summed rather than averaged over sequences (a constant factor that cancels out of every step), and for N:M
+the blocksize is rounded down to a multiple of M, so that N:M groups never straddle two blocks (where the
+reference's groups, counted from each block's start, would break the pattern). Tests: tests/test_pruning.py.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..masks import NM, keep_n_of_m, keep_top, prune_count
+from ..masks import NM, Pattern, keep_n_of_m, keep_top, prune_count
+from ..weights import Matrix
+from .registry import Pruner, register
+
+if TYPE_CHECKING:
+    from .settings import PruneSettings
 
 
 class HessianAccumulator:
@@ -87,3 +97,21 @@ def _sweep_block(
         w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # rank-1 update in place (BLAS ger), no temporary
         err1[:, i] = err
     return q1, keep1, err1
+
+
+@register
+class SparseGPT(Pruner[HessianAccumulator]):
+    name = "sparsegpt"
+    block_patterns = False  # the column sweep compensates within rows; whole tiles are not part of the algorithm
+
+    def collector(self, in_features: int) -> HessianAccumulator:
+        return HessianAccumulator(in_features)
+
+    def prune_matrix(
+        self, matrix: Matrix, stats: HessianAccumulator, pattern: Pattern, sparsity: float, settings: PruneSettings
+    ) -> None:
+        nm = pattern if isinstance(pattern, NM) else None
+        pruned, _keep = sparsegpt_prune(
+            matrix.weight(), stats.hessian, sparsity, nm, settings.sparsegpt_blocksize, settings.sparsegpt_percdamp
+        )
+        matrix.set_weight(pruned)

@@ -6,7 +6,16 @@ pure function of the weight and those norms.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+from ..masks import Pattern, apply_keep, keep_mask
+from ..weights import Matrix
+from .registry import Pruner, register
+
+if TYPE_CHECKING:
+    from .settings import PruneSettings
 
 
 class ColumnNorms:
@@ -25,3 +34,18 @@ class ColumnNorms:
 def wanda_scores(weight: torch.Tensor, sum_sq: torch.Tensor) -> torch.Tensor:
     """|W| · ‖X_j‖₂ for an out × in weight and the per-input sums of squares (float64 scores)."""
     return weight.detach().abs().to(torch.float64) * sum_sq.to(weight.device).sqrt().reshape(1, -1)
+
+
+@register
+class Wanda(Pruner[ColumnNorms]):
+    name = "wanda"
+
+    def collector(self, in_features: int) -> ColumnNorms:
+        return ColumnNorms(in_features)
+
+    def prune_matrix(
+        self, matrix: Matrix, stats: ColumnNorms, pattern: Pattern, sparsity: float, settings: PruneSettings
+    ) -> None:
+        w = matrix.weight()
+        keep = keep_mask(wanda_scores(w, stats.sum_sq), pattern, sparsity, per_row=True)
+        apply_keep(w, keep.to(w.device))

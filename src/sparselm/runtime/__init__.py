@@ -2,6 +2,8 @@
 
 from .accelerate import POLICIES, accelerate
 from .bench import bench
+from .generate import generate
 from .modules import SparseLinear
+from .timing import Comparison, Speedup, Timing, compare
 
-__all__ = ["POLICIES", "SparseLinear", "accelerate", "bench"]
+__all__ = ["POLICIES", "Comparison", "SparseLinear", "Speedup", "Timing", "accelerate", "bench", "compare", "generate"]

@@ -11,10 +11,11 @@ from torch import nn
 from ..errors import SparselmError
 from ..weights import Matrix, select_matrices
 from . import dispatch
-from .fusion import SiblingGroup, trace_layers
+from .fusion import trace_layers
 from .inputs import random_prefill
-from .kernels import KERNELS, block_sizes_of, cpu_candidates, is_two_four, require_cuda
-from .modules import SparseLinear
+from .kernels import block_sizes_of, cpu_candidates, is_two_four, require_cuda
+from .modules import SiblingGroup, SparseLinear
+from .timing import Speedup
 
 Policy = Literal["auto", "sparse", "dense", "semi-structured"]
 POLICIES = ("auto", "sparse", "dense", "semi-structured")
@@ -42,32 +43,23 @@ def choose(
     weight: torch.Tensor,
     kernels: list[str],
     policy: str,
-    tokens: Iterable[int],
+    tokens: list[int],
     sparsity: float,
     structure: str,
-    cache: dict[str, Any],
+    decisions: dispatch.Decisions,
     built: dict[str, torch.Tensor],
-) -> tuple[dict[int, str], dict[int, dict[str, dict[str, float]]], bool]:
-    """Per token count: the kernel to use, the timings behind it and whether all came from the cache.
-
-    Sparse forms of the weight are built once into `built` (and reused by the SparseLinear that replaces it)."""
+) -> tuple[dict[int, str], dict[int, dict[str, Any]], bool]:
+    """Per token count: the kernel to use, the decision behind it (policy auto) and whether nothing was measured."""
     if policy == "dense" or sparsity == 0.0 or not kernels:
         return {t: "dense" for t in tokens}, {}, True
     if policy in ("sparse", "semi-structured"):
         return {t: kernels[1] if len(kernels) > 1 else kernels[0] for t in tokens}, {}, True  # largest block
-    choices: dict[int, str] = {}
-    timings: dict[int, dict[str, dict[str, float]]] = {}
-    all_cached = True
-    for t in tokens:
-        key = dispatch.cache_key(tuple(weight.shape), sparsity, structure, t, torch.get_num_threads())
-        if key not in cache:
-            all_cached = False
-            built.update({k: KERNELS[k].build(weight) for k in kernels if k not in built})
-            times = dispatch.measure(weight, built, t)
-            cache[key] = {"choice": dispatch.decide(times), "seconds": times}
-        choices[t] = cache[key]["choice"]
-        timings[t] = cache[key]["seconds"]
-    return choices, timings, all_cached
+    return dispatch.choose(weight, kernels, tokens, sparsity, structure, decisions, built)
+
+
+def speedups_of(decision: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each sparse kernel's speed-up over dense (median, range over rounds, within noise) from a dispatch decision."""
+    return {kernel: Speedup(tuple(ratios)).as_dict() for kernel, ratios in decision["ratios"].items()}
 
 
 def replace_module(model: nn.Module, matrix: Matrix, choices: dict[int, str], built: dict[str, torch.Tensor]) -> None:
@@ -76,32 +68,40 @@ def replace_module(model: nn.Module, matrix: Matrix, choices: dict[int, str], bu
     setattr(parent, child, SparseLinear(matrix.module, matrix.transposed, choices, built))
 
 
+def check_settings(policy: str, threads: int | None) -> None:
+    """Fail on a policy or thread count accelerate() cannot use (callers check before loading a model)."""
+    if policy not in POLICIES:
+        raise SparselmError(f"unknown runtime policy '{policy}'; choose one of: {', '.join(POLICIES)}")
+    if policy == "semi-structured":
+        require_cuda("semi-structured")
+    if threads is not None and threads < 1:
+        raise SparselmError(f"--threads must be at least 1, got {threads}")
+
+
 def accelerate(
     model: nn.Module,
     policy: Policy = "auto",
     tokens: Iterable[int] = DEFAULT_TOKENS,
     threads: int | None = None,
     use_cache: bool = True,
+    remeasure: bool = False,
     progress: Callable[[str], None] | None = None,
     fuse: bool = True,
     example_inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Replace prunable matrices in place by SparseLinear where a sparse kernel wins; returns the per-layer choices.
 
-    policy: `auto` measures dense against each sparse kernel per layer shape, sparsity and token count (cached);
+    policy: `auto` measures dense against each sparse kernel per layer shape, sparsity and token count (see
+    runtime.dispatch for when a sparse kernel is chosen and when a decision is cached); `remeasure` ignores cached
+    decisions and replaces them, `use_cache=False` neither reads nor writes the cache;
     `sparse` uses a sparse kernel wherever the matrix has zeros; `dense` changes nothing; `semi-structured` uses
     CUDA 2:4 kernels and fails clearly without CUDA.
     One traced forward on `example_inputs` (by default a few random token ids) arranges the replaced layers: those
     that project an attention module's inputs return token-major outputs (attention's fast kernels need them), and
     with `fuse` those that read the same activations run as one sparse product where they chose the same kernel.
     """
-    if policy not in POLICIES:
-        raise SparselmError(f"unknown runtime policy '{policy}'; choose one of: {', '.join(POLICIES)}")
-    if policy == "semi-structured":
-        require_cuda("semi-structured")
+    check_settings(policy, threads)
     if threads is not None:
-        if threads < 1:
-            raise SparselmError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     if any(isinstance(m, SparseLinear) for m in model.modules()):
         raise SparselmError("the model is already accelerated; call accelerate() on a freshly loaded model")
@@ -109,7 +109,7 @@ def accelerate(
     if not tokens or tokens[0] < 1:
         raise SparselmError(f"token counts must be positive integers, got {tokens}")
     path = dispatch.cache_path()
-    cache = dispatch.load_cache(path) if use_cache else {}
+    decisions = dispatch.Decisions(dispatch.load_cache(path) if use_cache else {}, remeasure)
     layers = []
     for matrix in select_matrices(model):
         weight = matrix.weight().detach()
@@ -119,7 +119,7 @@ def accelerate(
         structure = structure_of(keep, blocks) if sparsity else "dense"
         kernels = candidates(weight, keep, blocks, policy)
         built: dict[str, torch.Tensor] = {}
-        choices, timings, cached = choose(weight, kernels, policy, tokens, sparsity, structure, cache, built)
+        choices, basis, cached = choose(weight, kernels, policy, tokens, sparsity, structure, decisions, built)
         if any(k != "dense" for k in choices.values()):
             replace_module(model, matrix, choices, built)
         layers.append(
@@ -129,14 +129,15 @@ def accelerate(
                 "sparsity": sparsity,
                 "structure": structure,
                 "choices": choices,
-                "microseconds": {t: {k: v * 1e6 for k, v in s["min"].items()} for t, s in timings.items()},
+                "microseconds": {t: {k: v * 1e6 for k, v in b["seconds"].items()} for t, b in basis.items()},
+                "speedups": {t: speedups_of(b) for t, b in basis.items()},
                 "cached": cached,
             }
         )
         if progress:
             progress(matrix.name)
     if use_cache and policy == "auto":
-        dispatch.save_cache(path, cache)
+        dispatch.save_cache(path, decisions.cache)
     groups = arrange_outputs(model, example_inputs, fuse)
     return report(policy, tokens, layers, groups)
 

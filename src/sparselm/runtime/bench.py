@@ -1,15 +1,15 @@
 """`bench()`: file size and forward speed, dense against accelerated, measured side by side.
 
 Prefill is timed as generation runs it (logits for the last position only); decode is timed as one-token steps
-with the KV cache. Each round times the dense model then the accelerated one and the medians are compared, so load
-from other processes affects both alike.
+with the KV cache. Dense and accelerated runs alternate round by round (runtime.timing), so load from other
+processes affects both alike; each row reports the median milliseconds with their range over the rounds, and the
+speed-up as the median of the per-round ratios with its range and a within-noise verdict.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import statistics
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,30 +18,12 @@ import torch
 from torch import nn
 
 from ..errors import SparselmError
-from .accelerate import Policy, accelerate
-from .inputs import is_causal_lm, random_prefill
+from ..facts import context_length, is_causal_lm
+from .accelerate import Policy, accelerate, check_settings
+from .inputs import random_prefill
+from .timing import Sampler, Timing, alternating, sampler, speedup
 
 PROMPT_FOR_DECODE = 32
-
-
-def timings(fn: Callable[[], Any], rounds: int) -> list[float]:
-    out = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
-
-
-def side_by_side(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median seconds of each callable, timed in interleaved rounds after one warm-up call each."""
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            samples[name] += timings(fn, 1)
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -49,16 +31,20 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def decode_seconds(model: nn.Module, prompt: torch.Tensor, steps: int) -> float:
-    """Seconds per one-token forward with the KV cache, after an untimed prefill of `prompt`."""
+def decode_sampler(model: nn.Module, prompt: torch.Tensor, steps: int) -> Sampler:
+    """Seconds per one-token forward with the KV cache, over `steps` steps after an untimed prefill of `prompt`."""
     name = cache_argument(model)
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    past, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = model(input_ids=token, use_cache=True, **{name: past})
+
+    def sample() -> float:
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
         past, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
-    return (time.perf_counter() - start) / steps
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=token, use_cache=True, **{name: past})
+            past, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - start) / steps
+
+    return sample
 
 
 def size_info(model_or_dir: str, model: nn.Module) -> dict[str, Any]:
@@ -87,19 +73,30 @@ def bench(
     steps: int = 16,
     measure_size: bool = True,
     progress: Callable[[str], None] | None = None,
+    remeasure: bool = False,
 ) -> dict[str, Any]:
-    """Latency and throughput of prefill at each token count and of decode steps, dense vs accelerated."""
-    from ..models import load_with_source
+    """Latency and throughput of prefill at each token count and of decode steps, dense vs accelerated.
+
+    `remeasure` makes the dispatch measure every layer again instead of using its cached decisions."""
+    from ..models import load
 
     tokens = sorted({int(t) for t in tokens})
+    if not tokens or tokens[0] < 1:
+        raise SparselmError(f"--tokens needs positive integers, got {tokens}")
+    if rounds < 1 or steps < 1:
+        raise SparselmError(f"--rounds and decode steps must be at least 1, got rounds={rounds}, steps={steps}")
+    check_settings(policy, threads)
     previous_threads = torch.get_num_threads()
     try:
-        dense, source = load_with_source(model_or_dir)
-        limit = getattr(dense.config, "max_position_embeddings", None) or getattr(dense.config, "n_positions", None)
+        dense = load(model_or_dir)
+        limit = context_length(dense)
         if limit and tokens[-1] > limit:
             raise SparselmError(f"--tokens {tokens[-1]} exceeds the model's {limit} positions; use smaller counts")
         accelerated = copy.deepcopy(dense)
-        report = accelerate(accelerated, policy, tokens=sorted(set(tokens) | {1}), threads=threads, progress=progress)
+        report = accelerate(
+            accelerated, policy, tokens=sorted(set(tokens) | {1}), threads=threads, remeasure=remeasure,
+            progress=progress,
+        )
         return run_timings(model_or_dir, dense, accelerated, report, tokens, rounds, steps, measure_size, progress)
     finally:
         torch.set_num_threads(previous_threads)
@@ -122,19 +119,16 @@ def run_timings(
     with torch.inference_mode():
         for t in tokens:
             kw = random_prefill(dense, t, generator)
-            sec = side_by_side({"dense": lambda: dense(**kw), "accelerated": lambda: accelerated(**kw)}, rounds)
-            prefill.append(speed_row(t, sec))
+            samplers = {"dense": sampler(lambda: dense(**kw)), "accelerated": sampler(lambda: accelerated(**kw))}
+            prefill.append(speed_row(t, alternating(samplers, rounds)))
             if progress:
                 progress(f"prefill {t}")
         decode = None
         if is_causal_lm(dense):
             prompt = torch.randint(3, vocab, (1, PROMPT_FOR_DECODE), generator=generator)
-            decode_seconds(dense, prompt, 1), decode_seconds(accelerated, prompt, 1)  # warm-up
-            samples: dict[str, list[float]] = {"dense": [], "accelerated": []}
-            for _ in range(rounds):
-                samples["dense"].append(decode_seconds(dense, prompt, steps))
-                samples["accelerated"].append(decode_seconds(accelerated, prompt, steps))
-            decode = speed_row(1, {k: statistics.median(v) for k, v in samples.items()})
+            models = {"dense": dense, "accelerated": accelerated}
+            decoders = {side: decode_sampler(model, prompt, steps) for side, model in models.items()}
+            decode = speed_row(1, alternating(decoders, rounds))
             decode["steps"] = steps
             decode["prompt_tokens"] = PROMPT_FOR_DECODE
     out = {
@@ -157,13 +151,18 @@ def run_timings(
     return out
 
 
-def speed_row(tokens: int, seconds: dict[str, float]) -> dict[str, Any]:
+def speed_row(tokens: int, timed: dict[str, Timing]) -> dict[str, Any]:
+    """Milliseconds (median, low, high over rounds) of each side, the paired speed-up and its verdict."""
+    dense, accelerated = timed["dense"], timed["accelerated"]
     return {
         "tokens": tokens,
-        "dense_ms": seconds["dense"] * 1e3,
-        "accelerated_ms": seconds["accelerated"] * 1e3,
-        "speedup": seconds["dense"] / seconds["accelerated"],
-        "dense_tokens_per_s": tokens / seconds["dense"],
-        "accelerated_tokens_per_s": tokens / seconds["accelerated"],
+        "dense_ms": dense.median * 1e3,
+        "dense_ms_low": dense.low * 1e3,
+        "dense_ms_high": dense.high * 1e3,
+        "accelerated_ms": accelerated.median * 1e3,
+        "accelerated_ms_low": accelerated.low * 1e3,
+        "accelerated_ms_high": accelerated.high * 1e3,
+        **speedup(dense, accelerated).as_dict(),
+        "dense_tokens_per_s": tokens / dense.median,
+        "accelerated_tokens_per_s": tokens / accelerated.median,
     }
-

@@ -1,19 +1,24 @@
-"""Measured per-layer dispatch: time dense and each sparse kernel on this machine, remember the winner.
+"""Measured per-layer dispatch: time dense and each sparse kernel on this machine, remember only clear winners.
 
-Timings are interleaved (dense, sparse, dense, sparse, …), so a long burst of load from other processes does not
-favour either side. A sparse kernel must beat dense by MARGIN both in its fastest block (load only ever adds time,
-so the minimum is the steadiest estimate of a kernel's cost) and in its median block (so one lucky block does not
-decide); when the two disagree the layer stays dense, which keeps the accelerated model from being slower.
-Decisions are cached in a JSON file under
-$SPARSELM_CACHE keyed by shape, sparsity bucket, mask structure, token count, threads and torch version.
+Three rules keep one noisy measurement from deciding for good:
+- a bound from first principles (`min_winning_sparsity`): below it a kernel is never measured nor chosen, and a
+  dense (0-sparsity) layer is always dense;
+- a sparse kernel wins only clearly: its median speed-up over dense (rounds alternate dense and sparse, see
+  runtime.timing) is at least 1/MARGIN and the speed-up is not within noise (every round agrees sparse is faster).
+  An apparent win the rounds disagree on is measured again in more rounds, up to MAX_ROUNDS; if it stays unclear
+  the layer stays dense for this run and nothing is cached, so a later run measures it again;
+- a cached decision is used only if it still satisfies both rules (else it is measured again), and `remeasure`
+  ignores what was cached before (the new decisions replace the old ones). Within one accelerate() call, layers
+  with the same key share one measurement.
+Decisions are cached in a JSON file under $SPARSELM_CACHE keyed by shape, dtype, device, sparsity bucket, mask
+structure, token count, threads and torch version.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +27,158 @@ import torch.nn.functional as F
 
 from ..io import atomic_write_json
 from .kernels import KERNELS
+from .timing import Sampler, Speedup, Timing, alternating, repeats_for, sampler, speedup
 
 MARGIN = 0.90
 ROUNDS = 7
-MIN_BLOCK_SECONDS = 0.002
+MAX_ROUNDS = 21
+MIN_SAMPLE_SECONDS = 0.002
 SPARSITY_BUCKET = 0.02
 CACHE_FILE = "runtime-dispatch.json"
-CACHE_SCHEMA = 2
+CACHE_SCHEMA = 3
+
+
+def min_winning_sparsity(kernel: str, value_bytes: int) -> float:
+    """The sparsity at or below which `kernel` cannot beat dense `F.linear` on the same weight, whatever a timer says.
+
+    A sparse product must read every stored value and its index: at least (1 - s)·(v + i) bytes per weight (v value
+    bytes, i index bytes per stored value), where dense reads v. With few tokens both are bound by memory
+    bandwidth, so sparse can win only if (1 - s)·(v + i) < v, i.e. s > i / (v + i): 0.5 for fp32 CSR (int32
+    indices), 0.67 for fp16 CSR, under 0.01–0.03 for 8×8/16×16 BSR (one int64 index per tile). With many tokens the
+    work per stored weight decides instead, and a sparse product does more of it than dense GEMM (an index load and
+    a gathered activation row per multiply-add, which GEMM reuses from registers), so the real crossover is higher
+    still (measured 0.7–0.9 for CSR, /work/shared/notes/cpu-sparse-kernels.md). The bound is therefore below every
+    real crossover: it never rules out a real win, and it rules out every "win" on a dense or lightly sparse layer.
+    """
+    index = KERNELS[kernel].index_bytes
+    return index / (value_bytes + index)
+
+
+def can_win(kernel: str, sparsity: float, value_bytes: int) -> bool:
+    return sparsity > min_winning_sparsity(kernel, value_bytes)
+
+
+def clear_win(gain: Speedup) -> bool:
+    """Faster than dense by the margin at the median, and faster in every round."""
+    return gain.median >= 1 / MARGIN and not gain.within_noise
+
+
+@dataclass(frozen=True)
+class Decision:
+    choice: str
+    confident: bool  # a clear winner, or dense with no sparse kernel even appearing to win
+    seconds: dict[str, float]  # median seconds per call of dense and each sparse kernel
+    speedups: dict[str, Speedup]  # each sparse kernel over dense
+
+    def cache_entry(self) -> dict[str, Any]:
+        return {
+            "choice": self.choice,
+            "seconds": self.seconds,
+            "ratios": {kernel: list(gain.values) for kernel, gain in self.speedups.items()},
+        }
+
+
+def decide(timed: dict[str, Timing]) -> Decision:
+    """The fastest sparse kernel among clear winners, else dense (not confident if some kernel only seemed to win)."""
+    speedups = {k: speedup(timed["dense"], t) for k, t in timed.items() if k != "dense"}
+    seconds = {k: t.median for k, t in timed.items()}
+    winners = [k for k, gain in speedups.items() if clear_win(gain)]
+    if winners:
+        return Decision(max(winners, key=lambda k: speedups[k].median), True, seconds, speedups)
+    apparent = any(gain.median >= 1 / MARGIN for gain in speedups.values())
+    return Decision("dense", not apparent, seconds, speedups)
+
+
+def trusted(entry: Any, allowed: list[str]) -> bool:
+    """A cached decision that still holds: dense, or an allowed sparse kernel whose stored rounds show a clear win."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("seconds"), dict):
+        return False
+    choice = entry.get("choice")
+    if choice == "dense":
+        return True
+    ratios = entry.get("ratios", {}).get(choice)
+    return choice in allowed and bool(ratios) and clear_win(Speedup(tuple(ratios)))
+
+
+def kernel_samplers(weight: torch.Tensor, built: dict[str, torch.Tensor], tokens: int) -> dict[str, Sampler]:
+    """Samplers of dense F.linear and each sparse form on random inputs, each sample lasting MIN_SAMPLE_SECONDS."""
+    x = torch.randn(tokens, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    calls: dict[str, Callable[[], Any]] = {"dense": lambda: F.linear(x, weight)}
+    for name, sparse in built.items():
+        calls[name] = lambda k=name, w=sparse: KERNELS[k].matmul(w, x)
+    synchronize = torch.cuda.synchronize if weight.device.type == "cuda" else None
+    return {
+        name: sampler(fn, repeats_for(fn, MIN_SAMPLE_SECONDS, synchronize=synchronize), synchronize=synchronize)
+        for name, fn in calls.items()
+    }
+
+
+def measure_and_decide(weight: torch.Tensor, built: dict[str, torch.Tensor], tokens: int) -> Decision:
+    """ROUNDS alternating rounds, more (up to MAX_ROUNDS) while a sparse kernel only seems to win."""
+    with torch.inference_mode():
+        samplers = kernel_samplers(weight, built, tokens)
+        timed = alternating(samplers, ROUNDS, warmup=False)  # repeats_for has warmed each up
+        decision = decide(timed)
+        while not decision.confident and timed["dense"].rounds < MAX_ROUNDS:
+            more = alternating(samplers, ROUNDS, warmup=False)
+            timed = {name: t.extended(more[name]) for name, t in timed.items()}
+            decision = decide(timed)
+    return decision
+
+
+@dataclass
+class Decisions:
+    """The decisions one accelerate() call works with: the persistent cache (mutated in place, saved by the caller)
+    and those made during this call, which layers of the same key reuse (noisy ones included, as dense)."""
+
+    cache: dict[str, Any]
+    remeasure: bool = False  # ignore what the cache held before this call
+    made: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def lookup(self, key: str, allowed: list[str]) -> dict[str, Any] | None:
+        if key in self.made:
+            return self.made[key]
+        entry = None if self.remeasure else self.cache.get(key)
+        return entry if trusted(entry, allowed) else None
+
+    def record(self, key: str, decision: Decision) -> dict[str, Any]:
+        entry = self.made[key] = decision.cache_entry()
+        if decision.confident:
+            self.cache[key] = entry
+        else:
+            self.cache.pop(key, None)
+        return entry
+
+
+def choose(
+    weight: torch.Tensor,
+    kernels: list[str],
+    tokens: list[int],
+    sparsity: float,
+    structure: str,
+    decisions: Decisions,
+    built: dict[str, torch.Tensor],
+) -> tuple[dict[int, str], dict[int, dict[str, Any]], bool]:
+    """Per token count: the kernel to use, the decision behind it (choice, median seconds, per-round speed-ups) and
+    whether nothing had to be measured. Sparse forms are built once into `built`, for the SparseLinear that will use
+    them. A cached decision contradicting the bound is dropped: nothing can beat dense there."""
+    allowed = [k for k in kernels if can_win(k, sparsity, weight.element_size())]
+    choices: dict[int, str] = {}
+    basis: dict[int, dict[str, Any]] = {}
+    measured = False
+    for t in tokens:
+        key = cache_key(weight, sparsity, structure, t, torch.get_num_threads())
+        if not allowed:
+            decisions.cache.pop(key, None)
+            choices[t] = "dense"
+            continue
+        entry = decisions.lookup(key, allowed)
+        if entry is None:
+            measured = True
+            built.update({k: KERNELS[k].build(weight) for k in allowed if k not in built})
+            entry = decisions.record(key, measure_and_decide(weight, {k: built[k] for k in allowed}, t))
+        choices[t], basis[t] = entry["choice"], entry
+    return choices, basis, not measured
 
 
 def cache_path() -> Path:
@@ -38,10 +188,14 @@ def cache_path() -> Path:
 
 
 def load_cache(path: Path) -> dict[str, Any]:
+    """The cached decisions of this schema ({} for a missing or unreadable file)."""
     try:
-        return json.loads(path.read_text())
+        cache = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
+    if not isinstance(cache, dict):
+        return {}
+    return {k: v for k, v in cache.items() if k.startswith(f"v{CACHE_SCHEMA}|")}
 
 
 def save_cache(path: Path, cache: dict[str, Any]) -> None:
@@ -49,57 +203,11 @@ def save_cache(path: Path, cache: dict[str, Any]) -> None:
     atomic_write_json(path, cache)
 
 
-def cache_key(shape: tuple[int, int], sparsity: float, structure: str, tokens: int, threads: int) -> str:
+def cache_key(weight: torch.Tensor, sparsity: float, structure: str, tokens: int, threads: int) -> str:
     bucket = round(int(sparsity / SPARSITY_BUCKET) * SPARSITY_BUCKET, 2)
+    rows, cols = weight.shape
+    dtype = str(weight.dtype).removeprefix("torch.")
     return (
-        f"v{CACHE_SCHEMA}|{shape[0]}x{shape[1]}|s{bucket:.2f}|{structure}|T{tokens}|threads{threads}"
-        f"|torch{torch.__version__}"
+        f"v{CACHE_SCHEMA}|{rows}x{cols}|{dtype}|{weight.device.type}|s{bucket:.2f}|{structure}|T{tokens}"
+        f"|threads{threads}|torch{torch.__version__}"
     )
-
-
-def time_call(fn: Callable[[], Any], iterations: int, cuda: bool = False) -> float:
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iterations):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iterations
-
-
-def iterations_for(fn: Callable[[], Any], cuda: bool) -> int:
-    """Enough calls that one timed block lasts MIN_BLOCK_SECONDS (timer noise stays small)."""
-    fn()
-    once = time_call(fn, 1, cuda)
-    return max(1, int(MIN_BLOCK_SECONDS / max(once, 1e-7)))
-
-
-def measure(weight: torch.Tensor, built: dict[str, torch.Tensor], tokens: int) -> dict[str, dict[str, float]]:
-    """Seconds per call (fastest and median block) of dense F.linear and each sparse form, on random inputs."""
-    x = torch.randn(tokens, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    calls: dict[str, Callable[[], Any]] = {"dense": lambda: F.linear(x, weight)}
-    for name, sparse in built.items():
-        calls[name] = lambda k=name, w=sparse: KERNELS[k].matmul(w, x)
-    cuda = weight.device.type == "cuda"
-    with torch.inference_mode():
-        iterations = {name: iterations_for(fn, cuda) for name, fn in calls.items()}
-        samples: dict[str, list[float]] = {name: [] for name in calls}
-        for _ in range(ROUNDS):
-            for name, fn in calls.items():
-                samples[name].append(time_call(fn, iterations[name], cuda))
-    return {
-        "min": {name: min(s) for name, s in samples.items()},
-        "median": {name: statistics.median(s) for name, s in samples.items()},
-    }
-
-
-def decide(times: dict[str, dict[str, float]]) -> str:
-    """The fastest sparse kernel (by its minimum) if it beats dense by MARGIN in minimum and median, else dense."""
-    fastest, typical = times["min"], times["median"]
-    sparse = [k for k in fastest if k != "dense"]
-    if not sparse:
-        return "dense"
-    best = min(sparse, key=fastest.__getitem__)
-    wins = all(stat[best] < MARGIN * stat["dense"] for stat in (fastest, typical))
-    return best if wins else "dense"

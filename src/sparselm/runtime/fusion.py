@@ -1,8 +1,8 @@
 """One traced forward pass decides two things about the sparse layers, for any architecture.
 
 Fusion: sparse layers under the same parent that read the very same input tensor (q/k/v, gate/up, cross-attention
-k/v) run as one sparse product: the activations are transposed once and the sparse library is called once per
-group instead of once per layer.
+k/v) run as one sparse product (runtime.modules.SiblingGroup): the activations are transposed once and the sparse
+library is called once per group instead of once per layer.
 
 Output layout: a sparse product naturally yields feature-major outputs (out × tokens, seen through a transposed
 view), which is what the next sparse product wants. Projections of an attention module's own inputs (q/k/v, GPT-2's
@@ -15,15 +15,10 @@ with token-major q/k/v, 225 ms fused as well).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
-
-from .kernels import KERNELS
-
-if TYPE_CHECKING:
-    from .modules import SparseLinear
 
 
 @dataclass(frozen=True)
@@ -105,57 +100,3 @@ def shared_input_groups(input_ids: dict[str, list[int]]) -> list[list[str]]:
                 groups.append(members)
                 grouped.update(members)
     return groups
-
-
-def version_of(x: torch.Tensor) -> int:
-    """x's in-place write counter; inference tensors have none, and then the same object means the same values."""
-    return -1 if x.is_inference() else x._version
-
-
-class SiblingGroup:
-    """Sparse layers fed the same activations: one product for all of them, each member then takes its rows.
-
-    The fused result is kept only until every member has taken its part (or the input changes), so at most one
-    set of outputs per group is alive beyond what the model itself holds.
-    """
-
-    def __init__(self, members: list[SparseLinear]) -> None:
-        self.members = members
-        self.sizes = [m.out_features for m in members]
-        self._kernel_by_tokens: dict[int, str | None] = {}
-        self.fused: dict[str, torch.Tensor] = {}
-        shared = set.intersection(*(set(m.choices.values()) for m in members)) - {"dense"}
-        if shared:
-            stacked = torch.cat([m.out_in().detach() for m in members])
-            self.fused = {kernel: KERNELS[kernel].build(stacked) for kernel in shared}
-        self._input: torch.Tensor | None = None
-        self._version = -2
-        self._parts: list[torch.Tensor] = []
-        self._pending: set[int] = set()
-        for index, member in enumerate(members):
-            member.group, member.group_index = self, index
-
-    def kernel_for(self, tokens: int) -> str | None:
-        """The sparse kernel every member runs at this token count, or None when they differ (or one is dense)."""
-        if tokens not in self._kernel_by_tokens:
-            kernels = {m.kernel_for(tokens) for m in self.members}
-            kernel = kernels.pop() if len(kernels) == 1 else None
-            self._kernel_by_tokens[tokens] = kernel if kernel in self.fused else None
-        return self._kernel_by_tokens[tokens]
-
-    def part(self, index: int, x: torch.Tensor, kernel: str) -> torch.Tensor:
-        """Member `index`'s output (tokens × out, feature-major like any sparse product) for input x, computing the
-        fused product when x is new."""
-        if self._input is not x or self._version != version_of(x) or index not in self._pending:
-            self._compute(x, kernel)
-        self._pending.discard(index)
-        part = self._parts[index]
-        if not self._pending:
-            self._input, self._parts = None, []
-        return part
-
-    def _compute(self, x: torch.Tensor, kernel: str) -> None:
-        stacked = KERNELS[kernel].matmul(self.fused[kernel], x.reshape(-1, x.shape[-1]))  # tokens × Σ out, a view
-        self._parts = list(stacked.split(self.sizes, dim=1))
-        self._input, self._version = x, version_of(x)
-        self._pending = set(range(len(self.members)))

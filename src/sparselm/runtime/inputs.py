@@ -7,12 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def is_causal_lm(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model.config.model_type, ())
-    return type(model).__name__ in ((names,) if isinstance(names, str) else tuple(names))
+from ..facts import is_causal_lm
 
 
 def forward_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SparselmError
+from ..masks import is_n_of_m
 
 BLOCK_SIZES = (16, 8)
 BLOCK_SLACK = 1.15
@@ -25,7 +26,7 @@ TILE = 8
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    device: str
+    index_bytes: float  # bytes of index stored per stored value (what the dispatch's sparsity bound is made of)
     build: Callable[[torch.Tensor], torch.Tensor]
     matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -86,9 +87,9 @@ def bsr_builder(block: int) -> Callable[[torch.Tensor], torch.Tensor]:
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
-        Kernel("csr", "cpu", build_csr, feature_major_mm),
-        *(Kernel(f"bsr{b}", "cpu", bsr_builder(b), feature_major_mm) for b in BLOCK_SIZES),
-        Kernel("semi-structured", "cuda", build_semi_structured, semi_structured_mm),
+        Kernel("csr", 4, build_csr, feature_major_mm),  # an int32 column index per value
+        *(Kernel(f"bsr{b}", 8 / b**2, bsr_builder(b), feature_major_mm) for b in BLOCK_SIZES),  # int64 per tile
+        Kernel("semi-structured", 0.25, build_semi_structured, semi_structured_mm),  # 2-bit position per kept value
     )
 }
 
@@ -118,14 +119,8 @@ def block_sizes_of(keep: torch.Tensor) -> list[int]:
     return found
 
 
-def is_block_structured(weight: torch.Tensor, block: int) -> bool:
-    return block in block_sizes_of(weight != 0)
-
-
 def is_two_four(keep: torch.Tensor) -> bool:
-    if keep.shape[-1] % 4:
-        return False
-    return int(keep.reshape(-1, 4).sum(dim=1).max()) <= 2
+    return is_n_of_m(keep, 2, 4)
 
 
 def cpu_candidates(blocks: list[int]) -> list[str]:

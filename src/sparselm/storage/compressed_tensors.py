@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..masks import is_n_of_m
 from .codecs import Encoded, keep_mask, register
 
 NAME = "compressed-tensors"
@@ -49,12 +50,7 @@ class CompressedTensorsBitmask:
 
 def sparsity_structure(tensors: list[torch.Tensor]) -> str:
     """'2:4' when every group of four consecutive inputs keeps at most two weights, else 'unstructured'."""
-    for t in tensors:
-        if t.shape[-1] % 4:
-            return "unstructured"
-        if int(keep_mask(t).reshape(-1, 4).sum(dim=1).max()) > 2:
-            return "unstructured"
-    return "2:4" if tensors else "unstructured"
+    return "2:4" if tensors and all(is_n_of_m(keep_mask(t), 2, 4) for t in tensors) else "unstructured"
 
 
 def config_entry(targets: list[str], global_sparsity: float, structure: str) -> dict[str, Any]:

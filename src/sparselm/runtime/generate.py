@@ -1,0 +1,68 @@
+"""`generate()`: text from a causal LM whose layers run on the kernels the dispatch chose (`sparselm run`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import SparselmError
+from .accelerate import Policy, accelerate, check_settings
+from ..facts import is_causal_lm
+
+EXAMPLE_PROMPT = "The capital of France is"
+
+
+def require_causal_lm(model_or_dir: str) -> None:
+    """Refuse, before loading any weights, a model that cannot continue text (an encoder, a seq2seq model)."""
+    from transformers import AutoConfig
+
+    from ..models import resolve
+
+    config = AutoConfig.from_pretrained(resolve(model_or_dir).path)
+    if not is_causal_lm(config):
+        kind = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise SparselmError(
+            f"'{model_or_dir}' ({kind}) is not a causal language model, so it cannot generate text; "
+            "use a decoder-only model such as smollm2-135m"
+        )
+
+
+def check_generation(model_or_dir: str, prompt: str, max_new_tokens: int, policy: str, threads: int | None) -> None:
+    """Every check generate() makes before loading weights (callers may run it before showing progress)."""
+    if not prompt.strip():
+        raise SparselmError(f"--prompt is empty: give the text to continue, e.g. --prompt '{EXAMPLE_PROMPT}'")
+    if max_new_tokens < 1:
+        raise SparselmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_settings(policy, threads)
+    require_causal_lm(model_or_dir)
+
+
+def generate(
+    model_or_dir: str,
+    prompt: str,
+    max_new_tokens: int = 32,
+    policy: Policy = "auto",
+    threads: int | None = None,
+    remeasure: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Greedy continuation of `prompt` by the accelerated model, with the accelerate report."""
+    from ..models import load, load_tokenizer
+
+    check_generation(model_or_dir, prompt, max_new_tokens, policy, threads)
+    lm = load(model_or_dir, head="causal-lm")
+    tokenizer = load_tokenizer(model_or_dir)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise SparselmError(f"--prompt {prompt!r} gives no tokens: give the text to continue, e.g. "
+                            f"--prompt '{EXAMPLE_PROMPT}'")
+    report = accelerate(lm, policy, tokens=(1, ids.shape[1]), threads=threads, remeasure=remeasure, progress=progress)
+    with torch.inference_mode():
+        out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return {
+        "prompt": prompt,
+        "completion": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True),
+        "report": report,
+    }
