@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from sparselm.cli import app
 from sparselm.errors import SparselmError
 from sparselm.models import reference_kind
-from sparselm.pruning.settings import METHODS, settings_from
+from sparselm.pruning import registered_methods
+from sparselm.pruning.settings import settings_from
 from sparselm.storage import FORMATS
 from sparselm.study.cells import RUNNERS, Cell, plan
 from sparselm.study.config import CellKind, MethodSpec, StudyConfig, default_config_text, load_config, parse_config
@@ -164,7 +165,7 @@ def test_a_file_or_a_directory_without_config_is_not_a_model(tmp_path: Path) -> 
 
 def test_methods_and_their_options_are_pruning_settings() -> None:
     """Every method PruneSettings knows is a study method; options are checked and normalised by PruneSettings."""
-    for method in METHODS:
+    for method in registered_methods():
         spec = MethodSpec(method=method)
         assert spec.scope == ("global" if method == "magnitude" else "layer")
         settings_from(method=method, **spec.options())  # the study's options are valid pruning settings as they are
