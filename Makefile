@@ -17,7 +17,7 @@ $(VENV)/.base: pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,ray,hub]'
 	touch $@
 
 setup: $(VENV)/.base

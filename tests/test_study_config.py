@@ -10,8 +10,12 @@ from typer.testing import CliRunner
 
 from sparselm.cli import app
 from sparselm.errors import SparselmError
-from sparselm.study.cells import plan
-from sparselm.study.config import default_config_text, load_config, parse_config
+from sparselm.models import reference_kind
+from sparselm.pruning import registered_methods
+from sparselm.pruning.settings import settings_from
+from sparselm.storage import FORMATS
+from sparselm.study.cells import RUNNERS, Cell, plan
+from sparselm.study.config import CellKind, MethodSpec, StudyConfig, default_config_text, load_config, parse_config
 
 
 def test_default_config_is_the_seed_study() -> None:
@@ -25,6 +29,11 @@ def test_default_config_is_the_seed_study() -> None:
     assert decoder.tasks == ["ptb", "wiki"] and encoder.tasks == ["wiki-pair"]
     assert load_config(None, "full").models[0].tasks == ["ptb", "wiki", "wiki-pair"]  # the decoder fine-tuned too
     assert config.size.enabled and config.runtime.enabled
+    # Timed as benchmarks/runtime_speed.py times (7 alternating rounds, 16 decode steps), at fewer sparsities.
+    assert (config.runtime.rounds, config.runtime.steps, config.runtime.sparsities) == (7, 16, [0.0, 0.9, 0.95])
+    assert load_config(None, "full").runtime.sparsities is None
+    timed = [c for c in plan(config) if c.kind == CellKind.BENCH]
+    assert len(timed) == 2 * (1 + 3 * 2)  # per model: the dense model and three methods at 0.9 and 0.95
     # The shipped file is readable YAML a user can copy (comments included).
     assert "# The default sparselm study" in default_config_text()
 
@@ -53,7 +62,7 @@ def test_plan_puts_every_cell_after_its_prune_cell() -> None:
 BAD = """\
 name: broken
 models:
-  - name: no-such-model
+  - name: ./no-such-model
     tasks:
       - ptb
       - translation
@@ -75,7 +84,7 @@ def test_bad_config_lists_every_problem_with_its_line() -> None:
         parse_config(BAD, "bad.yaml", Path("."))
     message = str(err.value)
     expected = [
-        "bad.yaml:3: models.0.name: unknown model 'no-such-model'",
+        "bad.yaml:3: models.0.name: no model directory at './no-such-model'",
         "bad.yaml:6: models.0.tasks.1: unknown task 'translation'",
         "bad.yaml:8: models.1.taks: unknown key 'taks'",
         "bad.yaml:12: methods.1.method:",
@@ -122,3 +131,82 @@ def test_cli_reports_all_problems_before_any_work(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
     printed = CliRunner().invoke(app, ["study", "--print-default"])
     assert printed.exit_code == 0 and printed.stdout == default_config_text()
+
+
+def study(**changes) -> dict:
+    return {"models": [{"name": "minilm-l6"}], "methods": [{"method": "magnitude"}], "sparsities": [0.5], **changes}
+
+
+def problems(raw: dict) -> str:
+    """The config problems of `raw` (empty when it is valid)."""
+    try:
+        parse_config(yaml.safe_dump(raw), "s.yaml", Path("."))
+    except SparselmError as exc:
+        return str(exc)
+    return ""
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert-base-uncased", "openai-community/gpt2", "a/b/c", "./missing", "~/nope"])
+def test_model_names_follow_the_rule_every_command_applies(name: str) -> None:
+    """A name `sparselm prune` accepts (sparselm.models.reference_kind) is valid in a study, with the same message otherwise."""
+    try:
+        kind = reference_kind(name)
+    except SparselmError as exc:
+        assert f"models.0.name: {exc}" in problems(study(models=[{"name": name}]))
+    else:
+        assert kind == "hub" and problems(study(models=[{"name": name}])) == ""
+
+
+def test_a_file_or_a_directory_without_config_is_not_a_model(tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    assert "is a file, not a model directory" in problems(study(models=[{"name": str(tmp_path / "weights.bin")}]))
+    assert "has no config.json" in problems(study(models=[{"name": str(tmp_path)}]))
+
+
+def test_methods_and_their_options_are_pruning_settings() -> None:
+    """Every method PruneSettings knows is a study method; options are checked and normalised by PruneSettings."""
+    for method in registered_methods():
+        spec = MethodSpec(method=method)
+        assert spec.scope == ("global" if method == "magnitude" else "layer")
+        settings_from(method=method, **spec.options())  # the study's options are valid pruning settings as they are
+    spelled = " Block:16X16 "
+    assert MethodSpec(method="wanda", pattern=spelled).pattern == "block:16x16" == settings_from(pattern=spelled).pattern
+    for bad, field in ((study(methods=[{"method": "obs"}]), "method"), (study(methods=[{"method": "wanda", "scope": "glob"}]), "scope")):
+        with pytest.raises(SparselmError) as err:
+            settings_from(**bad["methods"][0])
+        assert f"methods.0.{field}: {err.value}" in problems(bad)
+    # A combination PruneSettings refuses is refused with its own reason.
+    with pytest.raises(SparselmError) as err:
+        settings_from(method="wanda", scope="global")
+    assert str(err.value) in problems(study(methods=[{"method": "wanda", "scope": "global"}]))
+
+
+def test_size_accepts_every_pack_format_and_dtype() -> None:
+    for name in FORMATS:
+        assert problems(study(size={"format": name})) == "", name
+    assert "rice" in FORMATS
+    message = problems(study(size={"format": "zip", "dtype": "fp8"}))
+    assert f"size.format: unknown format 'zip'; use one of: {', '.join(FORMATS)}" in message
+    assert "size.dtype: unknown dtype 'fp8'; use one of: keep, fp16, bf16" in message
+
+
+def test_cell_kinds_are_one_list() -> None:
+    """Every kind has its runner and its Ray resources section; every planned cell's kind is one of them."""
+    assert set(RUNNERS) == set(CellKind)
+    assert set(StudyConfig.model_fields["resources"].annotation.model_fields) == {k.value for k in CellKind}
+    config = load_config(None)
+    assert {c.kind for c in plan(config)} == set(CellKind)
+    assert Cell("m", "dense", "{}", 0.0, "wiki-pair").kind is CellKind.CLASSIFICATION
+    assert Cell("m", "dense", "{}", 0.0, "ptb").kind is CellKind.PERPLEXITY
+    assert "resources.compile: unknown key 'compile'" in problems(study(resources={"compile": {"cpus": 1}}))
+
+
+def test_runtime_sparsities_choose_the_timed_models() -> None:
+    config = StudyConfig.model_validate(
+        study(sparsities=[0, 0.5, 0.9], methods=[{"method": "magnitude"}, {"method": "wanda", "pattern": "2:4"}],
+              runtime={"sparsities": [0, 0.9]})
+    )
+    timed = {(c.method, c.sparsity) for c in plan(config) if c.kind == CellKind.BENCH}
+    assert timed == {("dense", 0.0), ("magnitude", 0.9)}  # 2:4 is at 0.5, which is not timed
+    packed = {(c.method, c.sparsity) for c in plan(config) if c.kind == CellKind.PACK}
+    assert packed == {("dense", 0.0), ("magnitude", 0.5), ("magnitude", 0.9), ("wanda", 0.5)}

@@ -14,11 +14,16 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+from matplotlib.container import ErrorbarContainer
 from study_helpers import reference_study
 from typer.testing import CliRunner
 
+from sparselm.analysis.figures import save_figure
 from sparselm.cli import app
-from sparselm.study.store import ResultStore
+from sparselm.study import report_figures
+from sparselm.study.config import StudyConfig
+from sparselm.study.report import write_report
+from sparselm.study.store import ResultStore, Row
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 CHECK_SCRIPT = """<script>
@@ -119,3 +124,52 @@ def test_report_and_results_commands(study: Path, tmp_path: Path) -> None:
     assert shown.exit_code == 0 and f"{len(rows)} results in" in shown.stdout and "magnitude" in shown.stdout
     missing = CliRunner().invoke(app, ["results", str(tmp_path / "nowhere")])
     assert missing.exit_code != 0 and "no results store" in missing.output
+
+
+def bench_row(method: str, sparsity: float, prefill: dict, decode: dict | None, options: dict | None = None) -> Row:
+    """A stored bench cell as `bench` reports it: speed-ups with the timing harness's spread and verdict."""
+    return Row(
+        model="smollm2-135m", method=method, options=options or {}, sparsity=sparsity, task="bench", kind="bench",
+        status="ok", metrics={"prefill": [{"tokens": 128, **prefill}], "decode": decode}, settings={"rounds": 7},
+        provenance={}, error=None, started=0.0, seconds=1.0,
+    )
+
+
+def spread(median: float, low: float, high: float, within_noise: bool) -> dict:
+    return {"speedup": median, "speedup_low": low, "speedup_high": high, "within_noise": within_noise}
+
+
+MAGNITUDE = {"scope": "global", "pattern": "unstructured", "allocation": "uniform", "include_embeddings": False}
+
+
+def test_every_speedup_is_shown_with_its_spread_and_noise_verdict(tmp_path: Path, monkeypatch) -> None:
+    config = StudyConfig.model_validate(
+        {"models": [{"name": "smollm2-135m"}], "methods": [{"method": "magnitude"}], "sparsities": [0, 0.9, 0.95]}
+    )
+    store = ResultStore.open_for(tmp_path, config)
+    store.record(bench_row("dense", 0.0, spread(1.004, 0.97, 1.05, True), spread(0.99, 0.95, 1.02, True)))
+    store.record(bench_row("magnitude", 0.9, spread(1.86, 1.80, 1.93, False), spread(1.15, 0.98, 1.31, True), MAGNITUDE))
+    store.record(bench_row("magnitude", 0.95, {"speedup": 3.12}, None, MAGNITUDE))  # stored without a spread
+    drawn = []
+    monkeypatch.setattr(report_figures, "save_figure", lambda fig, path, dpi: drawn.append(fig) or save_figure(fig, path, dpi))
+    write_report(tmp_path)
+
+    md = (tmp_path / "report.md").read_text()
+    assert "| method | sparsity | prefill 128 tokens speedup | decode speedup |" in md
+    assert "| dense | 0 | 1.00× (0.97–1.05), within noise | 0.99× (0.95–1.02), within noise |" in md
+    assert "| magnitude (global) | 0.9 | 1.86× (1.80–1.93) | 1.15× (0.98–1.31), within noise |" in md
+    assert "| magnitude (global) | 0.95 | 3.12× (no spread), within noise |  |" in md
+    html = (tmp_path / "report.html").read_text()
+    assert "<td>1.86× (1.80–1.93)</td>" in html and "<em>within noise</em>" in html
+
+    (fig,) = drawn
+    prefill, decode = fig.axes
+    assert prefill.get_title() == "smollm2-135m: prefill 128 tokens" and decode.get_title() == "smollm2-135m: decode"
+    (bars,) = [c for c in prefill.containers if isinstance(c, ErrorbarContainer)]
+    line, _caps, (segments,) = bars
+    assert list(line.get_xdata()) == [0.0, 0.9, 0.95]  # the method's line starts at the dense model
+    assert list(line.get_ydata()) == [1.004, 1.86, 3.12]
+    extents = [tuple(seg[:, 1]) for seg in segments.get_segments()]
+    assert extents == [pytest.approx((0.97, 1.05)), pytest.approx((1.80, 1.93)), pytest.approx((3.12, 3.12))]
+    (band,) = [p for p in prefill.patches if p.get_alpha() == 0.15]  # the dense model's spread as a band
+    assert (band.get_y(), band.get_y() + band.get_height()) == pytest.approx((0.97, 1.05))

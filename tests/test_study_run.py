@@ -1,15 +1,13 @@
-"""Running a study end to end on tiny real models: every cell, resuming, and surviving SIGKILL at any moment."""
+"""Running a study end to end on tiny real models: every cell, resuming, and surviving SIGKILL at defined moments."""
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,9 @@ from sparselm.study.cells import MODELS_DIR, is_complete_model_dir, plan
 from sparselm.study.config import load_config
 from sparselm.study.run import run_study, study_lock
 from sparselm.study.store import ResultStore
+
+
+HANG_GUARD_S = 1800  # only stops a hung subprocess; no assertion depends on how fast the machine is
 
 
 @pytest.fixture(scope="module")
@@ -85,43 +86,95 @@ def test_a_different_config_in_the_same_directory_is_refused_before_any_work(roo
     assert sorted(p.name for p in out.rglob("*")) == before
 
 
+# Each run of the study is SIGKILLed by itself at one defined point (see KILL_DRIVER), in this order; each point is
+# reached whatever the machine's speed, because the cells before it are done or skipped by then.
+KILL_POINTS = (
+    "record:2",  # while storing the second row: that cell ran, but its result is lost
+    "model-rename:1",  # a pruned model fully written in its temporary directory, not yet renamed into place
+    "finetune:1",  # a fine-tuned model in the scratch space, not yet evaluated
+    "record:4",  # between cells again, later in the study
+)
+KILL_DRIVER = """
+import os, signal, sys
+from pathlib import Path
+
+point, count = sys.argv[1].split(":")
+count, out = int(count), Path(sys.argv[3]).resolve()
+calls = [0]
+
+def reached():
+    calls[0] += 1
+    if calls[0] == count:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+if point == "record":
+    from sparselm.study.store import ResultStore
+    record = ResultStore.record
+    def patched(self, row):
+        reached()
+        record(self, row)
+    ResultStore.record = patched
+elif point == "model-rename":
+    def guard(rename):
+        def patched(src, dst, *args, **kwargs):
+            if Path(dst).resolve().parent.parent == out / "models" and Path(src).name.startswith("."):
+                reached()
+            return rename(src, dst, *args, **kwargs)
+        return patched
+    os.replace, os.rename = guard(os.replace), guard(os.rename)
+elif point == "finetune":
+    import sparselm.finetune
+    finetune = sparselm.finetune.finetune
+    def patched(*args, **kwargs):
+        result = finetune(*args, **kwargs)
+        reached()
+        return result
+    sparselm.finetune.finetune = patched
+from sparselm.cli import main
+sys.argv = ["sparselm", "study", sys.argv[2], "--out", str(out)]
+main()
+"""
+
+
 @pytest.mark.slow
-def test_sigkill_at_any_moment_loses_and_duplicates_nothing(root: Path, tmp_path: Path) -> None:
-    """Kill a real `sparselm study` process several times (after some results, and at random moments), restart it,
-    and compare with an uninterrupted run: the same cells, no duplicates, every model directory loadable."""
+def test_sigkill_at_defined_moments_loses_and_duplicates_nothing(root: Path, tmp_path: Path) -> None:
+    """Kill a real study process at each of KILL_POINTS in turn, restart it, and compare with an uninterrupted run:
+    the same cells, no duplicates, every model directory loadable, no temporary files left."""
     config, reference = reference_study(root)
     config_file = tiny_study_yaml(root)
     out = tmp_path / "killed"
-    cmd = [str(Path(sys.executable).parent / "sparselm"), "study", str(config_file), "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    rng = random.Random(0)
-    kills = 0
-    for wait_for_rows in (1, 5, 10):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and _rows(out) < wait_for_rows and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))  # land somewhere inside the next cell (a prune write, a fine-tune, ...)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
+    rows_before = 0
+    for point in KILL_POINTS:
+        killed = subprocess.run(
+            [sys.executable, "-c", KILL_DRIVER, point, str(config_file), str(out)],
+            capture_output=True, text=True, timeout=HANG_GUARD_S, env=env,
+        )
+        assert killed.returncode == -signal.SIGKILL, (point, killed.returncode, killed.stderr[-2000:])
         _assert_consistent(out)
-    assert kills >= 2, "the study finished before it could be killed; the kill points need earlier row counts"
-    final = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        rows = _rows(out)
+        assert rows >= rows_before, point  # nothing recorded before is lost
+        rows_before = rows
+        if point.startswith("model-rename"):
+            assert [p for p in (out / MODELS_DIR).glob("*/.*") if ".tmp-" in p.name], "killed before the rename"
+        if point.startswith("finetune"):
+            assert any((out / "work").iterdir()), "killed with a fine-tuned model in the scratch space"
+    assert rows_before < len(plan(config))
+    final = subprocess.run(
+        [str(Path(sys.executable).parent / "sparselm"), "study", str(config_file), "--out", str(out)],
+        capture_output=True, text=True, timeout=HANG_GUARD_S, env=env,
+    )
     assert final.returncode == 0, final.stderr[-2000:]
     _assert_consistent(out)
     assert not [p for p in out.rglob(".*") if ".tmp-" in p.name], "temporary files were left behind"
+    assert not (out / "work").exists()
     assert_same_results(reference, out)
     assert (out / "report.html").is_file()
 
 
 def _rows(out: Path) -> int:
-    try:
-        with sqlite3.connect(out / "results.sqlite", timeout=5) as conn:
-            return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-    except sqlite3.Error:
-        return 0
+    with sqlite3.connect(out / "results.sqlite", timeout=5) as conn:
+        return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
 
 
 def _assert_consistent(out: Path) -> None:

@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from ._optional import optional_import
 from .errors import SparselmError
 from .models import hub_reachable, package_dir
 
@@ -136,8 +137,7 @@ def wikitext2_rows(split: Split, data_dir: Path | None = None) -> list[str]:
         if raw.is_file():
             return raw.read_text(encoding="utf-8").splitlines(keepends=True)
         if Path(data_dir).is_dir():
-            from datasets import load_dataset
-
+            load_dataset = optional_import("datasets", "hub", "reading a `datasets` folder").load_dataset
             return list(load_dataset(str(data_dir), split=split)["text"])
         raise SparselmError(f"--data-dir '{data_dir}' does not exist; point it at a WikiText-2 raw folder")
     if not hub_reachable():
@@ -145,6 +145,5 @@ def wikitext2_rows(split: Split, data_dir: Path | None = None) -> list[str]:
             "WikiText-2 is not available offline: download wikitext-2-raw-v1 where there is a network and pass "
             "--data-dir DIR (with wiki.test.raw etc.), or use --task ptb or --task wiki"
         )
-    from datasets import load_dataset
-
+    load_dataset = optional_import("datasets", "hub", "WikiText-2 from the hub").load_dataset
     return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])

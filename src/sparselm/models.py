@@ -131,19 +131,31 @@ def model_slug(name: str) -> str:
     return name.strip("/").replace("/", "--")
 
 
-def resolve(name: str) -> ModelSource:
-    """Turn an alias, local directory or hub id into a local directory, fetching or converting as needed."""
+def reference_kind(name: str) -> Literal["embedded", "local", "hub"]:
+    """Which kind of model reference `name` is, without loading or fetching anything; raises for names that are none."""
     if name in EMBEDDED:
-        return _resolve_embedded(EMBEDDED[name])
+        return "embedded"
     path = Path(name).expanduser()
     if path.is_dir():
-        return _resolve_local(name, path)
+        if not (path / "config.json").exists():
+            raise SparselmError(f"'{name}' has no config.json, so it is not a Hugging Face model directory")
+        return "local"
     if path.exists():
         raise SparselmError(f"'{name}' is a file, not a model directory; pass the directory that holds config.json")
     if _looks_like_path(name):
         raise SparselmError(
             f"no model directory at '{name}'; pass an existing directory or one of: {', '.join(EMBEDDED)}"
         )
+    return "hub"
+
+
+def resolve(name: str) -> ModelSource:
+    """Turn an alias, local directory or hub id into a local directory, fetching or converting as needed."""
+    kind = reference_kind(name)
+    if kind == "embedded":
+        return _resolve_embedded(EMBEDDED[name])
+    if kind == "local":
+        return _resolve_local(name, Path(name).expanduser())
     return _resolve_hub(name)
 
 
@@ -153,8 +165,6 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _resolve_local(name: str, path: Path) -> ModelSource:
-    if not (path / "config.json").exists():
-        raise SparselmError(f"'{name}' has no config.json, so it is not a Hugging Face model directory")
     _check_config_file(path / "config.json")
     prov = read_provenance(path)
     return ModelSource(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # files only, never a window; modules drawing figures import `plt` from here
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -22,11 +22,13 @@ def _title(dist: Distribution, what: str) -> str:
     return f"{dist.model}: {what}{note}"
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path, dpi: int = 110) -> Path:
+    """Write `fig` as a PNG atomically and close it (every figure sparselm draws is saved through here)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 def _cumulative_at(counts: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -63,7 +65,7 @@ def weight_histogram_figure(dist: Distribution, path: Path, bins: int = 201) -> 
     outside = 1.0 - counts.sum() / max(1, dist.overall["count"])
     ax.set_title(_title(dist, "weight distribution"))
     ax.legend([f"{dist.overall['count']:,} weights; {outside:.3%} beyond ±{limit:.3g}"], loc="upper right", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_cdf(ax: plt.Axes, abs_counts: torch.Tensor, **kwargs: object) -> None:
@@ -89,7 +91,7 @@ def weight_cdf_figure(dist: Distribution, path: Path) -> None:
             ax.text(np.log2(x), 0.02, f"q{q}", rotation=90, fontsize=7, color="grey")
     _style_cdf_axes(ax)
     ax.set_title(_title(dist, "CDF of |w|, all analysed matrices"))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def layer_cdf_figure(dist: Distribution, path: Path) -> None:
@@ -107,7 +109,7 @@ def layer_cdf_figure(dist: Distribution, path: Path) -> None:
         fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="block index")
     fig.suptitle(_title(dist, "CDF of |w| per transformer block"), fontsize=11)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def compare_cdf_figure(dists: list[Distribution], path: Path) -> None:
@@ -118,7 +120,7 @@ def compare_cdf_figure(dists: list[Distribution], path: Path) -> None:
     _style_cdf_axes(ax)
     ax.legend(fontsize=8)
     ax.set_title("CDF of |w| across models")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_model_figures(dist: Distribution, out: Path, slug: str) -> list[Path]:

@@ -14,7 +14,8 @@ from rich.table import Table
 from ..errors import SparselmError
 from ..models import model_slug
 from ..study.config import default_config_text, load_config
-from ..study.report import method_label, write_report
+from ..study.report import write_report
+from ..study.report_data import method_label
 from ..study.run import run_study
 from ..study.store import ResultStore, Row
 from . import app

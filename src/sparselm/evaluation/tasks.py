@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from .._optional import optional_import
 from ..data import normalise_split, parse_source, wiki_articles, wiki_split_of
 from ..errors import SparselmError
 from ..models import hub_reachable
@@ -162,8 +163,7 @@ def mrpc_examples(split: str, data_dir: Path | None = None) -> list[Example]:
             "GLUE MRPC is not available offline: download the GLUE MRPC files (train.tsv, dev.tsv) where there is a "
             "network and pass --data-dir DIR, or use --task wiki-pair (the offline stand-in)"
         )
-    from datasets import load_dataset
-
+    load_dataset = optional_import("datasets", "hub", "GLUE MRPC from the hub").load_dataset
     hub_split = "validation" if split == "test" else split
     data = load_dataset("nyu-mll/glue", "mrpc", split=hub_split)
     return [Example(r["sentence1"], int(r["label"]), r["sentence2"]) for r in data]

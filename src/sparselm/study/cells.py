@@ -17,6 +17,7 @@ import platform
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 from ..errors import SparselmError
 from ..models import EMBEDDED, model_slug
-from .config import MethodSpec, StudyConfig, task_kind
+from .config import CellKind, MethodSpec, ModelSpec, StudyConfig, cell_kind
 from .store import Row, canonical
 
 DENSE = "dense"
@@ -49,15 +50,15 @@ class Cell:
         return (self.model, self.method, self.options, self.sparsity, self.task)
 
     @property
-    def kind(self) -> str:
-        return self.task if self.task in ("analyze", "prune", "pack", "bench") else task_kind(self.task)
+    def kind(self) -> CellKind:
+        return cell_kind(self.task)
 
     @property
     def prune_cell(self) -> Cell | None:
         """The cell that makes this cell's model (None for the dense model and for the prune cell itself)."""
-        if self.method == DENSE or self.task == "prune":
+        if self.method == DENSE or self.kind == CellKind.PRUNE:
             return None
-        return Cell(self.model, self.method, self.options, self.sparsity, "prune")
+        return Cell(self.model, self.method, self.options, self.sparsity, CellKind.PRUNE.value)
 
     @property
     def label(self) -> str:
@@ -76,18 +77,24 @@ def plan(config: StudyConfig) -> list[Cell]:
     """Every cell of the study, each after the prune cell it depends on."""
     cells: list[Cell] = []
     for spec in config.models:
-        measures = [*spec.tasks, *(["pack"] if config.size.enabled else []), *(["bench"] if config.runtime.enabled else [])]
         if config.analyze:
-            cells.append(Cell(spec.name, DENSE, "{}", 0.0, "analyze"))
+            cells.append(Cell(spec.name, DENSE, "{}", 0.0, CellKind.ANALYZE.value))
         if 0.0 in config.sparsities:
-            cells += [Cell(spec.name, DENSE, "{}", 0.0, task) for task in measures]
+            cells += [Cell(spec.name, DENSE, "{}", 0.0, task) for task in _measures(spec, config, 0.0)]
         for method in config.methods:
             options = canonical(method.options())
             sparsities = [method.fixed_sparsity] if method.fixed_sparsity else [s for s in config.sparsities if s > 0]
             for sparsity in sparsities:
-                cells.append(Cell(spec.name, method.method, options, sparsity, "prune"))
-                cells += [Cell(spec.name, method.method, options, sparsity, task) for task in measures]
+                cells.append(Cell(spec.name, method.method, options, sparsity, CellKind.PRUNE.value))
+                cells += [Cell(spec.name, method.method, options, sparsity, task) for task in _measures(spec, config, sparsity)]
     return cells
+
+
+def _measures(spec: ModelSpec, config: StudyConfig, sparsity: float) -> list[str]:
+    """The measuring cells of one model at one sparsity: its tasks, its packed size, its latency where timed."""
+    pack = [CellKind.PACK.value] if config.size.enabled else []
+    bench = [CellKind.BENCH.value] if config.runtime.times(sparsity) else []
+    return [*spec.tasks, *pack, *bench]
 
 
 def method_spec(cell: Cell) -> MethodSpec:
@@ -111,15 +118,7 @@ def is_complete_model_dir(path: Path) -> bool:
 
 def run_cell(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
     """Do one cell and return {metrics, settings}; raises on failure (the executor records the error)."""
-    runners = {
-        "analyze": _analyze,
-        "prune": _prune,
-        "perplexity": _perplexity,
-        "classification": _classification,
-        "pack": _pack,
-        "bench": _bench,
-    }
-    return runners[cell.kind](cell, config, Path(out))
+    return RUNNERS[cell.kind](cell, config, Path(out))
 
 
 def execute(cell_json: dict[str, Any], config_json: dict[str, Any], out: str, executor: str) -> dict[str, Any]:
@@ -139,31 +138,40 @@ def execute(cell_json: dict[str, Any], config_json: dict[str, Any], out: str, ex
     except Exception as exc:  # noqa: BLE001 - a broken cell must not stop the study; its row says what happened
         tb = traceback.extract_tb(exc.__traceback__)[-1]
         result, status, error = {}, "failed", f"{type(exc).__name__}: {exc} (at {Path(tb.filename).name}:{tb.lineno})"
-    row = Row(
+    return cell_row(cell, config, executor, status, result, error, started, time.perf_counter() - t0)
+
+
+def cell_row(
+    cell: Cell,
+    config: StudyConfig,
+    executor: str,
+    status: str,
+    result: dict[str, Any],
+    error: str | None,
+    started: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """A cell's outcome as a stored row (as JSON)."""
+    return Row(
         model=cell.model,
         method=cell.method,
         options=json.loads(cell.options),
         sparsity=cell.sparsity,
         task=cell.task,
-        kind=cell.kind,
+        kind=cell.kind.value,
         status=status,
         metrics=result.get("metrics", {}),
         settings=result.get("settings", {}),
         provenance=provenance(config, executor),
         error=error,
         started=started,
-        seconds=time.perf_counter() - t0,
-    )
-    return row.to_json()
-
-
-def skipped(cell: Cell, config: StudyConfig, executor: str, reason: str) -> dict[str, Any]:
-    """The row of a cell that could not run because the cell it depends on failed."""
-    return Row(
-        model=cell.model, method=cell.method, options=json.loads(cell.options), sparsity=cell.sparsity,
-        task=cell.task, kind=cell.kind, status="failed", metrics={}, settings={},
-        provenance=provenance(config, executor), error=reason, started=time.time(), seconds=0.0,
+        seconds=seconds,
     ).to_json()
+
+
+def failed_row(cell: Cell, config: StudyConfig, executor: str, reason: str) -> dict[str, Any]:
+    """The row of a cell that did not run to its end: its prune cell failed, or its worker died."""
+    return cell_row(cell, config, executor, "failed", {}, reason, time.time(), 0.0)
 
 
 def provenance(config: StudyConfig, executor: str) -> dict[str, Any]:
@@ -220,7 +228,7 @@ def clear_scratch(work: Path) -> None:
         pass  # another cell's scratch is still there (parallel workers)
 
 
-# --- the six kinds of cell --------------------------------------------------------------------------------------
+# --- one runner per kind of cell ---------------------------------------------------------------------------------
 
 
 def _analyze(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
@@ -340,3 +348,13 @@ def _bench(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
 def _scalars(report: dict[str, Any]) -> dict[str, Any]:
     """The top-level numbers and strings of a report (per-matrix detail stays in the model directory)."""
     return {k: v for k, v in report.items() if not isinstance(v, (list, dict))}
+
+
+RUNNERS: dict[CellKind, Callable[[Cell, StudyConfig, Path], dict[str, Any]]] = {
+    CellKind.ANALYZE: _analyze,
+    CellKind.PRUNE: _prune,
+    CellKind.PERPLEXITY: _perplexity,
+    CellKind.CLASSIFICATION: _classification,
+    CellKind.PACK: _pack,
+    CellKind.BENCH: _bench,
+}

@@ -9,16 +9,30 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from enum import StrEnum
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import SparselmError
 from ..evaluation.tasks import check_task, is_classification
-from ..models import EMBEDDED
+from ..models import EMBEDDED, reference_kind
+from ..pruning.settings import PruneSettings, settings_from
+from ..storage import FORMATS
+from ..storage.pack import DTYPES
 
 DEFAULT_CONFIG = "default.yaml"
 # Sections that only say where and how cells run; they never change a result, so they stay out of the hash.
@@ -26,9 +40,29 @@ UNHASHED = ("resources",)
 VARIANTS = ("quick", "full")  # sections of overrides merged over the rest with --quick / --full
 
 
-def task_kind(task: str) -> Literal["perplexity", "classification"]:
+class CellKind(StrEnum):
+    """What a cell does; the study's one list of them (runners, Ray resources and the report all key on it)."""
+
+    ANALYZE = "analyze"
+    PRUNE = "prune"
+    PERPLEXITY = "perplexity"
+    CLASSIFICATION = "classification"
+    PACK = "pack"
+    BENCH = "bench"
+
+
+# Kinds whose cell's task is the kind's own name; the other kinds' cells are named after their evaluation task.
+NAMED_BY_KIND = (CellKind.ANALYZE, CellKind.PRUNE, CellKind.PACK, CellKind.BENCH)
+
+
+def task_kind(task: str) -> CellKind:
     """Perplexity tasks are measured as they are; classification tasks are fine-tuned first."""
-    return "classification" if is_classification(task) else "perplexity"
+    return CellKind.CLASSIFICATION if is_classification(task) else CellKind.PERPLEXITY
+
+
+def cell_kind(task: str) -> CellKind:
+    """The kind of the cell named `task`: analyze, prune, pack and bench by name, an evaluation task by its kind."""
+    return CellKind(task) if task in NAMED_BY_KIND else task_kind(task)
 
 
 class Strict(BaseModel):
@@ -50,23 +84,19 @@ Sparsity = Annotated[float, Field(ge=0.0, lt=1.0, description="fraction of weigh
 class ModelSpec(Strict):
     """One model of the study and the tasks it is measured on."""
 
-    name: str = Field(description="embedded alias, local model directory, or hub id org/name")
+    name: str = Field(description="embedded alias, local model directory, or hub id (gpt2, org/name)")
     tasks: list[Task] = Field(default_factory=list, description="ptb, wiki, wikitext2, text:PATH, wiki-pair, ...")
     finetune_max_steps: int | None = Field(None, ge=1, description="this model's fine-tuning step budget")
 
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        if name in EMBEDDED or (Path(name).expanduser() / "config.json").is_file():
-            return name
-        if Path(name).expanduser().exists():
-            raise ValueError(f"'{name}' has no config.json, so it is not a Hugging Face model directory")
-        if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-            return name  # a hub id; fetched when the study runs
-        raise ValueError(
-            f"unknown model '{name}': use an embedded alias ({', '.join(EMBEDDED)}), "
-            "a directory with config.json, or a hub id org/name"
-        )
+        """The rule every command applies (sparselm.models.reference_kind); a hub id is fetched when the study runs."""
+        try:
+            reference_kind(name)
+        except SparselmError as exc:
+            raise ValueError(str(exc)) from None
+        return name
 
     @field_validator("tasks")
     @classmethod
@@ -76,29 +106,40 @@ class ModelSpec(Strict):
         return tasks
 
 
+def _prune_settings(**fields: Any) -> PruneSettings:
+    try:
+        return settings_from(**fields)
+    except SparselmError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _is_text_task(task: str) -> bool:
     return task.startswith("text:") and len(task) > 5
 
 
 class MethodSpec(Strict):
-    """A pruning method and its options (sparselm.pruning.PruneSettings fields other than sparsity/calibration)."""
+    """A pruning method and its options: PruneSettings fields (other than sparsity and calibration), checked by
+    PruneSettings itself, so the study accepts exactly the methods, scopes, patterns and allocations `prune` does."""
 
-    method: Literal["magnitude", "wanda", "sparsegpt"]
-    scope: Literal["global", "layer"] | None = Field(None, description="default: global for magnitude, else layer")
+    method: str
+    scope: str | None = Field(None, description="default: global for magnitude, else layer")
     pattern: str = "unstructured"
-    allocation: Literal["uniform", "owl"] = "uniform"
+    allocation: str = "uniform"
     include_embeddings: bool = False
+
+    @field_validator("method", "scope", "pattern", "allocation", "include_embeddings")
+    @classmethod
+    def _valid_prune_setting(cls, value: Any, info: ValidationInfo) -> Any:
+        """Each option on its own, as PruneSettings reads it (patterns come back normalised: `2:4`)."""
+        if value is None:
+            return value
+        return getattr(_prune_settings(**{info.field_name: value}), info.field_name)
 
     @model_validator(mode="after")
     def _default_scope_and_check(self) -> MethodSpec:
         if self.scope is None:
             object.__setattr__(self, "scope", "global" if self.method == "magnitude" else "layer")
-        from ..pruning import PruneSettings  # the pruning engine decides which combinations make sense
-
-        try:
-            PruneSettings(method=self.method, **self.options())
-        except SparselmError as exc:
-            raise ValueError(str(exc)) from None
+        _prune_settings(method=self.method, **self.options())  # the combination, as the pruning engine judges it
         return self
 
     @property
@@ -163,17 +204,42 @@ class Finetune(Strict):
 
 
 class Size(Strict):
+    """`sparselm pack` of every model: any format and dtype that `pack` accepts."""
+
     enabled: bool = True
-    format: Literal["auto", "bitmask", "csr", "compressed-tensors"] = "auto"
-    dtype: Literal["keep", "fp16", "bf16"] = "keep"
+    format: str = "auto"
+    dtype: str = "keep"
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"unknown format '{value}'; use one of: {', '.join(FORMATS)}")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"unknown dtype '{value}'; use one of: {', '.join(DTYPES)}")
+        return value
 
 
 class Runtime(Strict):
+    """Dense vs accelerated latency (`sparselm bench`), timed in alternating rounds; a median with its spread."""
+
     enabled: bool = True
     tokens: list[int] = Field(default_factory=lambda: [1, 128])
     threads: int | None = Field(None, ge=1)
-    rounds: int = Field(3, ge=1, description="timed repetitions per shape (the median is kept)")
-    steps: int = Field(8, ge=1, description="decode steps per timed decode")
+    rounds: int = Field(7, ge=1, description="alternating dense/accelerated rounds per shape (median and min–max kept)")
+    steps: int = Field(16, ge=1, description="decode steps per timed decode")
+    sparsities: list[Sparsity] | None = Field(
+        None, description="time only the models pruned to these sparsities (None: every sparsity of the study)"
+    )
+
+    def times(self, sparsity: float) -> bool:
+        """Whether the models at this sparsity get a latency cell (0 is the dense model)."""
+        return self.enabled and (self.sparsities is None or any(abs(sparsity - s) < 1e-9 for s in self.sparsities))
 
     @field_validator("tokens")
     @classmethod
@@ -191,13 +257,17 @@ class CellResources(Strict):
     memory_gb: float | None = Field(None, gt=0)
 
 
-class Resources(Strict):
-    prune: CellResources = CellResources()
-    analyze: CellResources = CellResources()
-    perplexity: CellResources = CellResources()
-    classification: CellResources = CellResources()
-    pack: CellResources = CellResources()
-    bench: CellResources = CellResources()
+# One optional section per kind of cell (`resources: {prune: {cpus: 2}}`), generated from CellKind.
+Resources = create_model(
+    "Resources",
+    __base__=Strict,
+    __doc__="What each kind of cell asks of a Ray cluster.",
+    **{kind.value: (CellResources, CellResources()) for kind in CellKind},
+)
+
+
+def resources_of(resources: BaseModel, kind: CellKind) -> CellResources:
+    return getattr(resources, kind.value)
 
 
 class StudyConfig(Strict):
@@ -215,7 +285,7 @@ class StudyConfig(Strict):
     finetune: Finetune = Finetune()
     size: Size = Size()
     runtime: Runtime = Runtime()
-    resources: Resources = Resources()
+    resources: Resources = Resources()  # type: ignore[valid-type]
     quick: dict[str, Any] | None = Field(None, description="overrides merged in with --quick")
     full: dict[str, Any] | None = Field(None, description="overrides merged in with --full (the full-size study)")
 

@@ -12,17 +12,24 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+from .._optional import optional_import
 from ..errors import SparselmError
-from .cells import Cell, estimated_memory_bytes, execute
-from .config import StudyConfig
+from .cells import Cell, estimated_memory_bytes, execute, failed_row
+from .config import CellKind, StudyConfig, resources_of
 
 Outcome = tuple[Cell, dict[str, Any]]
 RAY_CONNECT_TIMEOUT_S = 5.0
+# HTTP/2 (RFC 9113 §3.4): the client's preface is this string and a SETTINGS frame; a server's first frame is SETTINGS.
+HTTP2_SETTINGS = 0x4
+HTTP2_FRAME_HEADER = 9
+HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, HTTP2_SETTINGS, 0, 0, 0, 0, 0])
 
 
 class Executor(Protocol):
@@ -110,7 +117,7 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, config: StudyConfig, out: str, address: str | None, workers: int | None) -> None:
-        ray = _import_ray()
+        ray = optional_import("ray", "ray", "the Ray executor")
         self.ray = ray
         if address:
             check_ray_address(address)
@@ -132,10 +139,10 @@ class RayExecutor:
             ) from None
         self.cluster = ray.cluster_resources()
         self.capacity = max(1, int(self.cluster.get("CPU", 1)))
-        wants_gpu = [kind for kind, res in config.resources if res.gpus > 0]
+        wants_gpu = [kind for kind in CellKind if resources_of(config.resources, kind).gpus > 0]
         if wants_gpu and not self.cluster.get("GPU"):
             raise SparselmError(
-                f"resources.{wants_gpu[0]} asks for GPUs but the Ray cluster has none; set gpus: 0 or add GPU nodes"
+                f"resources.{wants_gpu[0].value} asks for GPUs but the Ray cluster has none; set gpus: 0 or add GPU nodes"
             )
         self.config = config
         self.config_json = config.model_dump(mode="json")
@@ -151,7 +158,7 @@ class RayExecutor:
 
     def task_options(self, cell: Cell) -> dict[str, Any]:
         """The cell's declared resources, capped at what the whole cluster has (a larger ask could never run)."""
-        res = getattr(self.config.resources, cell.kind)
+        res = resources_of(self.config.resources, cell.kind)
         memory = int(res.memory_gb * 2**30) if res.memory_gb else estimated_memory_bytes(cell.model)
         options: dict[str, Any] = {
             "num_cpus": min(res.cpus, self.cluster.get("CPU", res.cpus)),
@@ -170,7 +177,8 @@ class RayExecutor:
             try:
                 outcomes.append((cell, self.ray.get(ref)))
             except self.ray.exceptions.RayError as exc:  # the worker died (e.g. out of memory): record, go on
-                outcomes.append((cell, {"__ray_error__": f"Ray task failed: {type(exc).__name__}: {exc}"}))
+                reason = f"Ray task failed: {type(exc).__name__}: {exc}"
+                outcomes.append((cell, failed_row(cell, self.config, self.name, reason)))
         return outcomes
 
     def close(self) -> None:
@@ -181,56 +189,50 @@ class RayExecutor:
             self.ray.shutdown()
 
 
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise SparselmError("the Ray executor needs Ray: pip install 'ray[default]'") from None
-    return ray
-
-
 def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
     """Fail fast, with a clear message, when a Ray address does not answer (ray.init would wait a long time).
 
-    One gRPC call with a deadline: Ray's GCS (HOST:PORT) is asked for its cluster id, a Ray client server
-    (ray://HOST:PORT) is pinged. Any answer in Ray's protocol (even "authentication needed") means a cluster is
-    there; a refused connection, silence or a server that does not know the call means there is none.
+    Ray's GCS (HOST:PORT) and Ray client server (ray://HOST:PORT) are gRPC servers: a TCP connection with a
+    deadline, then HTTP/2's connection preface, which every such server answers with a SETTINGS frame. A refused
+    connection, silence (a firewall or proxy that accepts anything) or another protocol means no cluster is there;
+    whether the server is really Ray is left to ray.init.
     """
     if address == "auto" or address.startswith("local"):
         return
-    import grpc
-
     parsed = urlparse(address if "://" in address else f"gcs://{address}")
-    host = parsed.hostname
     client = parsed.scheme == "ray"
-    port = parsed.port or (10001 if client else 6379)
+    try:
+        host, port = parsed.hostname, parsed.port or (10001 if client else 6379)
+    except ValueError:  # a port that is not a number
+        host, port = None, 0
     if not host or parsed.scheme not in ("ray", "gcs"):
         raise SparselmError(f"'{address}' is not a Ray address; use HOST:PORT (GCS) or ray://HOST:PORT (Ray client)")
-    channel = grpc.insecure_channel(f"{host}:{port}")
+    reason = _grpc_silence(host, port, timeout)
+    if reason:
+        raise SparselmError(
+            f"the Ray cluster at '{address}' does not answer ({host}:{port}: {reason}, waited at most {timeout:g} s); "
+            "check the address and that `ray start --head` runs there, or drop --ray-address for a local cluster"
+        )
+
+
+def _grpc_silence(host: str, port: int, timeout: float) -> str | None:
+    """Why no gRPC server answers at host:port within `timeout` seconds, or None when one does."""
+    deadline = time.monotonic() + timeout
     try:
-        _ray_ping(channel, client, timeout)
-    except grpc.RpcError as exc:
-        if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-            reason = exc.code().name.lower().replace("_", " ")
-            raise SparselmError(
-                f"the Ray cluster at '{address}' does not answer ({host}:{port}: {reason}, waited at most {timeout:g} s); "
-                "check the address and that `ray start --head` runs there, or drop --ray-address for a local cluster"
-            ) from None
-    finally:
-        channel.close()
-
-
-def _ray_ping(channel: Any, client: bool, timeout: float) -> None:
-    if client:
-        from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
-
-        request = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING)
-        ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(request, timeout=timeout)
-    else:
-        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
-
-        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
-        stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.sendall(HTTP2_CLIENT_PREFACE)
+            header = b""
+            while len(header) < HTTP2_FRAME_HEADER:
+                conn.settimeout(max(0.001, deadline - time.monotonic()))
+                chunk = conn.recv(HTTP2_FRAME_HEADER - len(header))
+                if not chunk:
+                    return "closed the connection without answering"
+                header += chunk
+    except TimeoutError:
+        return "timed out"
+    except OSError as exc:
+        return (exc.strerror or type(exc).__name__).lower()
+    return None if header[3] == HTTP2_SETTINGS else "answers, but not as a gRPC server"
 
 
 def make_executor(
@@ -283,9 +285,5 @@ def schedule(
             break
         for cell, row in executor.wait():
             in_flight -= 1
-            if "__ray_error__" in row:
-                skip(cell, row["__ray_error__"])
-                failed.add(cell.key)
-                continue
             record(cell, row)
             (ok if row["status"] == "ok" else failed).add(cell.key)

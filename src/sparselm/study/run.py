@@ -22,7 +22,7 @@ import yaml
 
 from ..errors import SparselmError
 from ..io import atomic_write_text, ensure_writable_dir
-from .cells import WORK_DIR, Cell, is_complete_model_dir, model_dir, plan, skipped
+from .cells import WORK_DIR, Cell, failed_row, is_complete_model_dir, model_dir, plan
 from .config import StudyConfig
 from .executors import make_executor, schedule
 from .store import ResultStore, Row
@@ -85,7 +85,7 @@ def run_study(
                     on_cell(cell, row)
 
             def skip(cell: Cell, reason: str) -> None:
-                record(cell, skipped(cell, config, runner.name, reason))
+                record(cell, failed_row(cell, config, runner.name, reason))
 
             schedule(cells, done, runner, record, skip)
             shutil.rmtree(out / WORK_DIR, ignore_errors=True)
