@@ -282,7 +282,7 @@ def _prune(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
     if reused:
         report = json.loads((target / "sparsity.json").read_text(encoding="utf-8"))
     else:
-        report = prune_to_dir(cell.model, settings, target)
+        report = prune_to_dir(cell.model, settings, target).to_json()
     metrics = _scalars(report)
     metrics.update({"dir": str(target.relative_to(out)), "reused_existing_dir": reused})
     return {"metrics": metrics, "settings": settings.model_dump(mode="json")}
