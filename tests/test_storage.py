@@ -88,8 +88,10 @@ def test_compressed_tensors_package_decompresses_our_output(tmp_path):
         str(out), ["shape", "compressed", "bitmask", "row_offsets"], return_unmatched_params=True
     )
     original = tensors_of(src)
-    assert set(nested) | set(unmatched) == set(original)
-    assert {n.removesuffix(".weight") for n in nested} == set(sparsity.targets)
+    # compressed-tensors keys the parts by module (`X.bitmask` for `X.weight`), as its decompressor expects
+    assert {f"{n}.weight" for n in nested} | set(unmatched) == set(original)
+    assert set(nested) == set(sparsity.targets) and not any(n.endswith(".weight") for n in nested)
+    assert "format" not in qconfig
     stored = load_file(out / "model.safetensors")
     for name, parts in nested.items():
         assert set(parts) == {"shape", "compressed", "bitmask", "row_offsets"}
@@ -97,7 +99,7 @@ def test_compressed_tensors_package_decompresses_our_output(tmp_path):
         keep = unpack_bitmasks(stored[f"{name}.bitmask"], shape)
         dense = torch.zeros(shape, dtype=stored[f"{name}.compressed"].dtype)
         dense[keep] = stored[f"{name}.compressed"]
-        assert torch.equal(dense, original[name])
+        assert torch.equal(dense, original[f"{name}.weight"])
         counts = keep.sum(dim=1)
         assert torch.equal(stored[f"{name}.row_offsets"], torch.cumsum(counts, 0) - counts)
     assert all(torch.equal(stored[n], original[n]) for n in unmatched)
