@@ -1,7 +1,8 @@
-"""Opening a packed directory as a model: built from its config, then filled tensor by tensor as each is decoded.
+"""Opening a packed directory as a model: built from its config with empty (meta) weights, then each decoded tensor
+put in place as it comes.
 
-Nothing is written to disk and no dense state dict is gathered: peak memory is the model plus one decoded tensor
-(and its coded parts). Checkpoint names are matched to the model as `from_pretrained` matches them for the common
+Nothing is written to disk, no dense state dict is gathered and no tensor is copied into a second one: peak memory
+is the model plus one tensor being decoded (and its coded parts). Checkpoint names are matched to the model as `from_pretrained` matches them for the common
 case of a head or base class other than the one saved (the base model prefix added or dropped); checkpoint tensors
 the model has no place for are skipped, and model tensors the checkpoint lacks keep their initialisation, as with
 `from_pretrained`.
@@ -42,9 +43,13 @@ def model_from_packed(
     path: Path, manifest: dict[str, Any], cls: Any, config: Any, dtype: torch.dtype, **model_kwargs: Any
 ) -> nn.Module:
     """An instance of `cls` (a model class or a transformers Auto class) holding the packed directory's weights."""
+    from accelerate import init_empty_weights
+
     build = cls._from_config if hasattr(cls, "_from_config") else cls.from_config
-    model = build(config, dtype=dtype, **model_kwargs)
+    with init_empty_weights(include_buffers=False):
+        model = build(config, dtype=dtype, **model_kwargs)
     fill(model, path, manifest)
+    initialise_missing(model)
     if model.can_generate() and (path / GENERATION_CONFIG).is_file():
         from transformers import GenerationConfig
 
@@ -53,20 +58,56 @@ def model_from_packed(
 
 
 def fill(model: nn.Module, path: Path, manifest: dict[str, Any]) -> None:
-    """Copy every decoded tensor into the model's parameter or buffer of the same name (cast to its dtype)."""
-    targets = model.state_dict(keep_vars=True)
+    """Put each decoded tensor in place of the (meta) parameter or buffer of the same name, cast to its dtype.
+
+    Tied parameters share one Parameter object: the decoded tensor goes to every name of that object, so ties hold.
+    """
+    state = model.state_dict(keep_vars=True)
+    names_of: dict[int, list[str]] = {}
+    for key, tensor in state.items():
+        names_of.setdefault(id(tensor), []).append(key)
     prefix = getattr(model, "base_model_prefix", "")
-    with torch.no_grad():
-        for _, name, tensor in iter_decoded(path, manifest):
-            key = model_key(name, targets, prefix)
-            if key is None:
-                continue
-            if targets[key].shape != tensor.shape:
-                raise SparselmError(
-                    f"'{name}' in '{path}' has shape {list(tensor.shape)} but the model expects "
-                    f"{list(targets[key].shape)}; the config does not match the weights, re-pack the model"
-                )
-            targets[key].copy_(tensor)
+    for _, name, tensor in iter_decoded(path, manifest):
+        key = model_key(name, state, prefix)
+        if key is None:
+            continue
+        old = state[key]
+        if old.shape != tensor.shape:
+            raise SparselmError(
+                f"'{name}' in '{path}' has shape {list(tensor.shape)} but the model expects {list(old.shape)}; "
+                "the config does not match the weights, re-pack the model"
+            )
+        if tensor.is_floating_point():
+            tensor = tensor.to(old.dtype)
+        new = nn.Parameter(tensor, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else tensor
+        new._is_hf_initialized = True  # transformers' weight initialisation leaves it alone
+        for tied in names_of[id(old)]:
+            place(model, tied, new)
+
+
+def place(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    slots = module._parameters if attr in module._parameters else module._buffers
+    slots[attr] = tensor
+
+
+def initialise_missing(model: nn.Module) -> None:
+    """Model tensors the checkpoint lacks (still on the meta device) get the model's own initialisation, as
+    `from_pretrained` gives them; loaded tensors carry `_is_hf_initialized` and are skipped."""
+    state = model.state_dict(keep_vars=True)
+    missing = {id(t): (key, t) for key, t in state.items() if t.is_meta}
+    if not missing:
+        return
+    names_of: dict[int, list[str]] = {}
+    for key, tensor in state.items():
+        names_of.setdefault(id(tensor), []).append(key)
+    for ident, (key, old) in missing.items():
+        empty = torch.empty(old.shape, dtype=old.dtype)
+        new = nn.Parameter(empty, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else empty
+        for tied in names_of[ident]:
+            place(model, tied, new)
+    model.initialize_weights()
 
 
 def model_key(name: str, keys: dict[str, Any], prefix: str) -> str | None:

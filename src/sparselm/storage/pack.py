@@ -252,7 +252,8 @@ def iter_decoded(path: str | Path, manifest: dict[str, Any] | None = None) -> It
     """(source file, tensor name, tensor) for every tensor of a packed directory, decoded bit-exactly."""
     path = Path(path)
     manifest = manifest or read_manifest(path)
-    with safe_open(str(path / LAYOUTS[manifest["layout"]].weights_file), framework="pt") as fh:
+    # pread, not mmap: pages of a mapped file would stay resident and count against the load's memory
+    with safe_open(str(path / LAYOUTS[manifest["layout"]].weights_file), framework="pt", backend="pread") as fh:
         for name, info in manifest["tensors"].items():
             parts = {part: fh.get_tensor(key) for part, key in info["keys"].items()}
             encoded = Encoded(info["codec"], tuple(info["shape"]), getattr(torch, info["dtype"]), parts, info["meta"])
