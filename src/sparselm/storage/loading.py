@@ -49,6 +49,7 @@ def model_from_packed(
     with init_empty_weights(include_buffers=False):
         model = build(config, dtype=dtype, **model_kwargs)
     fill(model, path, manifest)
+    model.tie_weights()  # as from_pretrained does: built with empty weights, tied heads are tied only now
     initialise_missing(model)
     if model.can_generate() and (path / GENERATION_CONFIG).is_file():
         from transformers import GenerationConfig
