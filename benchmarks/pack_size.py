@@ -35,7 +35,7 @@ def entropy(s: float) -> float:
 def sizes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, float]:
     """Bytes of the prunable matrices: dense, information bound, sparselm auto, compressed-tensors bitmask."""
     out = {"dense": 0.0, "bound": 0.0, "auto": 0.0, "compressed_tensors": 0.0, "zeros": 0, "weights": 0}
-    ct = get_codec("compressed-tensors")
+    ct = get_codec("sparse-bitmask")
     for m in select_matrices(model):
         w = m.weight().contiguous().to(dtype)
         n, bits = w.numel(), 8 * w.element_size()

@@ -89,8 +89,10 @@ def test_compressed_tensors_package_decompresses_our_output(tmp_path):
         str(out), ["shape", "compressed", "bitmask", "row_offsets"], return_unmatched_params=True
     )
     original = tensors_of(src)
-    assert set(nested) | set(unmatched) == set(original)
-    assert {n.removesuffix(".weight") for n in nested} == set(sparsity.targets)
+    # compressed-tensors keys the parts by module (`X.bitmask` for `X.weight`), as its decompressor expects
+    assert {f"{n}.weight" for n in nested} | set(unmatched) == set(original)
+    assert set(nested) == set(sparsity.targets) and not any(n.endswith(".weight") for n in nested)
+    assert "format" not in qconfig
     stored = load_file(out / "model.safetensors")
     for name, parts in nested.items():
         assert set(parts) == {"shape", "compressed", "bitmask", "row_offsets"}
@@ -98,7 +100,7 @@ def test_compressed_tensors_package_decompresses_our_output(tmp_path):
         keep = unpack_bitmasks(stored[f"{name}.bitmask"], shape)
         dense = torch.zeros(shape, dtype=stored[f"{name}.compressed"].dtype)
         dense[keep] = stored[f"{name}.compressed"]
-        assert torch.equal(dense, original[name])
+        assert torch.equal(dense, original[f"{name}.weight"])
         counts = keep.sum(dim=1)
         assert torch.equal(stored[f"{name}.row_offsets"], torch.cumsum(counts, 0) - counts)
     assert all(torch.equal(stored[n], original[n]) for n in unmatched)
@@ -205,3 +207,51 @@ def test_sharded_source_round_trips(tmp_path):
     original, restored = tensors_of(tmp_path / "src"), tensors_of(tmp_path / "dense")
     assert all(same_bits(original[k], restored[k]) for k in original)
     assert models.load(str(tmp_path / "dense")) is not None
+
+
+SPARSELM_LAYOUT_FORMATS = ["auto", "bitmask", "csr", "rice"]
+
+
+@pytest.mark.parametrize("fmt", SPARSELM_LAYOUT_FORMATS)
+def test_transformers_refuses_a_packed_directory_naming_the_way_out(tmp_path, fmt):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = pruned_dir(tmp_path, "gpt2")
+    pack(src, tmp_path / "packed", format=fmt)
+    with pytest.raises(ValueError, match=r"packed by sparselm.*sparselm unpack.*sparselm\.load"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.float32)
+    assert AutoConfig.from_pretrained(tmp_path / "packed").model_type == "gpt2"  # configs and tokenizers still read
+
+
+@pytest.mark.parametrize("fmt", ["auto", "compressed-tensors"])
+def test_unpack_restores_config_json_byte_for_byte(tmp_path, fmt):
+    src = pruned_dir(tmp_path, "llama")
+    original = (src / "config.json").read_bytes()
+    pack(src, tmp_path / "packed", format=fmt)
+    assert (tmp_path / "packed" / "config.json").read_bytes() != original
+    unpack(tmp_path / "packed", tmp_path / "dense")
+    assert (tmp_path / "dense" / "config.json").read_bytes() == original
+
+
+def test_version_1_directories_still_unpack_and_load(tmp_path):
+    """A compressed-tensors directory as sparselm 0.1 wrote it: manifest version 1, no source_config, and config.json
+    with the quantization_config that unpacking drops."""
+    from sparselm.storage.pack import sha256_of
+
+    src = pruned_dir(tmp_path, "opt")
+    packed = tmp_path / "packed"
+    pack(src, packed, format="compressed-tensors")
+    manifest = json.loads((packed / MANIFEST).read_text())
+    del manifest["source_config"]
+    manifest["version"] = 1
+    config = packed / "config.json"
+    config.write_text(json.dumps({**json.loads((src / "config.json").read_text()),
+                                  "quantization_config": {"quant_method": "compressed-tensors"}}))
+    manifest["files"]["config.json"] = {"sha256": sha256_of(config), "bytes": config.stat().st_size}
+    (packed / MANIFEST).write_text(json.dumps(manifest))
+    unpack(packed, tmp_path / "dense")
+    assert json.loads((tmp_path / "dense" / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    original, restored = tensors_of(src), tensors_of(tmp_path / "dense")
+    assert all(same_bits(original[k], restored[k]) for k in original)
+    reference = models.load(str(src)).state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in models.load(str(packed)).state_dict().items())

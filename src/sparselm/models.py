@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -316,20 +316,24 @@ def load_with_source(
 ) -> tuple[torch.nn.Module, ModelSource]:
     from safetensors import SafetensorError
 
-    from .storage import is_packed, unpacked
+    from .storage import is_packed, model_from_packed, packed_config, read_manifest
 
     source = resolve(name_or_path)
-    with unpacked(source.path) if is_packed(source.path) else nullcontext(source.path) as path:
-        config = load_config(path, name_or_path, trust_remote_code)
-        for key, value in model_kwargs.pop("config_overrides", {}).items():
-            setattr(config, key, value)
-        cls = _model_class(head, config)
-        try:
+    path = source.path
+    manifest = read_manifest(path) if is_packed(path) else None
+    config = packed_config(path, manifest) if manifest else load_config(path, name_or_path, trust_remote_code)
+    for key, value in model_kwargs.pop("config_overrides", {}).items():
+        setattr(config, key, value)
+    cls = _model_class(head, config)
+    try:
+        if manifest:
+            model = model_from_packed(path, manifest, cls, config, dtype, **model_kwargs)
+        else:
             model = cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **model_kwargs)
-        except ValueError as exc:
-            raise SparselmError(f"'{name_or_path}' cannot be loaded with a {head} head: {_first_line(exc)}") from exc
-        except (OSError, SafetensorError) as exc:
-            raise SparselmError(_weights_error(name_or_path, source.path, exc)) from exc
+    except ValueError as exc:
+        raise SparselmError(f"'{name_or_path}' cannot be loaded with a {head} head: {_first_line(exc)}") from exc
+    except (OSError, SafetensorError) as exc:
+        raise SparselmError(_weights_error(name_or_path, source.path, exc)) from exc
     model.eval()
     return model, source
 

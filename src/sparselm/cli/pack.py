@@ -20,7 +20,11 @@ def pack_command(
     model: str = typer.Argument(..., help="Model directory (or embedded alias / hub id) with safetensors weights."),
     out: Path = typer.Option(..., "--out", "-o", help="Packed directory to write (replaced atomically)."),
     format: str = typer.Option(
-        "auto", "--format", help=f"Codec: {'|'.join(FORMATS)}; auto keeps the smallest per tensor."
+        "auto",
+        "--format",
+        help=f"Codec: {'|'.join(FORMATS)}; auto keeps the smallest per tensor. compressed-tensors writes its "
+        "sparse-bitmask layout, read by compressed-tensors<=0.12 and transformers 4.5x; transformers 5 does not "
+        "read it (it loads random weights): unpack first or use sparselm.load.",
     ),
     dtype: str = typer.Option("keep", "--dtype", help="Value dtype: keep|fp16|bf16 (fp16/bf16 round the values)."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),

@@ -1,18 +1,25 @@
-"""Sparse storage: codecs (dense, bitmask, csr, rice, compressed-tensors) and pack/unpack of model directories."""
+"""Sparse storage: codecs (tensor ⇄ named parts), file layouts (sparselm's own, compressed-tensors), pack/unpack of
+model directories, and opening a packed directory as a model without a dense copy."""
 
+from . import bitmask, csr, rice, sparse_bitmask  # noqa: F401  (register the codecs)
+from . import compressed_tensors  # noqa: F401  (register the compressed-tensors layout)
 from .codecs import CODECS, Encoded, get_codec
-from .pack import FORMATS, MANIFEST, is_packed, load_state_dict, pack, read_manifest, unpack, unpacked
+from .layouts import LAYOUTS
+from .loading import model_from_packed, packed_config
+from .pack import FORMATS, MANIFEST, is_packed, load_state_dict, pack, read_manifest, unpack
 
 __all__ = [
     "CODECS",
     "Encoded",
     "FORMATS",
+    "LAYOUTS",
     "MANIFEST",
     "get_codec",
     "is_packed",
     "load_state_dict",
+    "model_from_packed",
     "pack",
+    "packed_config",
     "read_manifest",
     "unpack",
-    "unpacked",
 ]

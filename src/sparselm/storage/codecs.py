@@ -1,7 +1,8 @@
 """The codec registry: each codec turns one tensor into named parts (plain tensors) and back, bit-exactly.
 
-A codec never sees files; `pack.py` stores the parts in safetensors and the small per-tensor metadata in the
-manifest. Sparse codecs find non-zeros on the raw bits (so -0.0 survives a round trip) and store the non-zero
+A codec never sees files: a layout (`layouts.py`) names the parts' safetensors keys and `pack.py` stores them, with
+the small per-tensor metadata in the manifest. Adding a codec is one new module with one `@register`ed class,
+imported in `storage/__init__.py`. Sparse codecs find non-zeros on the raw bits (so -0.0 survives a round trip) and store the non-zero
 values in the tensor's own dtype.
 """
 
@@ -45,9 +46,10 @@ CODECS: dict[str, Codec] = {}
 
 
 def register(cls: type) -> type:
-    """Class decorator: instantiate the codec and file it under its normalised name."""
+    """Class decorator: instantiate the codec and file it under its normalised name and any older names."""
     codec = cls()
-    CODECS[codec.name.lower()] = codec
+    for name in (codec.name, *getattr(codec, "aliases", ())):
+        CODECS[name.lower()] = codec
     return cls
 
 

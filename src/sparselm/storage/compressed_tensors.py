@@ -1,9 +1,11 @@
-"""The compressed-tensors `sparse-bitmask` layout (Neural Magic / vLLM), so llm-compressor and vLLM users can read it.
+"""The compressed-tensors `sparse-bitmask` layout, as compressed-tensors ≤0.12 and transformers 4.5x read it.
 
-Per 2-D weight `W` the safetensors file holds `W.shape` (int64 [rows, cols]), `W.compressed` (1-D kept values in
-row-major order), `W.bitmask` (uint8, rows × ceil(cols/8), numpy `packbits` little-endian per row) and
-`W.row_offsets` (int64, where each row starts in `compressed`); config.json carries a `quantization_config` with a
-`sparsity_config` of format `sparse-bitmask`.
+Per coded weight `X.weight` the file `model.safetensors` holds `X.shape`, `X.compressed`, `X.bitmask` and
+`X.row_offsets` (the `.weight` suffix dropped, as compressed-tensors' readers expect; see `sparse_bitmask.py` for
+the parts); every other tensor is stored dense under its own name. config.json gains a `quantization_config` with
+`quant_method`, `version` and a `sparsity_config` and nothing else (a top-level `format` makes compressed-tensors
+0.12 look for a quantisation scheme and fail). compressed-tensors 0.20, llm-compressor and transformers 5 dropped
+the sparse compressors: transformers 5 loads such a directory with the coded matrices left random.
 """
 
 from __future__ import annotations
@@ -13,63 +15,62 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import SparselmError
 from ..masks import is_n_of_m
-from .codecs import Encoded, keep_mask, register
+from .layouts import register_layout
+from .sparse_bitmask import NAME as SPARSE_BITMASK
 
-NAME = "compressed-tensors"
-PARTS = ("shape", "compressed", "bitmask", "row_offsets")
-FORMAT = "sparse-bitmask"
+# The compressed-tensors release whose sparse-bitmask reader this layout follows (the last one that has it).
+WRITTEN_FOR = "0.12.2"
+WEIGHT_SUFFIX = ".weight"
 
 
-@register
-class CompressedTensorsBitmask:
-    name = NAME
+@register_layout
+class CompressedTensorsLayout:
+    name = "compressed-tensors"
+    weights_file = "model.safetensors"
+    formats = {"compressed-tensors": (SPARSE_BITMASK,)}
+    zstd = False
+    config_keys = ("quantization_config",)
 
-    def applies(self, tensor: torch.Tensor) -> bool:
-        return tensor.dim() == 2 and tensor.is_floating_point() and tensor.numel() > 0
+    def codes(self, name: str) -> bool:
+        return name.endswith(WEIGHT_SUFFIX)
 
-    def encode(self, tensor: torch.Tensor) -> Encoded:
-        tensor = tensor.contiguous()
-        keep = keep_mask(tensor)
-        counts = keep.sum(dim=1)
-        parts = {
-            "shape": torch.tensor(list(tensor.shape), dtype=torch.int64),
-            "compressed": tensor[keep],
-            "bitmask": torch.from_numpy(np.packbits(keep.numpy(), axis=-1, bitorder="little")),
-            "row_offsets": torch.cumsum(counts, 0) - counts,
+    def part_key(self, name: str, part: str) -> str:
+        return f"{name.removesuffix(WEIGHT_SUFFIX)}.{part}"
+
+    def config_entries(
+        self, config: dict[str, Any], tensors: dict[str, dict[str, Any]], stored: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        if "quantization_config" in config:
+            raise SparselmError(
+                "the model already has a quantization_config; compressed-tensors packing needs a plain model"
+            )
+        coded = {n: t for n, t in tensors.items() if t["codec"] == SPARSE_BITMASK}
+        numel = sum(t["numel"] for t in coded.values())
+        zeros = sum(t["zeros"] for t in coded.values())
+        masks = [stored[t["keys"]["bitmask"]] for t in coded.values()]
+        columns = [t["shape"][1] for t in coded.values()]
+        return {
+            "quantization_config": {
+                "quant_method": "compressed-tensors",
+                "version": WRITTEN_FOR,
+                "sparsity_config": {
+                    "format": SPARSE_BITMASK,
+                    "global_sparsity": zeros / numel if numel else 0.0,
+                    "sparsity_structure": sparsity_structure(masks, columns),
+                    "targets": sorted(n.removesuffix(WEIGHT_SUFFIX) for n in coded),
+                    "ignore": [],
+                },
+            }
         }
-        return Encoded(self.name, tuple(tensor.shape), tensor.dtype, parts)
-
-    def decode(self, encoded: Encoded) -> torch.Tensor:
-        rows, cols = (int(x) for x in encoded.parts["shape"])
-        bits = np.unpackbits(encoded.parts["bitmask"].numpy(), axis=-1, count=cols, bitorder="little")
-        out = torch.zeros(rows, cols, dtype=encoded.dtype)
-        out[torch.from_numpy(bits.astype(bool))] = encoded.parts["compressed"]
-        return out
 
 
-def sparsity_structure(tensors: list[torch.Tensor]) -> str:
+def sparsity_structure(row_bitmasks: list[torch.Tensor], columns: list[int]) -> str:
     """'2:4' when every group of four consecutive inputs keeps at most two weights, else 'unstructured'."""
-    return "2:4" if tensors and all(is_n_of_m(keep_mask(t), 2, 4) for t in tensors) else "unstructured"
+    def keeps(packed: torch.Tensor, cols: int) -> torch.Tensor:
+        return torch.from_numpy(np.unpackbits(packed.numpy(), axis=-1, count=cols, bitorder="little").astype(bool))
 
-
-def config_entry(targets: list[str], global_sparsity: float, structure: str) -> dict[str, Any]:
-    """The `quantization_config` block of config.json that compressed-tensors readers look for."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        ct_version = version("compressed-tensors")
-    except PackageNotFoundError:
-        ct_version = "0.9.0"
-    return {
-        "quant_method": "compressed-tensors",
-        "version": ct_version,
-        "format": "dense",
-        "sparsity_config": {
-            "format": FORMAT,
-            "global_sparsity": global_sparsity,
-            "sparsity_structure": structure,
-            "targets": targets,
-            "ignore": [],
-        },
-    }
+    if not all(is_n_of_m(keeps(packed, cols), 2, 4) for packed, cols in zip(row_bitmasks, columns)):
+        return "unstructured"
+    return "2:4" if row_bitmasks else "unstructured"

@@ -1,9 +1,10 @@
 """Pack a model directory into sparse safetensors files and back, with a manifest of checksums.
 
-A packed directory holds the model's small files as they were (config.json, tokenizer, provenance.json), the coded
-weights in one safetensors file, and `sparselm-pack.json`: the format version, a sha256 per file, and per tensor
-its codec, shape, dtype, the safetensors keys of its parts and the file it came from. Unpacking rebuilds the same
-tensors bit for bit, in the same files as the source.
+A packed directory holds the model's small files as they were (tokenizer, provenance.json), config.json with its
+layout's entries added (see `layouts.py`), the coded weights in one safetensors file, and `sparselm-pack.json`: the
+format version, a sha256 per file, the source's config.json text, and per tensor its codec, shape, dtype, the
+safetensors keys of its parts and the file it came from. Unpacking rebuilds the same tensors bit for bit, in the
+same files as the source, and the source's config.json byte for byte.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,28 +22,22 @@ from safetensors.torch import save_file
 
 from ..errors import SparselmError
 from ..io import atomic_dir, atomic_write_json
-from . import bitmask, csr, rice  # noqa: F401  (register the codecs)
-from . import compressed_tensors as ct
 from .codecs import Encoded, get_codec, keep_mask
+from .layouts import LAYOUTS, Layout, all_formats, layout_of_format
 from .zstd import compress_parts, decompress_parts
 
 MANIFEST = "sparselm-pack.json"
 FORMAT_NAME = "sparselm-pack"
-FORMAT_VERSION = 1
-PACKED_FILE = "model.packed.safetensors"
-CT_FILE = "model.safetensors"
+# Version 2 adds the layout's config.json entries (transformers refuses the directory) and `source_config`.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+CONFIG = "config.json"
 INDEX_SUFFIX = ".safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 Format = Literal["auto", "bitmask", "csr", "rice", "compressed-tensors"]
 DType = Literal["keep", "fp16", "bf16"]
-FORMATS: dict[str, tuple[str, ...]] = {
-    "auto": ("bitmask", "csr", "rice"),
-    "bitmask": ("bitmask",),
-    "csr": ("csr",),
-    "rice": ("rice",),
-    "compressed-tensors": (ct.NAME,),
-}
+FORMATS: dict[str, tuple[str, ...]] = all_formats()
 DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 Progress = Callable[[str], None]
 
@@ -109,8 +103,7 @@ def pack(
     if is_packed(source.path):
         raise SparselmError(f"'{src_dir}' is already packed; unpack it first (sparselm unpack) or pack the dense model")
     files = source_weight_files(source.path)
-    is_ct = format == "compressed-tensors"
-    keys_file = CT_FILE if is_ct else PACKED_FILE
+    layout = layout_of_format(format)
     stored: dict[str, torch.Tensor] = {}
     tensors: dict[str, dict[str, Any]] = {}
     source_files: dict[str, dict[str, Any]] = {}
@@ -119,8 +112,9 @@ def pack(
             source_files[file.name] = {"metadata": fh.metadata() or {}}
             for name in fh.keys():
                 tensor = convert_dtype(fh.get_tensor(name), DTYPES[dtype])
-                encoded = choose_encoding(tensor, FORMATS[format], use_zstd=not is_ct)
-                keys = part_keys(name, encoded, is_ct)
+                codecs = FORMATS[format] if layout.codes(name) else ()
+                encoded = choose_encoding(tensor, codecs, use_zstd=layout.zstd)
+                keys = part_keys(layout, name, encoded)
                 stored.update({keys[p]: t.contiguous() for p, t in encoded.parts.items()})
                 tensors[name] = describe(name, tensor, encoded, keys, file.name)
                 if progress:
@@ -128,19 +122,21 @@ def pack(
     out = Path(out_dir)
     summary = summarise(tensors, format, dtype)
     with atomic_dir(out) as tmp:
-        save_file(stored, str(tmp / keys_file), metadata={"format": "pt", "packed_by": "sparselm"})
+        save_file(stored, str(tmp / layout.weights_file), metadata={"format": "pt", "packed_by": "sparselm"})
         index = copy_small_files(source.path, tmp)
-        if is_ct:
-            add_ct_config(tmp, tensors, stored)
+        source_config = (source.path / CONFIG).read_text()
+        config = json.loads(source_config)
+        atomic_write_json(tmp / CONFIG, {**config, **layout.config_entries(config, tensors, stored)})
         write_provenance(tmp, source, **{**read_provenance(source.path), "packed": {"format": format, "dtype": dtype}})
         manifest = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
-            "layout": "compressed-tensors" if is_ct else "sparselm",
+            "layout": layout.name,
             "dtype": dtype,
             "files": {p.name: {"sha256": sha256_of(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())},
             "source_files": source_files,
             "source_index": index,
+            "source_config": source_config,
             "tensors": tensors,
             "summary": summary,
         }
@@ -157,12 +153,11 @@ def convert_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tens
     return tensor.to(dtype)
 
 
-def part_keys(name: str, encoded: Encoded, is_ct: bool) -> dict[str, str]:
-    """Safetensors keys: dense tensors keep their name; parts are `name.part` (compressed-tensors) or `name:part`."""
+def part_keys(layout: Layout, name: str, encoded: Encoded) -> dict[str, str]:
+    """Safetensors keys: dense tensors keep their name; coded parts are keyed as the layout says."""
     if encoded.codec == "dense":
         return {"data": name}
-    sep = "." if is_ct else ":"
-    return {part: f"{name}{sep}{part}" for part in encoded.parts}
+    return {part: layout.part_key(name, part) for part in encoded.parts}
 
 
 def describe(name: str, tensor: torch.Tensor, encoded: Encoded, keys: dict[str, str], file: str) -> dict[str, Any]:
@@ -216,28 +211,6 @@ def copy_small_files(src: Path, dst: Path) -> dict[str, Any] | None:
     return index
 
 
-def add_ct_config(tmp: Path, tensors: dict[str, dict[str, Any]], stored: dict[str, torch.Tensor]) -> None:
-    config_path = tmp / "config.json"
-    config = json.loads(config_path.read_text())
-    if "quantization_config" in config:
-        raise SparselmError(
-            "the model already has a quantization_config; compressed-tensors packing needs a plain model"
-        )
-    coded = [n for n, t in tensors.items() if t["codec"] == ct.NAME]
-    numel = sum(tensors[n]["numel"] for n in coded)
-    zeros = sum(tensors[n]["zeros"] for n in coded)
-    masks = [ct_bitmask_dense(stored, tensors[n]) for n in coded]
-    config["quantization_config"] = ct.config_entry(
-        sorted(n.removesuffix(".weight") for n in coded), zeros / numel if numel else 0.0, ct.sparsity_structure(masks)
-    )
-    atomic_write_json(config_path, config)
-
-
-def ct_bitmask_dense(stored: dict[str, torch.Tensor], info: dict[str, Any]) -> torch.Tensor:
-    parts = {p: stored[k] for p, k in info["keys"].items()}
-    return get_codec(ct.NAME).decode(Encoded(ct.NAME, tuple(info["shape"]), getattr(torch, info["dtype"]), parts))
-
-
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a packed directory, after checking its format version and every file's checksum."""
     path = Path(path)
@@ -253,10 +226,16 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         ) from None
     if manifest.get("format") != FORMAT_NAME or not isinstance(manifest.get("version"), int):
         raise SparselmError(f"'{path / MANIFEST}' is not a sparselm pack manifest; re-create it with sparselm pack")
-    if manifest["version"] != FORMAT_VERSION:
+    if manifest["version"] not in READABLE_VERSIONS:
         raise SparselmError(
             f"'{path}' uses packed format version {manifest['version']}, but this sparselm reads version "
-            f"{FORMAT_VERSION}; open it with the sparselm version that wrote it (or upgrade sparselm)"
+            f"{' or '.join(map(str, READABLE_VERSIONS))}; open it with the sparselm version that wrote it (or upgrade "
+            "sparselm)"
+        )
+    if manifest.get("layout") not in LAYOUTS:
+        raise SparselmError(
+            f"'{path / MANIFEST}' names an unknown layout '{manifest.get('layout')}'; open it with the sparselm "
+            "version that wrote it (or upgrade sparselm)"
         )
     for name, info in manifest["files"].items():
         file = path / name
@@ -273,12 +252,24 @@ def iter_decoded(path: str | Path, manifest: dict[str, Any] | None = None) -> It
     """(source file, tensor name, tensor) for every tensor of a packed directory, decoded bit-exactly."""
     path = Path(path)
     manifest = manifest or read_manifest(path)
-    weights = CT_FILE if manifest["layout"] == "compressed-tensors" else PACKED_FILE
-    with safe_open(str(path / weights), framework="pt") as fh:
+    # pread, not mmap: pages of a mapped file would stay resident and count against the load's memory
+    with safe_open(str(path / LAYOUTS[manifest["layout"]].weights_file), framework="pt", backend="pread") as fh:
         for name, info in manifest["tensors"].items():
             parts = {part: fh.get_tensor(key) for part, key in info["keys"].items()}
             encoded = Encoded(info["codec"], tuple(info["shape"]), getattr(torch, info["dtype"]), parts, info["meta"])
             yield info["file"], name, get_codec(info["codec"]).decode(decompress_parts(encoded))
+
+
+def source_config_text(path: Path, manifest: dict[str, Any]) -> str:
+    """The source's config.json text; for version-1 manifests, the packed one less its layout's entries."""
+    if "source_config" in manifest:
+        return manifest["source_config"]
+    text = (path / CONFIG).read_text()
+    config = json.loads(text)
+    added = [key for key in LAYOUTS[manifest["layout"]].config_keys if key in config]
+    if not added:
+        return text
+    return json.dumps({k: v for k, v in config.items() if k not in added}, indent=2) + "\n"
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -307,28 +298,10 @@ def write_dense_dir(
     for file, state in by_file.items():
         metadata = manifest["source_files"].get(file, {}).get("metadata") or {"format": "pt"}
         save_file(state, str(dst / file), metadata=metadata)
-    weights = CT_FILE if manifest["layout"] == "compressed-tensors" else PACKED_FILE
+    weights = LAYOUTS[manifest["layout"]].weights_file
     for p in src.iterdir():
-        if p.is_file() and p.name not in (MANIFEST, weights):
+        if p.is_file() and p.name not in (MANIFEST, weights, CONFIG):
             shutil.copy2(p, dst / p.name)
-    if manifest["layout"] == "compressed-tensors":
-        config = json.loads((dst / "config.json").read_text())
-        config.pop("quantization_config", None)
-        atomic_write_json(dst / "config.json", config)
+    (dst / CONFIG).write_text(source_config_text(src, manifest))
     if manifest.get("source_index"):
         atomic_write_json(dst / manifest["source_index"]["name"], manifest["source_index"]["content"])
-
-
-@contextmanager
-def unpacked(path: str | Path) -> Iterator[Path]:
-    """A temporary dense copy of a packed directory, for loaders that need files (removed afterwards)."""
-    import tempfile
-
-    from ..models import cache_dir
-
-    root = cache_dir() / "unpacked"
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        target = Path(tmp) / Path(path).name
-        unpack(path, target)
-        yield target
