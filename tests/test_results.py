@@ -186,7 +186,9 @@ def test_finetune_results_and_finetune_json(work, pruned, bert, text_file):
 def test_pack_and_unpack_results(work, pruned):
     packed = pack(str(pruned), work / "packed")
     assert_frozen(packed)
-    assert keys(packed.to_json()) == PACK and packed.gain and packed.ratio == packed.to_json()["ratio"] > 1
+    assert keys(packed.to_json()) == PACK and packed.sizes.gain and packed.sizes.ratio == packed.to_json()["ratio"] > 1
+    manifest = json.loads((work / "packed" / "sparselm-pack.json").read_text())
+    assert manifest["summary"] == {k: v for k, v in packed.to_json().items() if k in PACK[:10]}
     unpacked = unpack(work / "packed", work / "unpacked")
     assert keys(unpacked.to_json()) == UNPACK and unpacked.files == ["model.safetensors"]
     cli = cli_json("pack", str(pruned), "--out", str(work / "packed-cli"))

@@ -328,10 +328,10 @@ def _pack(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
     work = scratch_dir(out, cell)
     shutil.rmtree(work, ignore_errors=True)
     try:
-        sizes = pack(source, work / "packed", **settings)
+        sizes = pack(source, work / "packed", **settings).to_json()
     finally:
         clear_scratch(work)
-    sizes.pop("out", None)  # the scratch copy is gone; its sizes are what the study keeps
+    sizes.pop("out")  # the scratch copy is gone; its sizes are what the study keeps
     return {"metrics": sizes, "settings": settings}
 
 
