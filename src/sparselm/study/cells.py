@@ -340,8 +340,8 @@ def _bench(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
 
     rt = config.runtime
     settings = {"tokens": rt.tokens, "threads": rt.threads, "rounds": rt.rounds, "steps": rt.steps}
-    result = bench(model_ref(out, cell), **settings, measure_size=False)
-    result.pop("per_layer", None)  # per-layer timings are bench's detail; the study keeps the totals and choices
+    result = bench(model_ref(out, cell), **settings, measure_size=False).to_json()
+    result.pop("per_layer")  # per-layer timings are bench's detail; the study keeps the totals and choices
     return {"metrics": result, "settings": settings}
 
 
