@@ -303,3 +303,40 @@ def test_only_the_main_process_writes_the_output(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.Trainer, "is_world_process_zero", lambda self: True)
     finetune(str(src), "wiki-pair", tmp_path / "out", max_steps=2, batch_size=4, max_examples=8)
     assert (tmp_path / "out" / "finetune.json").is_file()
+
+
+RANK_SCRIPT = """
+import os, sys
+from sparselm import finetune as module
+original = module._save
+def recording_save(*args, **kwargs):
+    with open(sys.argv[3], "a") as log:
+        log.write(os.environ["RANK"] + "\\n")
+    original(*args, **kwargs)
+module._save = recording_save
+report = module.finetune(sys.argv[1], "wiki-pair", sys.argv[2], max_steps=2, batch_size=2, max_examples=8)
+with open(sys.argv[3] + ".steps", "a") as log:
+    log.write(f"{os.environ['RANK']} {os.environ['WORLD_SIZE']} {report['steps']} {report['sparsity_identical']}\\n")
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_writes_once(tmp_path):
+    """A real 2-process run (gloo on CPU): both ranks train, rank 0 alone saves, the masks hold."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = pruned_dir(tmp_path, "llama")
+    script, log, out = tmp_path / "rank.py", tmp_path / "saves.log", tmp_path / "out"
+    script.write_text(RANK_SCRIPT)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    subprocess.run([str(torchrun), "--nproc-per-node", "2", str(script), str(src), str(out), str(log)],
+                   check=True, env=env, capture_output=True, timeout=600)
+    assert log.read_text().split() == ["0"]
+    assert sorted(log.with_suffix(".log.steps").read_text().splitlines()) == ["0 2 2 True", "1 2 2 True"]
+    before, after = zero_masks(load(str(src))), zero_masks(load(str(out)))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-dense", "out", "rank.py", "saves.log", "saves.log.steps"]

@@ -303,6 +303,9 @@ def _train(
             per_device_train_batch_size=batch_size, learning_rate=optimizer.defaults["lr"], seed=seed, data_seed=seed,
             report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
             remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False,
+            # said explicitly on a machine without an accelerator, so that processes started by torchrun train as
+            # one data-parallel job (gloo) with ranks, instead of as independent copies that all believe they are rank 0
+            use_cpu=not torch.accelerator.is_available(),
         )
         trainer = Trainer(
             model=model, args=args, train_dataset=dataset, data_collator=collator, optimizers=(optimizer, None),
