@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import transformers
-from evaluation_fixtures import SAMPLE, save_tiny, tiny_lm
+from evaluation_fixtures import SAMPLE, predictions_one_by_one, save_tiny, spy_on, state_of, tiny_lm
 from test_perplexity import sparsegpt_token_ppl
 
 import sparselm
@@ -15,7 +15,6 @@ from sparselm import finetune as finetune_module
 from sparselm.errors import SparselmError
 from sparselm.evaluation import evaluate
 from sparselm.evaluation import run as run_module
-from sparselm.evaluation.tasks import classification_task
 from sparselm.finetune import MaskKeeper, SparsityCallback, finetune, make_optimizer
 from sparselm.models import load, read_provenance
 from sparselm.weights import select_matrices
@@ -122,32 +121,6 @@ def test_keeper_writes_positive_zeros_even_over_infinities():
     assert torch.equal(param.detach()[keep], leaked[keep])
 
 
-def spy_on(monkeypatch, module, name: str) -> list[dict]:
-    """Replace module.name by a wrapper that records its arguments, then calls the original."""
-    original, calls = getattr(module, name), []
-
-    def spy(*args, **kwargs):
-        calls.append({"args": args, "kwargs": kwargs})
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, spy)
-    return calls
-
-
-def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def argmax_accuracy(model: torch.nn.Module, tokenizer, examples) -> float:
-    """Accuracy recomputed one example at a time (no padding, no batching) from the model's logits."""
-    right = 0
-    with torch.no_grad():
-        for ex in examples:
-            enc = tokenizer(ex.text, ex.text_pair, truncation=True, max_length=128, return_tensors="pt")
-            right += int(model(**enc).logits[0].argmax()) == ex.label
-    return right / len(examples)
-
-
 @pytest.mark.parametrize("family", ["bart", "pegasus", "t5"])
 def test_finetune_covers_every_head_kind(tmp_path, family, monkeypatch):
     """The evaluated classifier is the trained one, weight for weight, and its accuracy is recomputed from logits."""
@@ -167,7 +140,8 @@ def test_finetune_covers_every_head_kind(tmp_path, family, monkeypatch):
     untrained = state_of(scored_model(monkeypatch, src))  # the same source with a fresh head (seed 0)
     head = [k for k in trained if k in untrained and not torch.equal(trained[k], untrained[k])]
     assert any("classif" in k for k in head)  # the head itself moved in training
-    assert result["accuracy"] == pytest.approx(argmax_accuracy(evaluated_model, tokenizer, examples), abs=1e-12)
+    predictions = predictions_one_by_one(evaluated_model, tokenizer, examples)
+    assert result["accuracy"] == sum(p == ex.label for p, ex in zip(predictions, examples, strict=True)) / 8
     assert result["examples"] == len(examples) == 8
 
 
