@@ -10,7 +10,7 @@ import torch
 from evaluation_fixtures import BOS, SAMPLE, predictions_one_by_one, save_tiny, spy_on, state_of
 from test_perplexity import first_token_loglikelihood, rolling_loglikelihood, sparsegpt_token_ppl
 
-from sparselm.data import ptb_text
+from sparselm.data import joined_text, ptb_text
 from sparselm.errors import SparselmError
 from sparselm.evaluation import evaluate
 from sparselm.evaluation import run as run_module
@@ -66,6 +66,29 @@ def test_masked_lm_perplexity_for_encoders_only(family, tmp_path, text_task):
     other_seed = evaluate(str(model_dir), text_task, objective="mlm", seqlen=42, seed=1)
     assert first["mlm_ppl"] == again["mlm_ppl"] != other_seed["mlm_ppl"]
     assert first["masked_tokens"] == first["windows"] * round(0.15 * 40)  # 40 text tokens between <s> and </s>
+    model = load_language_model(str(model_dir), "mlm").model
+    tok = load_language_model(str(model_dir), "mlm").tokenizer
+    assert first["windows"] == len(SAMPLE) // 40
+    for result, seed in ((first, 0), (other_seed, 1)):
+        expected = direct_mlm_ppl(model, tok, SAMPLE, 42, first["windows"], seed)
+        assert result["mlm_ppl"] == pytest.approx(expected, rel=1e-5)
+
+
+def direct_mlm_ppl(model, tokenizer, text: str, seqlen: int, windows: int, seed: int) -> float:
+    """Masked-LM perplexity written out: [CLS] + seqlen - 2 text tokens + [SEP] per window, 15% of the text tokens
+    (drawn by a generator seeded once) replaced by [MASK] and scored, one window at a time."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    body, generator, nll, count = seqlen - 2, torch.Generator().manual_seed(seed), 0.0, 0
+    with torch.no_grad():
+        for w in range(windows):
+            window = torch.tensor([tokenizer.cls_token_id, *ids[w * body : (w + 1) * body], tokenizer.sep_token_id])
+            chosen = torch.randperm(body, generator=generator)[: round(0.15 * body)] + 1
+            masked = window.clone()
+            masked[chosen] = tokenizer.mask_token_id
+            logits = model(input_ids=masked[None]).logits[0]
+            nll += torch.nn.functional.cross_entropy(logits[chosen].double(), window[chosen], reduction="sum").item()
+            count += len(chosen)
+    return math.exp(nll / count)
 
 
 def test_unknown_objective_and_split(tmp_path, text_task):
@@ -94,6 +117,9 @@ def test_minilm_masked_lm_and_classification_small_budget(tmp_path, monkeypatch)
 
     mlm = evaluate("minilm-l6", "wiki", objective="mlm", seqlen=64, max_windows=2)
     assert mlm["mlm_ppl"] > 1 and "newly initialised" in mlm["notes"][0]
+    lm = load_language_model("minilm-l6", "mlm")
+    text = joined_text("wiki", "test")
+    assert mlm["mlm_ppl"] == pytest.approx(direct_mlm_ppl(lm.model, lm.tokenizer, text, 64, 2, 0), rel=1e-4)
     before = evaluate("minilm-l6", "wiki-pair", max_examples=16)
     assert not before["settings"]["head_trained"]
     with pytest.raises(SparselmError, match="encoder-only .*not a causal LM"):

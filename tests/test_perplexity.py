@@ -147,6 +147,12 @@ def test_every_text_token_is_scored_once(family):
     assert result["scored_text_tokens"] == len(SAMPLE)
     assert not result["text_truncated"] and result["first_token_scored"]
     assert math.isfinite(result["loglikelihood"]) and result["loglikelihood"] < 0
+    text_ids = tok(SAMPLE, add_special_tokens=False)["input_ids"]
+    if stream.text_start == 1:  # <s> in front: the stream's own windows, <s> conditioning the first character
+        expected = rolling_loglikelihood(model, text_ids, BOS, 50)
+    else:
+        expected = first_token_loglikelihood(model, BOS, text_ids[0]) + rolling_loglikelihood(model, text_ids, None, 50)
+    assert result["loglikelihood"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_max_windows_counts_words_of_the_covered_prefix_only():
