@@ -93,12 +93,17 @@ def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def predictions_one_by_one(model: torch.nn.Module, tokenizer, examples, max_length: int = 128) -> list[int]:
-    """The argmax of the model's logits per example, one example at a time (no padding, no batching)."""
+    """The argmax of the model's logits per example, one example at a time (no padding, no batching).
+
+    Segment ids go to models with a segment embedding table (BERT: type_vocab_size 2) and to no other.
+    """
+    segments = (getattr(model.config, "type_vocab_size", None) or 0) > 1
     predictions = []
     with torch.no_grad():
         for ex in examples:
             enc = tokenizer(ex.text, ex.text_pair, truncation=True, max_length=max_length, return_tensors="pt")
-            predictions.append(int(model(**enc).logits[0].argmax()))
+            inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask") or segments}
+            predictions.append(int(model(**inputs).logits[0].argmax()))
     return predictions
 
 

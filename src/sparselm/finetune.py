@@ -41,7 +41,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from .data import joined_text, parse_source
 from .errors import SparselmError
-from .evaluation.classification import DEFAULT_MAX_LENGTH, encode, load_classifier
+from .evaluation.classification import DEFAULT_MAX_LENGTH, encode, load_classifier, uses_segment_ids
 from .evaluation.objectives import config_family, load_language_model
 from .evaluation.perplexity import model_context
 from .evaluation.tasks import check_task, classification_task, is_classification
@@ -263,7 +263,8 @@ def _prepare(
         spec = classification_task(task)
         loaded = load_classifier(model_or_dir, spec, seed)
         max_length = min(DEFAULT_MAX_LENGTH, model_context(loaded.model) or DEFAULT_MAX_LENGTH)
-        rows = encode(loaded.tokenizer, spec.examples("train", data_dir, max_examples), max_length)
+        examples = spec.examples("train", data_dir, max_examples)
+        rows = encode(loaded.tokenizer, examples, max_length, uses_segment_ids(loaded.model))
         loaded.model.config.id2label = dict(enumerate(spec.labels))
         loaded.model.config.label2id = {name: i for i, name in enumerate(spec.labels)}
         extra = {"head": loaded.head, "max_length": max_length, "split": "train"}
