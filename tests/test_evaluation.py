@@ -44,7 +44,8 @@ def test_causal_perplexity_for_every_family(family, tmp_path, text_task):
         covered, ll = SAMPLE[:128], rolling_loglikelihood(lm.model, text_ids[:128], BOS, 32)
     else:
         covered = SAMPLE[:129]
-        ll = first_token_loglikelihood(lm.model, BOS, text_ids[0]) + rolling_loglikelihood(lm.model, text_ids[:129], None, 32)
+        ll = first_token_loglikelihood(lm.model, BOS, text_ids[0])
+        ll += rolling_loglikelihood(lm.model, text_ids[:129], None, 32)
     assert result["scored_text_tokens"] == len(covered)
     assert result["word_ppl"] == pytest.approx(math.exp(-ll / len(re.split(r"\s+", covered))), rel=1e-5)
     assert result["objective"] == "clm" and result["settings"]["head"] == "causal-lm"

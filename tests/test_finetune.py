@@ -313,4 +313,5 @@ def test_torchrun_with_two_processes_writes_once(tmp_path):
     assert sorted(log.with_suffix(".log.steps").read_text().splitlines()) == ["0 2 2 True", "1 2 2 True"]
     before, after = zero_masks(load(str(src))), zero_masks(load(str(out)))
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-dense", "out", "rank.py", "saves.log", "saves.log.steps"]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["llama-dense", "out", "rank.py", "saves.log", "saves.log.steps"]  # no temp dirs left

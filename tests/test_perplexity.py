@@ -93,7 +93,8 @@ def test_word_and_byte_perplexity_agree_with_the_harness(family):
     # Where the two differ, exactly: without a BOS in the stream our windows sit one token later than the harness's.
     tokens = tok(SAMPLE)["input_ids"]
     assert theirs == pytest.approx(rolling_loglikelihood(model, tokens, tok.bos_token_id, 48), rel=1e-6)
-    expected = first_token_loglikelihood(model, tok.bos_token_id, tokens[0]) + rolling_loglikelihood(model, tokens, None, 48)
+    expected = first_token_loglikelihood(model, tok.bos_token_id, tokens[0])
+    expected += rolling_loglikelihood(model, tokens, None, 48)
     assert ours["loglikelihood"] == pytest.approx(expected, rel=1e-6)
 
 
