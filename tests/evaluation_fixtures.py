@@ -2,7 +2,7 @@
 
 Shared by the evaluation and fine-tuning tests (test_perplexity, test_classification, test_evaluation,
 test_finetune, test_cli_eval): a tokenizer is needed to evaluate a model directory, and the real ones have vocabularies
-far larger than the tiny models' 96 entries.
+far larger than the tiny models' 96 entries. Also the spies and independent recomputations those tests share.
 """
 
 from __future__ import annotations
@@ -74,3 +74,48 @@ SAMPLE = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!\n\n"
     "How vexingly quick daft zebras jump; sphinx of black quartz, judge my vow (again).\n"
 ) * 6
+
+
+def spy_on(monkeypatch, owner, name: str) -> list[dict]:
+    """Replace owner.name by a wrapper that records each call's arguments, then calls the original."""
+    original, calls = getattr(owner, name), []
+
+    def spy(*args, **kwargs):
+        calls.append({"args": args, "kwargs": kwargs})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def predictions_one_by_one(model: torch.nn.Module, tokenizer, examples, max_length: int = 128) -> list[int]:
+    """The argmax of the model's logits per example, one example at a time (no padding, no batching).
+
+    Segment ids go to models with a segment embedding table (BERT: type_vocab_size 2) and to no other.
+    """
+    segments = (getattr(model.config, "type_vocab_size", None) or 0) > 1
+    predictions = []
+    with torch.no_grad():
+        for ex in examples:
+            enc = tokenizer(ex.text, ex.text_pair, truncation=True, max_length=max_length, return_tensors="pt")
+            inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask") or segments}
+            predictions.append(int(model(**inputs).logits[0].argmax()))
+    return predictions
+
+
+def accuracy_and_f1(predictions: list[int], labels: list[int], num_labels: int) -> tuple[float, float]:
+    """Accuracy, and F1 as GLUE reports it (binary: the positive class; else macro over the classes seen)."""
+    pairs = list(zip(predictions, labels, strict=True))
+    accuracy = sum(p == y for p, y in pairs) / len(pairs)
+
+    def f1(c: int) -> float:
+        tp = sum(p == c == y for p, y in pairs)
+        wrong = sum((p == c) != (y == c) for p, y in pairs)
+        return 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0
+
+    classes = [1] if num_labels == 2 else sorted(set(predictions) | set(labels))
+    return accuracy, sum(f1(c) for c in classes) / len(classes)

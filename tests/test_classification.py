@@ -6,11 +6,12 @@ from collections import Counter
 
 import pytest
 import torch
-from evaluation_fixtures import save_tiny
+from evaluation_fixtures import accuracy_and_f1, predictions_one_by_one, save_tiny, spy_on
 
 from sparselm.data import wiki_split_of
 from sparselm.errors import SparselmError
 from sparselm.evaluation import evaluate
+from sparselm.evaluation import run as run_module
 from sparselm.evaluation.classification import MeanPooledClassifier, load_classifier, scores
 from sparselm.evaluation.tasks import CLASSIFICATION_TASKS, classification_task, first_sentence, topic_labels
 
@@ -54,10 +55,17 @@ def test_scores_are_exact():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "bert", "roberta", "bart", "t5", "pegasus"])
-def test_every_family_gets_a_classification_number(family, tmp_path):
+def test_every_family_gets_a_classification_number(family, tmp_path, monkeypatch):
+    """Accuracy and F1 of the batched, padded pass equal those recomputed one example at a time from the logits."""
     model_dir = save_tiny(tmp_path / family, family)
+    calls = spy_on(monkeypatch, run_module, "classify")
     result = evaluate(str(model_dir), "wiki-pair", max_examples=8, batch_size=4)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["examples"] == 8
+    model, tokenizer, examples = calls[0]["args"][:3]
+    assert examples == classification_task("wiki-pair").examples("test")[:8]
+    predictions = predictions_one_by_one(model, tokenizer, examples)
+    accuracy, f1 = accuracy_and_f1(predictions, [ex.label for ex in examples], 2)
+    assert (result["accuracy"], result["f1"]) == (pytest.approx(accuracy, abs=1e-12), pytest.approx(f1, abs=1e-12))
     assert result["settings"]["head"] == ("mean-pooled" if family == "pegasus" else "sequence-classification")
     assert not result["settings"]["head_trained"] and "randomly initialised" in result["notes"][0]
 

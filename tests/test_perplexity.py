@@ -7,7 +7,8 @@ import re
 
 import pytest
 import torch
-from evaluation_fixtures import SAMPLE, tiny_lm, tiny_tokenizer
+import torch.nn.functional as F
+from evaluation_fixtures import BOS, SAMPLE, tiny_lm, tiny_tokenizer
 
 from sparselm.errors import SparselmError
 from sparselm.evaluation.perplexity import model_context, perplexity, tokenize_stream
@@ -40,14 +41,42 @@ def test_token_ppl_is_the_sparsegpt_protocol(family):
         assert ours["token_ppl_predictions"] == ours["windows"] * 39
 
 
-def harness_loglikelihood(model, tokenizer, text: str, seqlen: int) -> float:
+def harness_loglikelihood(model, tokenizer, text: str, seqlen: int, add_bos_token: bool | None = None) -> float:
     """lm-evaluation-harness's own rolling loglikelihood of one document, through its HFLM wrapper."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=seqlen, device="cpu", batch_size=4)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=seqlen, device="cpu", batch_size=4,
+              add_bos_token=add_bos_token)
     request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
     return lm.loglikelihood_rolling([request], disable_tqdm=True)[0]
+
+
+def rolling_loglikelihood(model, tokens: list[int], prefix: int | None, seqlen: int) -> float:
+    """Σ log P of every token of [prefix] + tokens after the first, written as a plain loop, one window at a time.
+
+    The stream is cut into disjoint windows of `seqlen` inputs, each position predicting the next token; the tokens
+    after the last full window are predicted by one window of the `seqlen` tokens before the last one. With a prefix
+    this is the harness's `loglikelihood_rolling` (its first window is [prefix] + tokens[:seqlen - 1]).
+    """
+    stream = torch.tensor(([prefix] if prefix is not None else []) + tokens)
+    n, total, done = len(stream), 0.0, 0
+    with torch.no_grad():
+        for k in range(n // seqlen):
+            targets = stream[k * seqlen + 1 : (k + 1) * seqlen + 1]
+            logits = model(input_ids=stream[None, k * seqlen : (k + 1) * seqlen]).logits[0, : len(targets)]
+            total += F.cross_entropy(logits.double(), targets, reduction="sum").item()
+            done = k * seqlen + len(targets)
+        if done < n - 1:
+            logits = model(input_ids=stream[None, max(0, n - 1 - seqlen) : n - 1]).logits[0, done + 1 - n :]
+            total += F.cross_entropy(logits.double(), stream[done + 1 :], reduction="sum").item()
+    return -total
+
+
+def first_token_loglikelihood(model, prefix: int, token: int) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[prefix]])).logits[0, -1]
+    return -F.cross_entropy(logits.double()[None], torch.tensor([token])).item()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
@@ -61,6 +90,51 @@ def test_word_and_byte_perplexity_agree_with_the_harness(family):
     assert ours["word_ppl"] == pytest.approx(math.exp(-theirs / words), rel=0.05)
     assert ours["bits_per_byte"] == pytest.approx(-theirs / n_bytes / math.log(2), rel=5e-3)
     assert ours["byte_ppl"] == pytest.approx(2 ** ours["bits_per_byte"], rel=1e-9)
+    # Where the two differ, exactly: without a BOS in the stream our windows sit one token later than the harness's.
+    tokens = tok(SAMPLE)["input_ids"]
+    assert theirs == pytest.approx(rolling_loglikelihood(model, tokens, tok.bos_token_id, 48), rel=1e-6)
+    expected = first_token_loglikelihood(model, tok.bos_token_id, tokens[0])
+    expected += rolling_loglikelihood(model, tokens, None, 48)
+    assert ours["loglikelihood"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("seqlen", [48, 100, 128])
+def test_harness_parity_is_exact_when_the_tokenizer_adds_bos(seqlen):
+    """Llama-style tokenizer (`<s>` first): our windows are the harness's windows, so the numbers are the same.
+
+    The harness is run as for such a model (`add_bos_token=False`: the prefix token is the only BOS); with its default
+    lm-eval 0.4 encodes the `<s>` the tokenizer adds and puts another in front, scoring P(<s> | <s>) as text.
+    """
+    model, tok = tiny_lm("llama", "causal-lm"), tiny_tokenizer("llama")
+    assert tok(SAMPLE)["input_ids"][0] == BOS and (len(SAMPLE) + 1) % seqlen
+    ours = perplexity(model, tok, SAMPLE, seqlen=seqlen, batch_size=3)
+    theirs = harness_loglikelihood(model, tok, SAMPLE, seqlen, add_bos_token=False)
+    words, n_bytes = len(re.split(r"\s+", SAMPLE)), len(SAMPLE.encode("utf-8"))
+    assert ours["first_token_scored"] and ours["scored_text_tokens"] == len(SAMPLE)
+    assert ours["loglikelihood"] == pytest.approx(theirs, rel=1e-6)
+    assert ours["word_ppl"] == pytest.approx(math.exp(-theirs / words), rel=1e-5)
+    assert ours["byte_ppl"] == pytest.approx(math.exp(-theirs / n_bytes), rel=1e-6)
+    assert ours["bits_per_byte"] == pytest.approx(-theirs / n_bytes / math.log(2), rel=1e-6)
+    text_tokens = tok(SAMPLE, add_special_tokens=False)["input_ids"]
+    assert theirs == pytest.approx(rolling_loglikelihood(model, text_tokens, BOS, seqlen), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_harness_parity_on_the_embedded_trained_model():
+    """smollm2-135m (no BOS added, so the windows differ by one token) on PTB text: within the 0.5% we claim."""
+    from sparselm.data import joined_text
+    from sparselm.models import load, load_tokenizer
+
+    model, tok = load("smollm2-135m"), load_tokenizer("smollm2-135m")
+    text = joined_text("ptb", "test")[:8000]
+    ours = perplexity(model, tok, text, seqlen=512)
+    theirs = harness_loglikelihood(model, tok, text, 512)
+    words, n_bytes = len(re.split(r"\s+", text)), len(text.encode("utf-8"))
+    assert (ours["words"], ours["bytes"]) == (words, n_bytes) and ours["windows"] >= 3
+    assert ours["word_ppl"] == pytest.approx(math.exp(-theirs / words), rel=5e-3)
+    assert ours["byte_ppl"] == pytest.approx(math.exp(-theirs / n_bytes), rel=5e-3)
+    assert ours["bits_per_byte"] == pytest.approx(-theirs / n_bytes / math.log(2), rel=5e-3)
+    assert 20 < ours["word_ppl"] < 2000  # a trained model on English: far below the vocabulary size
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
@@ -74,6 +148,12 @@ def test_every_text_token_is_scored_once(family):
     assert result["scored_text_tokens"] == len(SAMPLE)
     assert not result["text_truncated"] and result["first_token_scored"]
     assert math.isfinite(result["loglikelihood"]) and result["loglikelihood"] < 0
+    text_ids = tok(SAMPLE, add_special_tokens=False)["input_ids"]
+    if stream.text_start == 1:  # <s> in front: the stream's own windows, <s> conditioning the first character
+        expected = rolling_loglikelihood(model, text_ids, BOS, 50)
+    else:
+        expected = first_token_loglikelihood(model, BOS, text_ids[0]) + rolling_loglikelihood(model, text_ids, None, 50)
+    assert result["loglikelihood"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_max_windows_counts_words_of_the_covered_prefix_only():

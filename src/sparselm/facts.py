@@ -112,6 +112,12 @@ def is_causal_lm(config_or_model: Any) -> bool:
     return bool(classes) and family(config_or_model) == "decoder-only"
 
 
+def trains_as_causal_lm(config_or_model: Any) -> bool:
+    """Whether next-token training makes sense: a family with a causal-LM class that is not an encoder (decoder-only
+    models, and the decoders of encoder-decoders such as BART, which transformers loads as XForCausalLM)."""
+    return bool(causal_lm_classes(config_or_model)) and family(config_or_model) != "encoder-only"
+
+
 def has_tokenizer(directory: Path) -> bool:
     """Whether a model directory holds any tokenizer file."""
     return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)

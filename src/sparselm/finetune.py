@@ -5,15 +5,21 @@ included) when training starts. Three things keep those entries at zero, because
 
 1. a gradient hook multiplies each masked weight's gradient by the mask, so pruned entries get no gradient (and do
    not count towards gradient clipping);
-2. an optimizer step post-hook multiplies the weight by the mask after every optimizer step, which undoes any drift
-   from weight decay or numerical noise;
-3. the same hook zeroes the pruned entries of the optimizer's per-weight state (Adam's moments, SGD's momentum
-   buffer), so momentum accumulated before a mask existed, or restored from a checkpoint, cannot revive them.
+2. after every optimizer step the weight is multiplied by the mask, which undoes any drift from weight decay or
+   numerical noise;
+3. at the same moment the pruned entries of the optimizer's per-weight state (Adam's moments, SGD's momentum
+   buffer) are zeroed, so momentum accumulated before a mask existed, or restored from a checkpoint, cannot revive
+   them.
+
+`SparsityCallback` does all three on any `transformers.Trainer` (a user's own, with the optimizer the Trainer
+builds); `finetune()` is a Trainer with that callback. `MaskKeeper.attached` does the same for a hand-written loop.
 
 Tasks: the classification tasks (`wiki-pair`, `wiki-topic`, `mrpc`) and causal LM on a text source (`ptb`, `wiki`,
-`wikitext2`, `text:PATH`). The output directory is written atomically: the model and tokenizer, `provenance.json`
-(with the task added), the source's `sparsity.json` when there is one, and `finetune.json` with the settings, the
-training loss and the sparsity of every matrix before and after.
+`wikitext2`, `text:PATH`) for models that predict left to right (decoder-only, or the decoder of an encoder-decoder);
+encoder-only models are refused for causal LM. The output directory is written atomically, by the main process only
+when several run (`torchrun` / `accelerate launch`): the model and tokenizer, `provenance.json` (with the task
+added), the source's `sparsity.json` when there is one, and `finetune.json` with the settings, the training loss and
+the sparsity of every matrix before and after.
 """
 
 from __future__ import annotations
@@ -23,24 +29,26 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from rich.progress import Progress
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from .data import joined_text, parse_source
 from .errors import SparselmError
-from .evaluation.classification import DEFAULT_MAX_LENGTH, encode, load_classifier
+from .evaluation.classification import DEFAULT_MAX_LENGTH, encode, load_classifier, uses_segment_ids
 from .evaluation.objectives import load_language_model
 from .evaluation.perplexity import model_context
 from .evaluation.tasks import check_task, classification_task, is_classification
-from .facts import FINETUNE_JSON, SPARSITY_JSON
+from .facts import FINETUNE_JSON, SPARSITY_JSON, family, trains_as_causal_lm
 from .io import atomic_dir, atomic_write_json, ensure_writable_dir
 from .masks import apply_keep
-from .models import read_provenance, resolve, write_provenance
+from .models import load_config, read_provenance, resolve, write_provenance
 from .weights import select_matrices
 
 OptimizerName = Literal["adamw", "sgd"]
@@ -61,10 +69,14 @@ class MaskKeeper:
             if not bool(keep.all()):
                 self.masks.append((matrix.name, param, keep))
 
+    def mask_gradients(self) -> list[RemovableHandle]:
+        """Hooks that zero each pruned entry's gradient as it is computed; the caller removes them."""
+        return [param.register_hook(_masking_hook(keep)) for _, param, keep in self.masks]
+
     @contextmanager
     def attached(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-        """Gradient hooks and an optimizer post-step hook for the duration of training; always removed after."""
-        handles = [param.register_hook(_masking_hook(keep)) for _, param, keep in self.masks]
+        """For a hand-written loop: gradient hooks and an optimizer post-step hook, always removed after."""
+        handles = self.mask_gradients()
         handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply(opt)))
         try:
             yield
@@ -89,6 +101,56 @@ def _masking_hook(keep: torch.Tensor):
         return grad * keep.to(grad.device)
 
     return hook
+
+
+class SparsityCallback(TrainerCallback):
+    """Keeps every pruned weight of the model a `transformers.Trainer` trains at exactly zero.
+
+        trainer = Trainer(model=pruned, args=args, train_dataset=data, callbacks=[sparselm.SparsityCallback()])
+
+    At train begin the mask is taken from the model as it is then: every exact zero of a weight matrix (embeddings
+    and heads included) is a pruned weight. From then on pruned entries get no gradient (so they do not count towards
+    gradient clipping either), and after every optimizer step the pruned entries of the weights and of the
+    optimizer's per-weight state (Adam's moments, SGD's momentum) are set to +0.0, so neither weight decay nor
+    momentum can revive them. The optimizer is the one the Trainer builds (or the one you hand it); state restored
+    from a checkpoint is cleaned at train begin. Works under data parallelism (`torchrun`, `accelerate launch`);
+    models sharded by FSDP or DeepSpeed ZeRO-3 are refused, since no process sees whole matrices there.
+    `keeper` holds the masks of the last (or current) training run.
+    """
+
+    def __init__(self) -> None:
+        self.keeper: MaskKeeper | None = None
+        self._handles: list[RemovableHandle] = []
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001, ANN201
+        _check_whole_matrices(args)
+        self.release()
+        self.keeper = MaskKeeper(model)
+        self._handles = self.keeper.mask_gradients()
+        self.keeper.apply(optimizer)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):  # noqa: ANN001, ANN201
+        self.keeper.apply(optimizer)
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        self.release()
+
+    def release(self) -> None:
+        """Remove the gradient hooks (done at train end; call it when training stopped on an error)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _check_whole_matrices(args: TrainingArguments) -> None:
+    from accelerate.utils import parse_flag_from_env
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if args.fsdp or parse_flag_from_env("ACCELERATE_USE_FSDP") or is_deepspeed_zero3_enabled():
+        raise SparselmError(
+            "SparsityCallback needs whole weight matrices in every process, and FSDP / DeepSpeed ZeRO-3 shard them; "
+            "train with plain data parallelism (torchrun or accelerate launch without FSDP/ZeRO-3)"
+        )
 
 
 def matrix_sparsity(model: nn.Module) -> dict[str, dict[str, float | int]]:
@@ -130,32 +192,45 @@ def finetune(
     _check_budget(epochs, lr, max_steps, batch_size, max_examples)
     if optimizer not in OPTIMIZERS:
         raise SparselmError(f"unknown optimizer '{optimizer}'; use one of: {', '.join(OPTIMIZERS)}")
+    if not is_classification(task):
+        check_causal_lm(model_or_dir, task)
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir.parent)
     model, tokenizer, dataset, collator, extra = _prepare(model_or_dir, task, max_examples, seed, seqlen, data_dir)
     before = matrix_sparsity(model)
-    keeper = MaskKeeper(model)
     opt = make_optimizer(model, optimizer, lr)
-    train_loss, steps = _train(model, dataset, collator, opt, keeper, epochs, max_steps, batch_size, seed, progress)
+    masks = SparsityCallback()
+    run = _train(model, dataset, collator, opt, masks, epochs, max_steps, batch_size, seed, progress)
     after = matrix_sparsity(model)
     report = {
         "model": model_or_dir,
         "task": task,
         "out": str(out_dir),
-        "train_loss": train_loss,
-        "steps": steps,
+        "train_loss": run.train_loss,
+        "steps": run.steps,
         "examples": len(dataset),
         "settings": {
             "epochs": epochs, "lr": lr, "max_steps": max_steps, "batch_size": batch_size, "max_examples": max_examples,
             "seed": seed, "optimizer": optimizer, "momentum": SGD_MOMENTUM if optimizer == "sgd" else None, **extra,
         },
-        "masked_matrices": len(keeper.masks),
+        "masked_matrices": len(masks.keeper.masks),
         "sparsity_identical": all(before[k]["zeros"] == after[k]["zeros"] for k in before),
         "sparsity_before": before,
         "sparsity_after": after,
     }
-    _save(model, tokenizer, model_or_dir, task, out_dir, report)
+    if run.main_process:  # under torchrun / accelerate launch every process trains, one writes
+        _save(model, tokenizer, model_or_dir, task, out_dir, report)
     return report
+
+
+def check_causal_lm(model_or_dir: str, task: str) -> None:
+    """Refuse next-token training of a model that cannot learn it (an encoder) before anything is loaded."""
+    config = load_config(resolve(model_or_dir).path, model_or_dir)
+    if not trains_as_causal_lm(config):
+        raise SparselmError(
+            f"'{model_or_dir}' is an {family(config)} model ({config.model_type}), not a causal LM, so fine-tuning it "
+            f"on '{task}' would train junk; fine-tune it on a classification task instead (e.g. --task wiki-pair)"
+        )
 
 
 def _check_budget(epochs: float, lr: float, max_steps: int | None, batch_size: int, max_examples: int | None) -> None:
@@ -178,7 +253,8 @@ def _prepare(
         spec = classification_task(task)
         loaded = load_classifier(model_or_dir, spec, seed)
         max_length = min(DEFAULT_MAX_LENGTH, model_context(loaded.model) or DEFAULT_MAX_LENGTH)
-        rows = encode(loaded.tokenizer, spec.examples("train", data_dir, max_examples), max_length)
+        examples = spec.examples("train", data_dir, max_examples)
+        rows = encode(loaded.tokenizer, examples, max_length, uses_segment_ids(loaded.model))
         loaded.model.config.id2label = dict(enumerate(spec.labels))
         loaded.model.config.label2id = {name: i for i, name in enumerate(spec.labels)}
         extra = {"head": loaded.head, "max_length": max_length, "split": "train"}
@@ -199,27 +275,40 @@ def _prepare(
     return lm.model, lm.tokenizer, rows, default_data_collator, extra
 
 
+@dataclass(frozen=True)
+class TrainingRun:
+    train_loss: float
+    steps: int
+    main_process: bool  # the process that writes outputs (the only one unless launched on several)
+
+
 def _train(
     model: nn.Module, dataset: list[dict[str, Any]], collator: Any, optimizer: torch.optim.Optimizer,
-    keeper: MaskKeeper, epochs: float, max_steps: int | None, batch_size: int, seed: int, progress: Progress | None,
-) -> tuple[float, int]:
+    masks: SparsityCallback, epochs: float, max_steps: int | None, batch_size: int, seed: int,
+    progress: Progress | None,
+) -> TrainingRun:
+    callbacks: list[TrainerCallback] = [masks] + ([_ProgressCallback(progress)] if progress is not None else [])
     with tempfile.TemporaryDirectory(prefix="sparselm-finetune-") as scratch:
         args = TrainingArguments(
             output_dir=scratch, num_train_epochs=epochs, max_steps=max_steps or -1,
             per_device_train_batch_size=batch_size, learning_rate=optimizer.defaults["lr"], seed=seed, data_seed=seed,
             report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
             remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False,
+            # said explicitly on a machine without an accelerator, so that processes started by torchrun train as
+            # one data-parallel job (gloo) with ranks, instead of as independent copies that all believe they are rank 0
+            use_cpu=not torch.accelerator.is_available(),
         )
         trainer = Trainer(
             model=model, args=args, train_dataset=dataset, data_collator=collator, optimizers=(optimizer, None),
-            callbacks=[_ProgressCallback(progress)] if progress is not None else [],
+            callbacks=callbacks,
         )
         trainer.remove_callback(PrinterCallback)  # it prints dicts on stdout, which must stay clean for --json
-        with keeper.attached(optimizer):
-            keeper.apply(optimizer)
+        try:
             output = trainer.train()
+        finally:
+            masks.release()
     model.eval()
-    return float(output.training_loss), int(output.global_step)
+    return TrainingRun(float(output.training_loss), int(output.global_step), trainer.is_world_process_zero())
 
 
 class _ProgressCallback(TrainerCallback):

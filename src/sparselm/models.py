@@ -316,11 +316,14 @@ def load_with_source(
 ) -> tuple[torch.nn.Module, ModelSource]:
     from safetensors import SafetensorError
 
-    from .storage import is_packed, model_from_packed, packed_config, read_manifest
+    from .storage import MANIFEST, is_packed, model_from_packed, packed_config, read_manifest
 
     source = resolve(name_or_path)
     path = source.path
     manifest = read_manifest(path) if is_packed(path) else None
+    if manifest is None and "packed" in read_provenance(path):
+        raise SparselmError(f"'{name_or_path}' is a packed directory whose {MANIFEST} is missing; copy the whole "
+                            "packed directory again")
     config = packed_config(path, manifest) if manifest else load_config(path, name_or_path, trust_remote_code)
     for key, value in model_kwargs.pop("config_overrides", {}).items():
         setattr(config, key, value)
@@ -333,7 +336,7 @@ def load_with_source(
     except ValueError as exc:
         raise SparselmError(f"'{name_or_path}' cannot be loaded with a {head} head: {_first_line(exc)}") from exc
     except (OSError, SafetensorError) as exc:
-        raise SparselmError(_weights_error(name_or_path, source.path, exc)) from exc
+        raise SparselmError(_weights_error(name_or_path, exc)) from exc
     model.eval()
     return model, source
 
@@ -352,11 +355,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _weights_error(name: str, path: Path, exc: BaseException) -> str:
-    from .storage import MANIFEST
-
-    if "packed" in read_provenance(path):
-        return f"'{name}' is a packed directory whose {MANIFEST} is missing; copy the whole packed directory again"
+def _weights_error(name: str, exc: BaseException) -> str:
     return (
         f"cannot load the weights of '{name}' ({_first_line(exc)}); the weight files are missing or corrupt, "
         "copy them again"

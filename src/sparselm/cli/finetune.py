@@ -7,12 +7,9 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from ..errors import SparselmError
 from ..evaluation.tasks import check_task, is_classification, task_names
-from ..facts import family, is_causal_lm
-from ..finetune import DEFAULT_LR, OPTIMIZERS, finetune
+from ..finetune import DEFAULT_LR, OPTIMIZERS, check_causal_lm, finetune
 from ..io import check_output_dir
-from ..models import load_config
 from . import app
 from ._common import FORCE_HELP, handles_errors, model_inputs, out_console, print_json, progress_bar, text_inputs
 
@@ -39,7 +36,7 @@ def finetune_command(
     check_task(task)
     inputs = model_inputs([model])
     if not is_classification(task):
-        refuse_non_causal_lm(model, task, inputs[0])
+        check_causal_lm(model, task)
     check_output_dir(out, [*inputs, *text_inputs(task), *([data_dir] if data_dir else [])], force)
     with progress_bar() as progress:
         report = finetune(
@@ -57,14 +54,3 @@ def finetune_command(
         f"{kept} → {escape(str(out))}",
         highlight=False,
     )
-
-
-def refuse_non_causal_lm(model: str, task: str, path: Path) -> None:
-    """A model that is not a causal LM learns nothing usable from a language-modelling task: refuse before
-    loading it."""
-    config = load_config(path, model)
-    if not is_causal_lm(config):
-        raise SparselmError(
-            f"'{model}' is an {family(config)} model ({config.model_type}), not a causal LM, so fine-tuning it on '{task}' "
-            "would train junk; fine-tune it on a classification task instead (e.g. --task wiki-pair)"
-        )

@@ -142,12 +142,28 @@ def _text_backbone(model_or_dir: str) -> nn.Module:
     return backbone
 
 
-def encode(tokenizer: Any, examples: list[Example], max_length: int = DEFAULT_MAX_LENGTH) -> list[dict[str, Any]]:
-    """Token ids per example (truncated to `max_length`), with labels, ready for a padding collator."""
+def uses_segment_ids(model: nn.Module) -> bool:
+    """Whether the model has segment (token type) embeddings, as BERT does to tell a pair's two sentences apart.
+
+    GPT-2 also accepts `token_type_ids` but looks them up in its word embeddings, so they are passed only here.
+    """
+    return (getattr(model.config, "type_vocab_size", None) or 0) > 1
+
+
+def encode(
+    tokenizer: Any, examples: list[Example], max_length: int = DEFAULT_MAX_LENGTH, segment_ids: bool = False
+) -> list[dict[str, Any]]:
+    """Token ids per example (truncated to `max_length`), with labels, ready for a padding collator.
+
+    With `segment_ids` (see `uses_segment_ids`) the tokenizer's token type ids are kept too.
+    """
     rows = []
     for ex in examples:
         enc = tokenizer(ex.text, ex.text_pair, truncation=True, max_length=max_length)
-        rows.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": ex.label})
+        row = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": ex.label}
+        if segment_ids and "token_type_ids" in enc:
+            row["token_type_ids"] = enc["token_type_ids"]
+        rows.append(row)
     return rows
 
 
@@ -166,7 +182,7 @@ def classify(
     if not examples:
         raise SparselmError("the task has no examples for this split; choose another --split")
     collate = DataCollatorWithPadding(tokenizer)
-    rows = encode(tokenizer, examples, max_length)
+    rows = encode(tokenizer, examples, max_length, uses_segment_ids(model))
     device = next(model.parameters()).device
     predictions: list[int] = []
     task = progress.add_task(f"classifying {len(rows)} examples", total=len(rows)) if progress else None

@@ -2,7 +2,8 @@
 
 * decoder-only: the model's own causal-LM head;
 * encoder-only: the family's `*ForCausalLM` class with `is_decoder=True` (causal attention mask). The encoder was
-  trained bidirectionally, so its causal perplexity means something only after causal-LM fine-tuning;
+  trained bidirectionally and `finetune` refuses to train it as a causal LM, so this number is a curiosity, noted
+  as such; `mlm` is the measure that fits;
 * encoder-decoder: the family's `*ForCausalLM` decoder (Pegasus, BART: the decoder alone, cross-attention skipped);
   families without one (T5) get a clear message;
 * `mlm` (encoders only): the masked-LM head, the pre-training-faithful measure (`mlm.py`).
@@ -18,7 +19,7 @@ from torch import nn
 
 from .. import facts
 from ..errors import SparselmError
-from ..models import load_with_source, read_provenance, resolve
+from ..models import load_with_source, resolve
 
 Objective = Literal["clm", "mlm"]
 OBJECTIVES: tuple[str, ...] = ("clm", "mlm")
@@ -47,7 +48,6 @@ def load_language_model(model_or_dir: str, objective: Objective = "clm") -> Lang
     config = AutoConfig.from_pretrained(source.path)
     family = facts.family(config)
     archs = getattr(config, "architectures", None) or []
-    finetuned_on = read_provenance(source.path).get("finetuned_task")
     notes: list[str] = []
     if objective == "mlm":
         if family != "encoder-only":
@@ -68,9 +68,9 @@ def load_language_model(model_or_dir: str, objective: Objective = "clm") -> Lang
         head = "causal-lm"
         overrides = {"is_decoder": True} if family == "encoder-only" else {}
         if family == "encoder-only":
-            notes.append("encoder-only model scored through its causal-LM head (is_decoder=True): meaningful only "
-                         "after causal-LM fine-tuning" + (f" (fine-tuned on {finetuned_on})" if finetuned_on else
-                                                          "; this one was not fine-tuned for it"))
+            notes.append("encoder-only model scored through a causal-LM head (is_decoder=True) it was not trained for "
+                         "(sparselm does not fine-tune encoders as causal LMs): the number is no language-modelling "
+                         "quality; --objective mlm measures it as it was trained")
         elif family == "encoder-decoder":
             notes.append(f"encoder-decoder model scored through its decoder alone ({MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]}, no encoder input)")
         if not any(a.endswith(CAUSAL_HEAD_SUFFIXES) for a in archs) and family != "encoder-only":

@@ -17,11 +17,13 @@ give token_ppl exactly; together with the last-position predictions they give th
 after the first one up to the end of the last window. Two small extra forwards complete the harness's sum: the first
 text token given the BOS/EOS prefix (only when the tokenizer does not put a special token in front by itself), and
 one tail window for the remainder the papers drop (context of up to `seqlen` earlier tokens, as the harness's last
-window has). Each text token is therefore predicted once, from at most `seqlen` tokens of context; the windows are
-shifted by one token against the harness's, and the harness also puts BOS before its first window's context;
-both are effects at window starts that shrink with the number of tokens per window (benchmarks/eval_parity.py). The whole evaluated text is treated as one document (for `ptb` and `text:` it is one;
-for `wiki` the articles joined with blank lines). With `max_windows` the harness metrics cover the same prefix of
-the text the windows cover, and words and bytes are counted in that prefix only.
+window has). Each text token is therefore predicted once, from at most `seqlen` tokens of context. When the tokenizer
+puts BOS in front of the text (Llama-style) these are exactly the harness's windows; otherwise ours are shifted by one
+token against the harness's (which puts BOS before its first window's context), an effect at window starts that
+shrinks with the number of tokens per window (benchmarks/eval_parity.py). The whole evaluated text is treated as one
+document (for `ptb` and `text:` it is one; for `wiki` the articles joined with blank lines). With `max_windows` the
+harness metrics cover the same prefix of the text the windows cover, and words and bytes are counted in that prefix
+only.
 """
 
 from __future__ import annotations
