@@ -22,6 +22,7 @@ from sparselm.models import load
 from sparselm.pruning import prune_to_dir, settings_from
 from sparselm.runtime import accelerate, bench, generate
 from sparselm.storage import pack, unpack
+from sparselm.study.report_data import speedups
 
 runner = CliRunner()
 
@@ -150,7 +151,7 @@ def test_language_model_evaluations(pruned, bert, text_file):
     clm = evaluate(str(pruned), f"text:{text_file}", seqlen=32)
     assert_frozen(clm)
     assert keys(clm.to_json()) == EVAL_CLM and keys(clm.to_json()["settings"]) == EVAL_LM_SETTINGS
-    assert clm.to_json()["token_ppl"] == clm.token_ppl and clm.sparsity == pytest.approx(0.9, abs=0.01)
+    assert clm.to_json()["token_ppl"] == clm.metrics.token_ppl and clm.sparsity == pytest.approx(0.9, abs=0.01)
     mlm = evaluate(str(bert), f"text:{text_file}", seqlen=32, objective="mlm")
     assert keys(mlm.to_json()) == EVAL_MLM and keys(mlm.to_json()["settings"]) == EVAL_LM_SETTINGS
     cli = cli_json("eval", str(pruned), "--task", f"text:{text_file}", "--seqlen", "32")
@@ -161,7 +162,7 @@ def test_classification_evaluation(bert):
     result = evaluate(str(bert), "wiki-pair", max_examples=8)
     data = result.to_json()
     assert keys(data) == EVAL_CLS and keys(data["settings"]) == EVAL_CLS_SETTINGS
-    assert data["examples"] == 8 == result.examples and result.notes  # an untrained head is said to be one
+    assert data["examples"] == 8 == result.metrics.examples and result.notes  # an untrained head is said to be one
     assert cli_json("eval", str(bert), "--task", "wiki-pair", "--max-examples", "8") == json.loads(json.dumps(data))
 
 
@@ -216,6 +217,11 @@ def test_bench_result_and_cli(pruned, bert):
     assert keys(data["layers"]) == BENCH_LAYERS and keys(data["size"]) == BENCH_SIZE
     assert keys(data["per_layer"][0]) == LAYER
     assert result.prefill[0].tokens == 4 and result.decode.steps == 1
+    found = speedups(json.loads(json.dumps(data)))  # how the study report reads a stored bench row
+    assert (found["prefill 4 tokens"].median, found["prefill 4 tokens"].low) == (
+        result.prefill[0].speedup, result.prefill[0].speedup_low
+    )
+    assert (found["decode"].high, found["decode"].within_noise) == (result.decode.speedup_high, result.decode.within_noise)
     encoder = bench(str(bert), tokens=[4], rounds=1, steps=1, threads=1, measure_size=False).to_json()
     assert keys(encoder) == [k for k in BENCH if k != "size"] and encoder["decode"] is None
     cli = cli_json("bench", str(pruned), "--tokens", "4", "--rounds", "1", "--threads", "1", "--policy", "sparse")

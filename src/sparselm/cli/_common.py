@@ -95,7 +95,7 @@ class RichProgress:
 
     def start(self, stage: str, total: int | None) -> None:
         self._finish()
-        self.task = self.bars.add_task(f"{self.label}: {stage}" if self.label else stage, total=total)
+        self.task = self.bars.add_task(escape(f"{self.label}: {stage}" if self.label else stage), total=total)
         self.total, self.done = total, 0
 
     def advance(self, amount: int = 1) -> None:

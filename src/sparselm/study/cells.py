@@ -293,7 +293,7 @@ def _perplexity(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
 
     ppl = config.perplexity
     settings = {"split": ppl.split, "seqlen": ppl.seqlen, "max_windows": ppl.max_windows, "batch_size": ppl.batch_size}
-    metrics = evaluate(model_ref(out, cell), cell.task, **settings)
+    metrics = evaluate(model_ref(out, cell), cell.task, **settings).to_json()
     return {"metrics": metrics, "settings": settings}
 
 
@@ -312,8 +312,8 @@ def _classification(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any
     work = scratch_dir(out, cell)
     shutil.rmtree(work, ignore_errors=True)
     try:
-        tuned = finetune(model_ref(out, cell), cell.task, work / "finetuned", **ft_settings)
-        metrics = evaluate(str(work / "finetuned"), cell.task, **eval_settings)
+        tuned = finetune(model_ref(out, cell), cell.task, work / "finetuned", **ft_settings).to_json()
+        metrics = evaluate(str(work / "finetuned"), cell.task, **eval_settings).to_json()
     finally:
         clear_scratch(work)
     return {"metrics": {**metrics, "finetune": _scalars(tuned)}, "settings": {"finetune": ft_settings, "eval": eval_settings}}
