@@ -184,11 +184,7 @@ def _prune_block_by_block(
             prune_round(mats, k, collect_inputs(mats, method.collector, run) if scores else None)
             entry = {"round": k + 1, "sparsity": sparsity_of(mats)}
             if batches is not None:
-                result = reconstruct_block(
-                    ref.module, batches.inputs, batches.calls, batches.targets, _keep_masks(mats),
-                    settings.reconstruct_settings,
-                )
-                entry.update(loss_before=result.before, loss_after=result.after)
+                entry.update(_reconstruct(ref.module, batches, _keep_masks(mats), settings))
             entries.append(entry)
         rounds[ref.name] = entries
 
@@ -211,6 +207,23 @@ def _prune_block_by_block(
             else:
                 _prune_by_magnitude(m, settings, targets[m.name])
     return rounds
+
+
+def _reconstruct(
+    block: nn.Module, batches: Batches, keep: dict[nn.Parameter, torch.Tensor], settings: PruneSettings
+) -> dict[str, Any]:
+    """Train the block's kept weights towards the dense targets; if that ends with a higher loss on the calibration
+    batches than it started with (Adam's first steps can overshoot weights SparseGPT or ADMM already solved), the
+    weights from before training are put back, so reconstruction never makes a block worse on its own data."""
+    before = {param: param.detach().clone() for param in keep}
+    result = reconstruct_block(
+        block, batches.inputs, batches.calls, batches.targets, keep, settings.reconstruct_settings
+    )
+    kept = result.after <= result.before
+    if not kept:
+        for param, value in before.items():
+            param.data.copy_(value)
+    return {"loss_before": result.before, "loss_after": result.after, "trained_weights_kept": kept}
 
 
 def _round_targets(target: float, steps: int) -> list[float]:

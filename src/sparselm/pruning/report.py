@@ -12,7 +12,8 @@ from .settings import PruneSettings
 
 RECONSTRUCTION_LOSS = (
     "mean squared error of the block's output against the dense block's output on the dense model's inputs, divided "
-    "by the variance of that target; loss_before: masks applied, before training; loss_after: after the last epoch"
+    "by the variance of that target; loss_before: masks applied, before training; loss_after: after the last epoch; "
+    "trained_weights_kept: false where training ended above loss_before and the untrained weights were put back"
 )
 
 
