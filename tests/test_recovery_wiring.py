@@ -14,6 +14,7 @@ from conftest import ENCODER_DECODER, tiny_model
 from test_cli_prune import TEXT, char_tokenizer, invoke
 from torch import nn
 
+from sparselm.errors import SparselmError
 from sparselm.masks import NM, is_n_of_m, prune_count
 from sparselm.pruning import driver, prune, registry
 from sparselm.weights import find_block_lists, select_matrices
@@ -144,7 +145,7 @@ def test_reconstruction_record_in_the_report():
 
 
 def test_magnitude_with_reconstruction_needs_calibration_text():
-    with pytest.raises(Exception, match="--reconstruct needs calibration text but the model has no tokenizer; .* drop "
+    with pytest.raises(SparselmError, match="--reconstruct needs calibration text but the model has no tokenizer; .* drop "
                                         "--reconstruct"):
         prune(tiny_model("gpt2"), method="magnitude", reconstruct=True)
 
@@ -367,3 +368,22 @@ def test_cli_admm_gradual_with_reconstruction(with_tokenizer, text_file, tmp_pat
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     for m in select_matrices(loaded):
         assert is_n_of_m(m.weight() != 0, 2, 4) and int((m.weight() == 0).sum()) == m.numel // 2
+
+
+@pytest.mark.slow
+def test_smollm2_admm_2_4_with_reconstruction(tmp_path, text_file):
+    out = tmp_path / "smol"
+    result = invoke("prune", "smollm2-135m", "--method", "admm", "--pattern", "2:4", "--reconstruct",
+                    "--reconstruct-epochs", "1", "--calib", f"text:{text_file}", "--calib-samples", "2",
+                    "--calib-seqlen", "16", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "sparsity.json").read_text())
+    blocks = record["recovery"]["blocks"]
+    assert len(blocks) == 30 and all(len(rounds) == 1 for rounds in blocks.values())
+    for (entry,) in blocks.values():  # whichever weights were kept, the block is no worse than untrained
+        assert entry["trained_weights_kept"] == (entry["loss_after"] <= entry["loss_before"])
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    for m in select_matrices(loaded):
+        assert is_n_of_m(m.weight() != 0, 2, 4), m.name
+    # a few weights dequantised from 4 bits are exactly zero already, so slightly more than half are zero
+    assert record["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4)

@@ -10,8 +10,8 @@ takes every matrix of the block to s_k = s·(1 − (1 − k/K)³) of its own tar
 `recovery.cubic_schedule`; under N:M, N:M with N = round(M·(1 − s_k)), as OWL moves N), then recovers:
 - with `reconstruct`, the block's kept weights are trained, masks fixed (pruned entries stay exactly zero), towards
   the dense block's outputs on the dense model's inputs, from the pruned model's inputs (`recovery.reconstruct`);
-- without, the next round's re-pruning is the recovery: SparseGPT and ADMM re-solve the kept weights of the weights
-  the previous round left (methods that do not update weights need `reconstruct` for `steps` > 1).
+- without, the next round's re-pruning is the recovery: SparseGPT and ADMM re-solve the kept weights, starting from
+  the weights the previous round left (methods that do not update weights need `reconstruct` for `steps` > 1).
 Every round first collects the method's statistics by running the block on its calibration batches — a block
 forward, no extra model passes — so round k scores the block as round k − 1 left it; round 1 equals one-shot
 pruning. Each round's mask is chosen afresh by the method: under magnitude and Wanda earlier zeros stay pruned (a
@@ -41,7 +41,7 @@ from .report import RECONSTRUCTION_LOSS, PruneReport, matrix_row
 from .settings import PruneSettings, settings_from
 
 Note = Callable[[str], None]
-Rounds = dict[str, list[dict[str, float]]]  # per block: one entry per round (sparsity, losses when reconstructing)
+Rounds = dict[str, list[dict[str, Any]]]  # per block: one entry per round (sparsity, losses when reconstructing)
 
 
 def prune(
