@@ -371,17 +371,18 @@ def test_cli_admm_gradual_with_reconstruction(with_tokenizer, text_file, tmp_pat
 
 
 @pytest.mark.slow
-def test_smollm2_admm_2_4_with_reconstruction(tmp_path, text_file):
+def test_smollm2_gradual_wanda_2_4_with_reconstruction(tmp_path, text_file):
     out = tmp_path / "smol"
-    result = invoke("prune", "smollm2-135m", "--method", "admm", "--pattern", "2:4", "--reconstruct",
+    result = invoke("prune", "smollm2-135m", "--method", "wanda", "--pattern", "2:4", "--steps", "3", "--reconstruct",
                     "--reconstruct-epochs", "1", "--calib", f"text:{text_file}", "--calib-samples", "2",
                     "--calib-seqlen", "16", "--out", out, "--json")
     assert result.exit_code == 0, result.output
     record = json.loads((out / "sparsity.json").read_text())
     blocks = record["recovery"]["blocks"]
-    assert len(blocks) == 30 and all(len(rounds) == 1 for rounds in blocks.values())
-    for (entry,) in blocks.values():  # whichever weights were kept, the block is no worse than untrained
-        assert entry["trained_weights_kept"] == (entry["loss_after"] <= entry["loss_before"])
+    assert len(blocks) == 30 and all([r["round"] for r in rounds] == [1, 2, 3] for rounds in blocks.values())
+    for rounds in blocks.values():  # whichever weights were kept, the block is no worse than untrained
+        assert all(r["trained_weights_kept"] == (r["loss_after"] <= r["loss_before"]) for r in rounds)
+        assert rounds[0]["sparsity"] == pytest.approx(0.25, abs=1e-3)  # 3:4 in round 1 (s_1 = 0.35 → N = 3)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     for m in select_matrices(loaded):
         assert is_n_of_m(m.weight() != 0, 2, 4), m.name

@@ -69,7 +69,7 @@ class Batches:
     dense block's outputs on the dense model's inputs."""
 
     inputs: list[torch.Tensor]
-    calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    calls: list[Call]
     targets: list[torch.Tensor]
 
     def outputs(self, block: nn.Module) -> list[torch.Tensor]:

@@ -60,9 +60,6 @@ def prune_command(
     calib_samples: int = typer.Option(128, "--calib-samples", help="Number of random calibration windows."),
     calib_seqlen: int = typer.Option(None, "--calib-seqlen", help="Tokens per window; default min(2048, context)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the calibration windows."),
-    include_embeddings: bool = typer.Option(
-        False, "--include-embeddings", help="Also prune embeddings and untied heads (by magnitude)."
-    ),
     reconstruct: bool = typer.Option(
         False, "--reconstruct", help="After each block is masked, train its kept weights (masks fixed) so it matches "
         "the dense block's output on the calibration text; needs calibration text, also with magnitude."
@@ -79,6 +76,9 @@ def prune_command(
         "s·(1−(1−k/K)³), re-scoring the block on its own calibration batches each round, each round followed by "
         "--reconstruct or, without it, the method's re-solve (sparsegpt, admm); N:M rounds use N = round(M·(1−s_k)). "
         "1 = one shot.",
+    ),
+    include_embeddings: bool = typer.Option(
+        False, "--include-embeddings", help="Also prune embeddings and untied heads (by magnitude)."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
