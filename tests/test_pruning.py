@@ -429,7 +429,7 @@ def test_owl_that_rounds_back_to_the_uniform_n_of_m_prunes_the_uniform_model():
         ({"method": "obs"}, "unknown method 'obs'"),
         ({"pattern": "zigzag"}, "unknown sparsity pattern"),
         ({"method": "wanda", "scope": "global"}, "use --scope layer"),
-        ({"method": "sparsegpt", "pattern": "block:8x8"}, "block patterns work with magnitude and wanda"),
+        ({"method": "sparsegpt", "pattern": "block:8x8"}, "block patterns work with magnitude, wanda and admm"),
         ({"pattern": "2:4", "sparsity": 0.7}, "fixes the sparsity at 0.5"),
         ({"calib": "c4"}, "unknown text source"),
         ({"calib_samples": 0}, "at least 1"),
@@ -467,11 +467,11 @@ def test_embeddings_are_pruned_by_magnitude_when_asked():
 
 
 def test_registry_names_the_methods_and_settings_read_it():
-    assert registered_methods() == ("magnitude", "wanda", "sparsegpt")
-    assert [PruneSettings(method=m).needs_calibration for m in registered_methods()] == [False, True, True]
+    assert registered_methods() == ("magnitude", "wanda", "sparsegpt", "admm")
+    assert [PruneSettings(method=m).needs_calibration for m in registered_methods()] == [False, True, True, True]
     assert PruneSettings(method="magnitude", allocation="owl").needs_calibration
     assert settings_from(method=" WANDA ").method == "wanda"
-    with pytest.raises(SparselmError, match="unknown method 'obs'; use one of: magnitude, wanda, sparsegpt"):
+    with pytest.raises(SparselmError, match="unknown method 'obs'; use one of: magnitude, wanda, sparsegpt, admm"):
         settings_from(method="obs")
 
 
@@ -502,7 +502,7 @@ def test_a_new_method_is_one_registered_class(monkeypatch):
             matrix.weight()[:, : int(sparsity * matrix.shape[1])] = 0
 
     assert registered_methods()[-1] == "first-columns"
-    with pytest.raises(SparselmError, match="block patterns work with magnitude and wanda;"):
+    with pytest.raises(SparselmError, match="block patterns work with magnitude, wanda and admm;"):
         settings_from(method="first-columns", pattern="block:8x8")
     model = tiny_model("llama")
     report = prune(model, windows=WINDOWS, method="first-columns", sparsity=0.25)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import tiny_model
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from sparselm.calibration import capture, no_cache
 from sparselm.masks import NM, Block, Unstructured, apply_keep, is_block, is_n_of_m, keep_mask, prune_count
@@ -15,7 +16,7 @@ from sparselm.recovery import (
     AdmmSettings, ReconstructSettings, admm_prune, admm_update, cubic_schedule, reconstruct_block,
 )
 from sparselm.recovery.reconstruct import _decay_factor
-from sparselm.weights import block_matrices, find_block_lists
+from sparselm.weights import find_block_lists
 
 
 def _problem(seed: int, out: int = 24, inputs: int = 48, tokens: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +152,7 @@ def _hidden(output):
 def _magnitude_masks(block: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
     """50% magnitude keep-masks of the block's matrices in each parameter's own orientation, applied."""
     masks = {}
-    for _name, module in block_matrices(block):
+    for module in (m for m in block.modules() if isinstance(m, (nn.Linear, Conv1D))):
         masks[module.weight] = keep_mask(module.weight.detach().abs(), Unstructured(), 0.5)
         apply_keep(module.weight.data, masks[module.weight])
     return masks

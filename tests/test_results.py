@@ -29,7 +29,7 @@ runner = CliRunner()
 PRUNE = [
     "model", "method", "sparsity", "scope", "pattern", "allocation", "include_embeddings", "parameters", "calibration",
     "achieved_sparsity", "pruned_weights", "prunable_weights", "block_sparsity", "owl_outlier_ratio", "matrices",
-    "seconds", "calibration_seconds", "notes", "sparselm_version",
+    "seconds", "calibration_seconds", "notes", "recovery", "sparselm_version",  # recovery: new with --reconstruct/--steps
 ]
 PRUNE_MATRIX = ["name", "shape", "block", "target_sparsity", "pattern", "zeros", "numel", "sparsity"]
 PRUNE_CLI = [

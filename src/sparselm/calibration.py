@@ -10,6 +10,12 @@ visitor collects statistics (by calling `run()`, typically inside hooks) and pru
 block again so the next block is fed the already-pruned outputs. The hidden states are held once and overwritten in
 place. For encoder-decoder models the decoder stack is captured after the encoder is pruned, so cross-attention
 sees the pruned encoder's output.
+
+With `recover` the driver carries two streams: the dense model's (every stack captured once before anything is
+pruned, so a decoder's cross-attention reads the dense encoder there) and the pruned model's. Per block it runs the
+still-dense block on the dense stream first (its outputs are the block's targets and the dense stream's next
+inputs), then the visitor prunes, then `recover` gets the pruned stream's batches with those targets (block
+reconstruction trains the kept weights towards them), and only then is the pruned stream advanced.
 """
 
 from __future__ import annotations
@@ -55,6 +61,23 @@ class Captured:
 
 
 Visitor = Callable[[BlockRef, Callable[[], object]], None]
+
+
+@dataclass(frozen=True)
+class Batches:
+    """One block's calibration batches on the pruned stream: its inputs, the rest of each call, and the targets — the
+    dense block's outputs on the dense model's inputs."""
+
+    inputs: list[torch.Tensor]
+    calls: list[Call]
+    targets: list[torch.Tensor]
+
+    def outputs(self, block: nn.Module) -> list[torch.Tensor]:
+        """The block's outputs on the pruned stream's inputs (one forward per batch)."""
+        return _forward_all(block, list(zip(self.inputs, self.calls)))
+
+
+Recover = Callable[[BlockRef, Batches], None]
 
 
 class Collector(Protocol):
@@ -172,20 +195,32 @@ def run_blocks(
     visit: Visitor,
     on_block_done: Callable[[BlockRef], None] | None = None,
     read_only: bool = False,
+    recover: Recover | None = None,
 ) -> None:
     """Visit every transformer block in forward order, feeding each the previous block's (pruned) outputs.
 
     A `read_only` visitor promises not to change the weights, so the outputs of its own `run()` feed the next block
-    and each block runs once instead of twice.
+    and each block runs once instead of twice. `recover` (called after `visit`) makes the driver carry the dense
+    stream as well and hands each block's batches with their dense targets to it (module docstring).
     """
     check_vocab(model, windows)
     with torch.no_grad(), no_cache(model):
-        for stack in find_block_lists(model):
-            captured = capture(model, stack, windows)
+        stacks = find_block_lists(model)
+        dense = [capture(model, stack, windows) for stack in stacks] if recover is not None else None
+        for position, stack in enumerate(stacks):
+            if dense is not None and position == 0:  # nothing is pruned yet: the pruned stream starts as the dense
+                captured = Captured(hidden=list(dense[0].hidden), extra=dense[0].extra)
+            else:
+                captured = capture(model, stack, windows)
             hidden = captured.hidden
             for index, block in enumerate(stack.blocks):
                 calls = list(zip(hidden, captured.extra[index]))
                 ref = BlockRef(stack, index, block)
+                targets = None
+                if dense is not None:
+                    dense_hidden = dense[position].hidden
+                    targets = _forward_all(block, list(zip(dense_hidden, dense[position].extra[index])))
+                    dense_hidden[:] = targets
                 outputs: list[torch.Tensor] = []
 
                 def run(block: nn.Module = block, calls: list = calls, outputs: list = outputs) -> list[torch.Tensor]:
@@ -193,9 +228,13 @@ def run_blocks(
                     return outputs
 
                 visit(ref, run)
+                if recover is not None and targets is not None:
+                    recover(ref, Batches(list(hidden), list(captured.extra[index]), targets))
                 hidden[:] = outputs if read_only and outputs else _forward_all(block, calls)
                 if on_block_done is not None:
                     on_block_done(ref)
+            if dense is not None:
+                dense[position] = Captured(hidden=[], extra=[])  # this stack's dense stream is no longer needed
             del captured, hidden
 
 

@@ -43,6 +43,23 @@ def prune_command(
     calib_samples: int = typer.Option(128, "--calib-samples", help="Number of random calibration windows."),
     calib_seqlen: int = typer.Option(None, "--calib-seqlen", help="Tokens per window; default min(2048, context)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the calibration windows."),
+    reconstruct: bool = typer.Option(
+        False, "--reconstruct", help="After each block is masked, train its kept weights (masks fixed) so it matches "
+        "the dense block's output on the calibration text; needs calibration text, also with magnitude."
+    ),
+    reconstruct_epochs: int = typer.Option(
+        PruneSettings.model_fields["reconstruct_epochs"].default, "--reconstruct-epochs",
+        help="Passes over the calibration batches per block (per round with --steps).",
+    ),
+    reconstruct_lr: float = typer.Option(
+        PruneSettings.model_fields["reconstruct_lr"].default, "--reconstruct-lr", help="Adam learning rate."
+    ),
+    steps: int = typer.Option(
+        1, "--steps", help="Gradual pruning: each block reaches its target in K rounds on the cubic schedule "
+        "s·(1−(1−k/K)³), re-scoring the block on its own calibration batches each round, each round followed by "
+        "--reconstruct or, without it, the method's re-solve (sparsegpt, admm); N:M rounds use N = round(M·(1−s_k)). "
+        "1 = one shot.",
+    ),
     include_embeddings: bool = typer.Option(
         False, "--include-embeddings", help="Also prune embeddings and untied heads (by magnitude)."
     ),
@@ -65,6 +82,7 @@ def prune_command(
             calib_seqlen=calib_seqlen,
             seed=seed,
             include_embeddings=include_embeddings,
+            reconstruct=reconstruct, reconstruct_epochs=reconstruct_epochs, reconstruct_lr=reconstruct_lr, steps=steps,
         )
         for value in values
     ]

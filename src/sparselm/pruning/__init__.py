@@ -1,6 +1,7 @@
-"""Pruning: magnitude (global or per matrix), Wanda and SparseGPT, any pattern, uniform or OWL allocation."""
+"""Pruning: magnitude (global or per matrix), Wanda, SparseGPT and ADMM, any pattern, uniform or OWL allocation,
+one-shot or gradual, with optional block reconstruction."""
 
-from . import magnitude, wanda, sparsegpt  # noqa: F401, I001 (registers the methods, in the order users see them)
+from . import magnitude, wanda, sparsegpt, admm  # noqa: F401, I001 (registers the methods, in the order users see them)
 from .driver import prune
 from .owl import OwlAllocation, owl_allocation
 from ..progress import Progress

@@ -1,9 +1,22 @@
-"""One entry point for every method: pick the matrices, calibrate when needed, prune, and report what was done.
+"""One entry point for every method: pick the matrices, calibrate when needed, prune, recover, and report.
 
 What each method does to one matrix is its registered `Pruner`'s business (`registry.py`); this module decides the
 order: the calibration windows (`sparselm.windows`), OWL's per-block targets (`owl.py`), then the matrices — all
 together (`--scope global`), one by one, or block by block through the calibration driver for methods that score
-with calibration inputs.
+with calibration inputs and whenever blocks are reconstructed.
+
+Block by block, each block is pruned in `steps` rounds (1 = one shot) before the next block is fed. Round k of K
+takes every matrix of the block to s_k = s·(1 − (1 − k/K)³) of its own target s (Zhu & Gupta's cubic schedule,
+`recovery.cubic_schedule`; under N:M, N:M with N = round(M·(1 − s_k)), as OWL moves N), then recovers:
+- with `reconstruct`, the block's kept weights are trained, masks fixed (pruned entries stay exactly zero), towards
+  the dense block's outputs on the dense model's inputs, from the pruned model's inputs (`recovery.reconstruct`);
+- without, the next round's re-pruning is the recovery: SparseGPT and ADMM re-solve the kept weights, starting from
+  the weights the previous round left (methods that do not update weights need `reconstruct` for `steps` > 1).
+Every round first collects the method's statistics by running the block on its calibration batches — a block
+forward, no extra model passes — so round k scores the block as round k − 1 left it; round 1 equals one-shot
+pruning. Each round's mask is chosen afresh by the method: under magnitude and Wanda earlier zeros stay pruned (a
+zero scores lowest); SparseGPT's and ADMM's updates may give a weight pruned in an earlier round a value again.
+The last round hits the target exactly, as one-shot pruning does.
 """
 
 from __future__ import annotations
@@ -15,18 +28,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import BlockRef, collect_inputs, run_blocks, total_blocks
+from ..calibration import Batches, BlockRef, collect_inputs, run_blocks, total_blocks
 from ..errors import SparselmError
-from ..masks import check_shape
-from ..weights import Matrix, by_block, select_matrices
+from ..masks import apply_keep, check_shape
+from ..recovery import cubic_schedule, reconstruct_block
+from ..weights import Matrix, by_block, select_matrices, sparsity_of
 from ..windows import CALIBRATION_SPLIT, calibration_windows
 from .magnitude import prune_by_magnitude
 from .owl import OwlAllocation, block_pattern, owl_allocation
 from ..progress import SILENT, Progress
-from .report import PruneReport, matrix_row
+from .report import RECONSTRUCTION_LOSS, PruneReport, matrix_row
 from .settings import PruneSettings, settings_from
 
 Note = Callable[[str], None]
+Rounds = dict[str, list[dict[str, Any]]]  # per block: one entry per round (sparsity, losses when reconstructing)
 
 
 def prune(
@@ -64,12 +79,16 @@ def prune(
         m.name: allocation.target(m.block_name, settings.target_sparsity) if allocation else settings.target_sparsity
         for m in matrices
     }
-    if settings.scope == "global":
+    rounds: Rounds | None = None
+    if settings.scope == "global" and settings.reconstruct:
+        keep = _global_keep(matrices, settings)
+        rounds = _prune_block_by_block(model, matrices, settings, targets, windows, note, progress, keep)
+    elif settings.scope == "global":
         progress.start(f"global {settings.method}", 1)
         settings.pruner.prune_together(matrices, settings.target_sparsity, settings.parsed_pattern)
         progress.advance()
-    elif settings.pruner.needs_calibration:
-        _prune_block_by_block(model, matrices, settings, targets, windows, note, progress)
+    elif settings.pruner.needs_calibration or settings.reconstruct:
+        rounds = _prune_block_by_block(model, matrices, settings, targets, windows, note, progress)
     else:
         _prune_each(matrices, settings, targets, progress)
     return PruneReport(
@@ -82,6 +101,7 @@ def prune(
         seconds=time.perf_counter() - started,
         calibration_seconds=calibrated_at - started if calibration else 0.0,
         notes=notes,
+        recovery=_recovery_record(settings, rounds),
     )
 
 
@@ -93,9 +113,10 @@ def _windows(
     if windows is not None:
         return windows, {"source": "given token windows", "samples": windows.shape[0], "seqlen": windows.shape[1]}
     if tokenizer is None:
+        fix = "use --method magnitude" if settings.pruner.needs_calibration else f"drop {settings.calibration_user}"
         raise SparselmError(
-            f"{settings.method} needs calibration text but the model has no tokenizer; "
-            "save the tokenizer next to the model (tokenizer.save_pretrained) or use --method magnitude"
+            f"{settings.calibration_user} needs calibration text but the model has no tokenizer; "
+            f"save the tokenizer next to the model (tokenizer.save_pretrained) or {fix}"
         )
     progress.start(f"tokenising {settings.calib} ({CALIBRATION_SPLIT})", 1)
     found = calibration_windows(
@@ -128,25 +149,108 @@ def _prune_block_by_block(
     windows: torch.Tensor,
     note: Note,
     progress: Progress,
-) -> None:
-    """Calibrated methods, block by block; matrices outside blocks (embeddings, heads) fall back to magnitude."""
+    fixed: dict[str, torch.Tensor] | None = None,
+) -> Rounds:
+    """Prune (and recover) block by block in `settings.steps` rounds (module docstring); matrices outside blocks
+    (embeddings, heads) fall back to magnitude. `fixed` holds keep-masks chosen beforehand (a global ranking), which
+    are applied instead of the method's. Returns each block's rounds."""
     groups = by_block(matrices)
     method = settings.pruner
+    scores = method.needs_calibration and fixed is None
+    schedules = {m.name: _round_targets(targets[m.name], settings.steps) for m in matrices}
+    rounds: Rounds = {}
+    unseen: set[str] = set()
 
-    def visit(ref: BlockRef, run: Callable[[], object]) -> None:
+    def prune_round(mats: list[Matrix], k: int, stats: dict[str, Any] | None) -> None:
+        for m in mats:
+            sparsity = schedules[m.name][k]
+            if fixed is not None:
+                apply_keep(m.weight(), fixed[m.name])
+            elif stats is not None and stats[m.name].tokens == 0:
+                if m.name not in unseen:
+                    unseen.add(m.name)
+                    note(f"{m.name} saw no calibration input; pruned by magnitude instead")
+                _prune_by_magnitude(m, settings, sparsity)
+            else:
+                _prune_one(m, settings, sparsity, stats[m.name] if stats is not None else None)
+
+    def prune_in_rounds(ref: BlockRef, run: Callable[[], object], batches: Batches | None) -> None:
         mats = groups.get(ref.name, [])
         if not mats:
             return
-        stats = collect_inputs(mats, method.collector, run)
-        for m in mats:
-            if stats[m.name].tokens == 0:
-                note(f"{m.name} saw no calibration input; pruned by magnitude instead")
-                _prune_by_magnitude(m, settings, targets[m.name])
-            else:
-                _prune_one(m, settings, targets[m.name], stats[m.name])
+        entries = []
+        for k in range(settings.steps):
+            prune_round(mats, k, collect_inputs(mats, method.collector, run) if scores else None)
+            entry = {"round": k + 1, "sparsity": sparsity_of(mats)}
+            if batches is not None:
+                entry.update(_reconstruct(ref.module, batches, _keep_masks(mats), settings))
+            entries.append(entry)
+        rounds[ref.name] = entries
 
-    progress.start(f"{settings.method} block by block", total_blocks(model))
-    run_blocks(model, windows, visit, lambda _ref: progress.advance())
+    def visit(ref: BlockRef, run: Callable[[], object]) -> None:
+        if not settings.reconstruct:
+            prune_in_rounds(ref, run, None)
+
+    def recover(ref: BlockRef, batches: Batches) -> None:  # reconstruction needs the dense targets: prune here
+        prune_in_rounds(ref, lambda: batches.outputs(ref.module), batches)
+
+    stage = f"{settings.method} block by block" + (" + reconstruction" if settings.reconstruct else "")
+    progress.start(stage, total_blocks(model))
+    run_blocks(
+        model, windows, visit, lambda _ref: progress.advance(), recover=recover if settings.reconstruct else None
+    )
     for m in matrices:
         if m.block_name is None:
-            _prune_by_magnitude(m, settings, targets[m.name])
+            if fixed is not None:
+                apply_keep(m.weight(), fixed[m.name])
+            else:
+                _prune_by_magnitude(m, settings, targets[m.name])
+    return rounds
+
+
+def _reconstruct(
+    block: nn.Module, batches: Batches, keep: dict[nn.Parameter, torch.Tensor], settings: PruneSettings
+) -> dict[str, Any]:
+    """Train the block's kept weights towards the dense targets; if that ends with a higher loss on the calibration
+    batches than it started with (Adam's first steps can overshoot weights SparseGPT or ADMM already solved), the
+    weights from before training are put back, so reconstruction never makes a block worse on its own data."""
+    before = {param: param.detach().clone() for param in keep}
+    result = reconstruct_block(
+        block, batches.inputs, batches.calls, batches.targets, keep, settings.reconstruct_settings
+    )
+    kept = result.after <= result.before
+    if not kept:
+        for param, value in before.items():
+            param.data.copy_(value)
+    return {"loss_before": result.before, "loss_after": result.after, "trained_weights_kept": kept}
+
+
+def _round_targets(target: float, steps: int) -> list[float]:
+    """A matrix's sparsity after each round: the cubic schedule from 0 to its target (a target of 0 stays 0)."""
+    return cubic_schedule(target, steps) if target > 0 else [0.0] * steps
+
+
+def _keep_masks(mats: list[Matrix]) -> dict[nn.Parameter, torch.Tensor]:
+    """Each matrix's keep-mask as pruned now, in the parameter's own orientation (a Conv1D weight's is in × out)."""
+    return {m.parameter: m.parameter.detach() != 0 for m in mats}
+
+
+def _global_keep(matrices: list[Matrix], settings: PruneSettings) -> dict[str, torch.Tensor]:
+    """The keep-masks (out × in) of the global ranking, with the weights left dense: block reconstruction needs each
+    block's dense outputs before the block is pruned. Holds one copy of the matrices while ranking."""
+    dense = [m.weight().clone() for m in matrices]
+    settings.pruner.prune_together(matrices, settings.target_sparsity, settings.parsed_pattern)
+    keep = {m.name: m.weight() != 0 for m in matrices}
+    for m, weight in zip(matrices, dense):
+        m.weight().copy_(weight)
+    return keep
+
+
+def _recovery_record(settings: PruneSettings, rounds: Rounds | None) -> dict[str, Any] | None:
+    """What the rounds and the reconstruction did per block (None for one-shot pruning without reconstruction)."""
+    if rounds is None or (settings.steps == 1 and not settings.reconstruct):
+        return None
+    record: dict[str, Any] = {"steps": settings.steps, "reconstruct": settings.reconstruct, "blocks": rounds}
+    if settings.reconstruct:
+        record["loss"] = RECONSTRUCTION_LOSS
+    return record

@@ -28,12 +28,15 @@ class Pruner(ABC, Generic[S]):
     `needs_calibration`: the method scores weights with calibration inputs, gathered per matrix by `collector`.
     `ranks_globally`: `--scope global` (all matrices ranked together, `prune_together`) applies to it.
     `block_patterns`: it can keep or prune whole block:RxC tiles.
+    `updates_weights`: it re-solves the kept weights (so a gradual round re-pruning its own output changes more than
+    the mask; without that, `--steps` needs `--reconstruct` to mean anything).
     """
 
     name: ClassVar[str]
     needs_calibration: ClassVar[bool] = True
     ranks_globally: ClassVar[bool] = False
     block_patterns: ClassVar[bool] = True
+    updates_weights: ClassVar[bool] = False
 
     def collector(self, in_features: int) -> S:
         """A new statistic of one matrix's inputs (methods that need calibration override this)."""
@@ -68,7 +71,7 @@ def register(cls: P) -> P:
 
 
 def registered_methods() -> tuple[str, ...]:
-    """The method names, in registration order (magnitude, wanda, sparsegpt)."""
+    """The method names, in registration order (magnitude, wanda, sparsegpt, admm)."""
     return tuple(_PRUNERS)
 
 

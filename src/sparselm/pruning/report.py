@@ -10,6 +10,12 @@ from ..weights import Matrix
 from .owl import block_pattern
 from .settings import PruneSettings
 
+RECONSTRUCTION_LOSS = (
+    "mean squared error of the block's output against the dense block's output on the dense model's inputs, divided "
+    "by the variance of that target; loss_before: masks applied, before training; loss_after: after the last epoch; "
+    "trained_weights_kept: false where training ended above loss_before and the untrained weights were put back"
+)
+
 
 @dataclass(frozen=True)
 class PruneReport:
@@ -24,6 +30,7 @@ class PruneReport:
     seconds: float
     calibration_seconds: float
     notes: list[str] = field(default_factory=list)
+    recovery: dict[str, Any] | None = None  # gradual rounds and reconstruction per block (`driver._recovery_record`)
 
     @property
     def zeros(self) -> int:
@@ -57,6 +64,7 @@ class PruneReport:
             "seconds": round(self.seconds, 3),
             "calibration_seconds": round(self.calibration_seconds, 3),
             "notes": self.notes,
+            "recovery": self.recovery,
             "sparselm_version": sparselm_version(),
         }
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from ..data import parse_source
 from ..errors import SparselmError
 from ..masks import NM, Block, Pattern, parse_pattern
+from ..recovery.reconstruct import ReconstructSettings
 from .registry import Pruner, pruner, registered_methods
 
 DEFAULT_SPARSITY = 0.5
@@ -18,7 +19,12 @@ OWL_LAMBDA = 0.08  # OWL's λ: per-block sparsities spread over [s − λ, s + �
 
 
 class PruneSettings(BaseModel):
-    """One pruning run. `sparsity`: the fraction of zeros asked for (default 0.5); N:M fixes it at 1 − N/M."""
+    """One pruning run. `sparsity`: the fraction of zeros asked for (default 0.5); N:M fixes it at 1 − N/M.
+
+    `reconstruct`: after each block's masks are chosen, train its kept weights (masks fixed) for
+    `reconstruct_epochs` passes at Adam learning rate `reconstruct_lr` towards the dense block's outputs.
+    `steps`: gradual pruning in that many rounds per block on the cubic schedule (`pruning.driver`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -36,6 +42,10 @@ class PruneSettings(BaseModel):
     owl_lambda: float = OWL_LAMBDA
     sparsegpt_blocksize: int = 128
     sparsegpt_percdamp: float = 0.01
+    reconstruct: bool = False
+    reconstruct_epochs: int = ReconstructSettings.epochs
+    reconstruct_lr: float = ReconstructSettings.lr
+    steps: int = 1
 
     @field_validator("method")
     @classmethod
@@ -73,6 +83,27 @@ class PruneSettings(BaseModel):
             raise SparselmError(f"--calib-seqlen must be at least 1, got {value}")
         return value
 
+    @field_validator("reconstruct_epochs")
+    @classmethod
+    def _epochs_positive(cls, value: int) -> int:
+        if value < 1:
+            raise SparselmError(f"--reconstruct-epochs must be at least 1, got {value}")
+        return value
+
+    @field_validator("reconstruct_lr")
+    @classmethod
+    def _lr_positive(cls, value: float) -> float:
+        if not 0 < value < float("inf"):
+            raise SparselmError(f"--reconstruct-lr must be a positive learning rate such as 2e-4, got {value}")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_positive(cls, value: int) -> int:
+        if value < 1:
+            raise SparselmError(f"--steps must be at least 1 (1 prunes in one shot), got {value}")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> PruneSettings:
         pattern = self.parsed_pattern
@@ -94,6 +125,17 @@ class PruneSettings(BaseModel):
                 f"pattern {pattern} fixes the sparsity at {pattern.sparsity:g}, but {self.sparsity:g} was asked; "
                 f"omit --sparsity or pass {pattern.sparsity:g}"
             )
+        if self.steps > 1 and self.scope == "global":
+            raise SparselmError(
+                "--steps prunes each block in rounds, but --scope global ranks all matrices once before any block is "
+                "visited; use --scope layer or --steps 1"
+            )
+        if self.steps > 1 and not self.reconstruct and not self.pruner.updates_weights:
+            raise SparselmError(
+                f"--steps needs a recovery between rounds, and {self.method} does not update the kept weights, so "
+                f"its rounds would give the one-shot mask; add --reconstruct or use a method that does "
+                f"({_methods_where(lambda p: p.updates_weights)})"
+            )
         return self
 
     @property
@@ -114,8 +156,21 @@ class PruneSettings(BaseModel):
 
     @property
     def needs_calibration(self) -> bool:
-        """The method scores with calibration inputs, or OWL needs them to allocate sparsity per block."""
-        return self.pruner.needs_calibration or self.allocation == "owl"
+        """The method scores with calibration inputs, OWL needs them to allocate sparsity per block, or block
+        reconstruction needs them as its training data."""
+        return self.pruner.needs_calibration or self.allocation == "owl" or self.reconstruct
+
+    @property
+    def calibration_user(self) -> str:
+        """Who asks for calibration text, as the user would name it (for errors)."""
+        if self.pruner.needs_calibration:
+            return self.method
+        return "--reconstruct" if self.reconstruct else "--allocation owl"
+
+    @property
+    def reconstruct_settings(self) -> ReconstructSettings:
+        """The block-reconstruction settings of this run (the other knobs keep their defaults; the seed is ours)."""
+        return ReconstructSettings(lr=self.reconstruct_lr, epochs=self.reconstruct_epochs, seed=self.seed)
 
 
 def _methods_where(test: Callable[[Pruner], bool]) -> str:

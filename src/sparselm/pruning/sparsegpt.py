@@ -102,6 +102,7 @@ def _sweep_block(
 @register
 class SparseGPT(Pruner[HessianAccumulator]):
     name = "sparsegpt"
+    updates_weights = True
     block_patterns = False  # the column sweep compensates within rows; whole tiles are not part of the algorithm
 
     def collector(self, in_features: int) -> HessianAccumulator:
