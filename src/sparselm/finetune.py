@@ -48,7 +48,8 @@ from .evaluation.tasks import check_task, classification_task, is_classification
 from .facts import FINETUNE_JSON, SPARSITY_JSON, family, trains_as_causal_lm
 from .io import atomic_dir, atomic_write_json, ensure_writable_dir
 from .masks import apply_keep
-from .models import load_config, read_provenance, resolve, write_provenance
+from .models import load_config
+from .sources import read_provenance, resolve, write_provenance
 from .weights import select_matrices
 
 OptimizerName = Literal["adamw", "sgd"]

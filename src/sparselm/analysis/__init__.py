@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_dir, atomic_write_json, atomic_write_text, ensure_writable_dir
-from ..models import load_with_source, model_slug
+from ..models import load_with_source
+from ..sources import model_slug
 from ..weights import select_matrices
 from .distribution import Distribution, layers_csv, measure_distribution
 from .figures import compare_cdf_figure, write_model_figures

@@ -10,8 +10,8 @@ from rich.markup import escape
 from ..analysis import COMPARE_FIGURE, analyze_models
 from ..errors import SparselmError
 from ..io import check_output_dir, sparselm_wrote
-from ..models import model_slug
-from . import app
+from ..sources import model_slug
+from ._app import app
 from ._common import FORCE_HELP, handles_errors, model_inputs, out_console, print_json, progress_bar
 
 

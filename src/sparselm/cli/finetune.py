@@ -10,7 +10,7 @@ from rich.markup import escape
 from ..evaluation.tasks import check_task, is_classification, task_names
 from ..finetune import DEFAULT_LR, OPTIMIZERS, check_causal_lm, finetune
 from ..io import check_output_dir
-from . import app
+from ._app import app
 from ._common import FORCE_HELP, handles_errors, model_inputs, out_console, print_json, progress_bar, text_inputs
 
 

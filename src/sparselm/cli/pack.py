@@ -10,7 +10,7 @@ from rich.markup import escape
 from ..errors import SparselmError
 from ..io import check_output_dir
 from ..storage import FORMATS, pack, unpack
-from . import app
+from ._app import app
 from ._common import FORCE_HELP, err_console, handles_errors, model_inputs, out_console, print_json, progress_bar
 
 

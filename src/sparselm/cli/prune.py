@@ -12,7 +12,7 @@ from rich.progress import TaskID
 from ..errors import SparselmError
 from ..io import check_output_dir
 from ..pruning import PruneSettings, prune_to_dir, registered_methods, settings_from
-from . import app
+from ._app import app
 from ._common import (
     FORCE_HELP, err_console, handles_errors, model_inputs, out_console, parse_float_list, print_json, progress_bar,
     text_inputs,

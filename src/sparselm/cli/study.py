@@ -12,13 +12,13 @@ import typer
 from rich.table import Table
 
 from ..errors import SparselmError
-from ..models import model_slug
+from ..sources import model_slug
 from ..study.config import default_config_text, load_config
 from ..study.report import write_report
 from ..study.report_data import method_label
 from ..study.run import run_study
 from ..study.store import ResultStore, Row
-from . import app
+from ._app import app
 from ._common import err_console, handles_errors, out_console, print_json, progress_bar
 
 FULL_SIZE_HINT = (

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..facts import SPARSITY_JSON, load_tokenizer
+from ..facts import SPARSITY_JSON
 from ..io import atomic_dir, atomic_write_json
-from ..models import load_with_source, write_provenance
+from ..models import load_tokenizer, load_with_source
+from ..sources import write_provenance
 from .driver import prune
 from ..progress import Progress
 from .settings import PruneSettings

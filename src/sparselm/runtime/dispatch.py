@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import atomic_write_json
+from ..sources import cache_dir
 from .kernels import KERNELS
 from .timing import Sampler, Speedup, Timing, alternating, repeats_for, sampler, speedup
 
@@ -182,8 +183,6 @@ def choose(
 
 
 def cache_path() -> Path:
-    from ..models import cache_dir
-
     return cache_dir() / CACHE_FILE
 
 

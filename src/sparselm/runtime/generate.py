@@ -10,6 +10,8 @@ import torch
 from ..errors import SparselmError
 from .accelerate import Policy, accelerate, check_settings
 from ..facts import is_causal_lm
+from ..models import load, load_tokenizer
+from ..sources import resolve
 
 EXAMPLE_PROMPT = "The capital of France is"
 
@@ -17,8 +19,6 @@ EXAMPLE_PROMPT = "The capital of France is"
 def require_causal_lm(model_or_dir: str) -> None:
     """Refuse, before loading any weights, a model that cannot continue text (an encoder, a seq2seq model)."""
     from transformers import AutoConfig
-
-    from ..models import resolve
 
     config = AutoConfig.from_pretrained(resolve(model_or_dir).path)
     if not is_causal_lm(config):
@@ -49,8 +49,6 @@ def generate(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Greedy continuation of `prompt` by the accelerated model, with the accelerate report."""
-    from ..models import load, load_tokenizer
-
     check_generation(model_or_dir, prompt, max_new_tokens, policy, threads)
     lm = load(model_or_dir, head="causal-lm")
     tokenizer = load_tokenizer(model_or_dir)

@@ -21,7 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import SparselmError
+from ..facts import PROVENANCE_JSON
 from ..io import atomic_dir, atomic_write_json
+from ..sources import read_provenance, resolve, write_provenance
 from .codecs import Encoded, get_codec, keep_mask
 from .layouts import LAYOUTS, Layout, all_formats, layout_of_format
 from .zstd import compress_parts, decompress_parts
@@ -93,8 +95,6 @@ def pack(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write a packed copy of a model directory (or alias) to out_dir; returns sizes per tensor and in total."""
-    from ..models import read_provenance, resolve, write_provenance
-
     if format not in FORMATS:
         raise SparselmError(f"unknown pack format '{format}'; choose one of: {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -300,8 +300,10 @@ def write_dense_dir(
         save_file(state, str(dst / file), metadata=metadata)
     weights = LAYOUTS[manifest["layout"]].weights_file
     for p in src.iterdir():
-        if p.is_file() and p.name not in (MANIFEST, weights, CONFIG):
+        if p.is_file() and p.name not in (MANIFEST, weights, CONFIG, PROVENANCE_JSON):
             shutil.copy2(p, dst / p.name)
+    unpacked = {key: value for key, value in read_provenance(src).items() if key != "packed"}
+    atomic_write_json(dst / PROVENANCE_JSON, unpacked)  # a dense directory again: loaders must not look for a manifest
     (dst / CONFIG).write_text(source_config_text(src, manifest))
     if manifest.get("source_index"):
         atomic_write_json(dst / manifest["source_index"]["name"], manifest["source_index"]["content"])

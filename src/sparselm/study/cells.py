@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SparselmError
-from ..models import EMBEDDED, model_slug
+from ..sources import EMBEDDED, model_slug
 from .config import CellKind, MethodSpec, ModelSpec, StudyConfig, cell_kind
 from .store import Row, canonical
 
@@ -320,7 +320,7 @@ def _classification(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any
 
 
 def _pack(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
-    from ..models import resolve
+    from ..sources import resolve
     from ..storage import pack
 
     source = resolve(cell.model).path if cell.method == DENSE else model_dir(out, cell)

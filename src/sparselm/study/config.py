@@ -29,7 +29,7 @@ from pydantic import (
 
 from ..errors import SparselmError
 from ..evaluation.tasks import check_task, is_classification
-from ..models import EMBEDDED, reference_kind
+from ..sources import EMBEDDED, reference_kind
 from ..pruning.settings import PruneSettings, settings_from
 from ..storage import FORMATS
 from ..storage.pack import DTYPES
@@ -91,7 +91,7 @@ class ModelSpec(Strict):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        """The rule every command applies (sparselm.models.reference_kind); a hub id is fetched when the study runs."""
+        """The rule every command applies (sparselm.sources.reference_kind); a hub id is fetched when the study runs."""
         try:
             reference_kind(name)
         except SparselmError as exc:
