@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SparselmError
+from .facts import PROVENANCE_JSON, STATS_JSON
 
 MARKER_DIR = ".sparselm"
 MARKER = Path(MARKER_DIR) / "output.json"
 WRITTEN_BY = "sparselm"
 # Files by which directories written before the marker existed are recognised (each a JSON object sparselm wrote).
-LEGACY_OUTPUT_FILES = ("provenance.json", "stats.json")
+LEGACY_OUTPUT_FILES = (PROVENANCE_JSON, STATS_JSON)
 
 
 def current_umask() -> int:

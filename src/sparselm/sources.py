@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import SparselmError
-from .facts import PROVENANCE_JSON
+from .facts import CONFIG_JSON, PROVENANCE_JSON
 from .io import atomic_dir, atomic_write_json
 
 
@@ -79,10 +79,6 @@ class ModelSource:
     quantized_from: str | None = None
     base_model: str | None = None
 
-    @property
-    def display_name(self) -> str:
-        return self.alias or self.path.name
-
     def provenance(self) -> dict[str, Any]:
         return {"base_model": self.base_model or self.name, "quantized_from": self.quantized_from}
 
@@ -119,7 +115,7 @@ def reference_kind(name: str) -> Literal["embedded", "local", "hub"]:
         return "embedded"
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
+        if not (path / CONFIG_JSON).exists():
             raise SparselmError(f"'{name}' has no config.json, so it is not a Hugging Face model directory")
         return "local"
     if path.exists():
@@ -147,7 +143,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _resolve_local(name: str, path: Path) -> ModelSource:
-    _check_config_file(path / "config.json")
+    _check_config_file(path / CONFIG_JSON)
     prov = read_provenance(path)
     return ModelSource(
         name=name,
@@ -207,7 +203,7 @@ def _resolve_embedded(spec: EmbeddedModel) -> ModelSource:
 def _smollm2_fp32_cache(pkg: Path) -> Path:
     """Dequantise the GGUF once into a normal fp32 safetensors directory; later loads take under a second."""
     target = cache_dir() / "smollm2-135m"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if (target / CONFIG_JSON).exists() and (target / "model.safetensors").exists():
         return target
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..facts import STATS_JSON
 from ..io import atomic_dir, atomic_write_json, atomic_write_text, ensure_writable_dir
 from ..models import load_with_source
 from ..sources import model_slug
@@ -21,7 +22,7 @@ COMPARE_FIGURE = "compare-weight-cdf.png"
 def write_distribution(dist: Distribution, out: Path, slug: str) -> Path:
     """Write stats.json, layers.csv and the three figures into out/slug, all or nothing."""
     with atomic_dir(out / slug) as tmp:
-        atomic_write_json(tmp / "stats.json", dist.to_json())
+        atomic_write_json(tmp / STATS_JSON, dist.to_json())
         atomic_write_text(tmp / "layers.csv", layers_csv(dist))
         write_model_figures(dist, tmp, slug)
     return out / slug

@@ -9,6 +9,7 @@ from rich.markup import escape
 
 from ..analysis import COMPARE_FIGURE, analyze_models
 from ..errors import SparselmError
+from ..facts import STATS_JSON
 from ..io import check_output_dir, sparselm_wrote
 from ..sources import model_slug
 from ._app import app
@@ -74,4 +75,4 @@ def check_analysis_outputs(models: list[str], out: Path, force: bool) -> None:
 
 
 def _holds_analysis(out: Path) -> bool:
-    return any(sparselm_wrote(d) and (d / "stats.json").is_file() for d in out.iterdir())
+    return any(sparselm_wrote(d) and (d / STATS_JSON).is_file() for d in out.iterdir())

@@ -20,7 +20,7 @@ def finetune_command(
     model: str = typer.Argument(..., help="Embedded alias, local model directory (e.g. a pruned one) or hub id."),
     task: str = typer.Option(..., "--task", "-t", help=f"One of: {', '.join(task_names())}."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model directory (written atomically)."),
-    epochs: float = typer.Option(3.0, "--epochs", help="Training epochs (the seed used 3)."),
+    epochs: float = typer.Option(3.0, "--epochs", help="Training epochs."),
     lr: float = typer.Option(DEFAULT_LR, "--lr", help="Peak learning rate (linear decay)."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimizer steps (overrides --epochs)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples (or LM windows) per step."),

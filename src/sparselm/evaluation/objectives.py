@@ -1,4 +1,4 @@
-"""Which language-modelling head scores which model family (the seed evaluated every model on causal LM).
+"""Which language-modelling head scores which model family (a causal-LM score fits decoders only).
 
 * decoder-only: the model's own causal-LM head;
 * encoder-only: the family's `*ForCausalLM` class with `is_decoder=True` (causal attention mask). The encoder was

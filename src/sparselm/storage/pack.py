@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import SparselmError
+from ..facts import CONFIG_JSON as CONFIG
 from ..facts import PROVENANCE_JSON
 from ..io import atomic_dir, atomic_write_json
 from ..sources import read_provenance, resolve, write_provenance
@@ -33,7 +34,6 @@ FORMAT_NAME = "sparselm-pack"
 # Version 2 adds the layout's config.json entries (transformers refuses the directory) and `source_config`.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-CONFIG = "config.json"
 INDEX_SUFFIX = ".safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
