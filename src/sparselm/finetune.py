@@ -187,8 +187,10 @@ def finetune(
     seqlen: int | None = None,
     data_dir: Path | None = None,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune on `task`'s train split keeping every pruned weight at zero; write the model to `out_dir`."""
+    """Fine-tune on `task`'s train split keeping every pruned weight at zero; write the model to `out_dir` (replaced
+    only when sparselm wrote it, or it is empty, unless `force`)."""
     check_task(task)
     _check_budget(epochs, lr, max_steps, batch_size, max_examples)
     if optimizer not in OPTIMIZERS:
@@ -220,7 +222,7 @@ def finetune(
         "sparsity_after": after,
     }
     if run.main_process:  # under torchrun / accelerate launch every process trains, one writes
-        _save(model, tokenizer, model_or_dir, task, out_dir, report)
+        _save(model, tokenizer, model_or_dir, task, out_dir, report, force)
     return report
 
 
@@ -326,9 +328,11 @@ class _ProgressCallback(TrainerCallback):
         self.progress.update(self.task, completed=state.global_step)
 
 
-def _save(model: nn.Module, tokenizer: Any, model_or_dir: str, task: str, out_dir: Path, report: dict[str, Any]) -> None:
+def _save(
+    model: nn.Module, tokenizer: Any, model_or_dir: str, task: str, out_dir: Path, report: dict[str, Any], force: bool
+) -> None:
     source = resolve(model_or_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, force) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         previous = read_provenance(source.path)

@@ -19,9 +19,10 @@ __all__ = ["COMPARE_FIGURE", "Distribution", "analyze_models", "measure_distribu
 COMPARE_FIGURE = "compare-weight-cdf.png"
 
 
-def write_distribution(dist: Distribution, out: Path, slug: str) -> Path:
-    """Write stats.json, layers.csv and the three figures into out/slug, all or nothing."""
-    with atomic_dir(out / slug) as tmp:
+def write_distribution(dist: Distribution, out: Path, slug: str, force: bool = False) -> Path:
+    """Write stats.json, layers.csv and the three figures into out/slug, all or nothing (replacing a directory
+    sparselm did not write only with `force`)."""
+    with atomic_dir(out / slug, force) as tmp:
         atomic_write_json(tmp / STATS_JSON, dist.to_json())
         atomic_write_text(tmp / "layers.csv", layers_csv(dist))
         write_model_figures(dist, tmp, slug)
@@ -33,6 +34,7 @@ def analyze_models(
     out: Path,
     include_embeddings: bool = False,
     on_model: Callable[[str, int], Callable[[str], None]] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Analyse each model in turn (one in memory at a time); returns a summary for --json."""
     ensure_writable_dir(out)
@@ -45,7 +47,7 @@ def analyze_models(
         dist = measure_distribution(model, slug, source.quantized_from, include_embeddings, tick)
         del model
         gc.collect()
-        path = write_distribution(dist, out, slug)
+        path = write_distribution(dist, out, slug, force)
         dists.append(dist)
         summary["models"][slug] = {
             "dir": str(path),

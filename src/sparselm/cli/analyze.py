@@ -35,7 +35,7 @@ def analyze_command(
             task = progress.add_task(f"analysing {escape(slug)}", total=total)
             return lambda _name: progress.advance(task)
 
-        summary = analyze_models(models, out, include_embeddings, on_model)
+        summary = analyze_models(models, out, include_embeddings, on_model, force=force)
     if json_out:
         print_json(summary)
         return

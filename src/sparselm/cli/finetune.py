@@ -42,7 +42,7 @@ def finetune_command(
         report = finetune(
             model, task, out, epochs=epochs, lr=lr, max_steps=max_steps, batch_size=batch_size,
             max_examples=max_examples, seed=seed, optimizer=optimizer, seqlen=seqlen, data_dir=data_dir,
-            progress=progress,
+            progress=progress, force=force,
         )
     if json_out:
         print_json(report)

@@ -34,7 +34,8 @@ def pack_command(
     check_output_dir(out, model_inputs([model]), force)
     with progress_bar(quiet=json_out) as progress:
         task = progress.add_task(f"packing {escape(model)}", total=None)
-        summary = pack(model, out, format=format, dtype=dtype, progress=lambda _n: progress.advance(task))
+        summary = pack(model, out, format=format, dtype=dtype, progress=lambda _n: progress.advance(task),
+                       force=force)
     if json_out:
         print_json(summary)
         return
@@ -64,7 +65,7 @@ def unpack_command(
     check_output_dir(out, [packed], force)
     with progress_bar(quiet=json_out) as progress:
         task = progress.add_task(f"unpacking {escape(str(packed))}", total=None)
-        summary = unpack(packed, out, progress=lambda _n: progress.advance(task))
+        summary = unpack(packed, out, progress=lambda _n: progress.advance(task), force=force)
     if json_out:
         print_json(summary)
         return

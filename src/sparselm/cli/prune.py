@@ -98,7 +98,7 @@ def prune_command(
     with progress_bar(quiet=json_out) as bars:
         for settings, target in zip(runs, targets):
             label = f"{settings.method} s={settings.target_sparsity:g}"
-            result = prune_to_dir(model, settings, target, BarProgress(bars, label))
+            result = prune_to_dir(model, settings, target, BarProgress(bars, label), force=force)
             results.append({"out": str(target), **_summary(result)})
     if json_out:
         print_json(results[0] if len(results) == 1 else results)

@@ -93,8 +93,11 @@ def pack(
     format: Format = "auto",
     dtype: DType = "keep",
     progress: Progress | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Write a packed copy of a model directory (or alias) to out_dir; returns sizes per tensor and in total."""
+    """Write a packed copy of a model directory (or alias) to out_dir; returns sizes per tensor and in total.
+
+    `out_dir` is replaced only when sparselm wrote it (or it is empty) unless `force`."""
     if format not in FORMATS:
         raise SparselmError(f"unknown pack format '{format}'; choose one of: {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -121,7 +124,7 @@ def pack(
                     progress(name)
     out = Path(out_dir)
     summary = summarise(tensors, format, dtype)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force) as tmp:
         save_file(stored, str(tmp / layout.weights_file), metadata={"format": "pt", "packed_by": "sparselm"})
         index = copy_small_files(source.path, tmp)
         source_config = (source.path / CONFIG).read_text()
@@ -277,8 +280,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {name: tensor for _, name, tensor in iter_decoded(path)}
 
 
-def unpack(src: str | Path, out: str | Path, progress: Progress | None = None) -> dict[str, Any]:
-    """Rebuild the dense model directory (same tensors, same weight files) from a packed one."""
+def unpack(src: str | Path, out: str | Path, progress: Progress | None = None, force: bool = False) -> dict[str, Any]:
+    """Rebuild the dense model directory (same tensors, same weight files) from a packed one; `out` is replaced only
+    when sparselm wrote it (or it is empty) unless `force`."""
     src = Path(src)
     manifest = read_manifest(src)
     by_file: dict[str, dict[str, torch.Tensor]] = {}
@@ -287,7 +291,7 @@ def unpack(src: str | Path, out: str | Path, progress: Progress | None = None) -
         if progress:
             progress(name)
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force) as tmp:
         write_dense_dir(src, tmp, manifest, by_file)
     return {"out": str(out), "tensors": len(manifest["tensors"]), "files": sorted(by_file)}
 
