@@ -102,7 +102,8 @@ def test_the_package_has_no_import_cycle():
 def test_storage_and_the_lower_layers_never_import_the_model_loader():
     """Data flows one way: models → weights → masks → storage/runtime; `models` may use storage, never the reverse."""
     graph = import_graph()
-    lower = ("sparselm.storage", "sparselm.sources", "sparselm.facts", "sparselm.weights", "sparselm.masks", "sparselm.io")
+    lower = ("sparselm.storage", "sparselm.sources", "sparselm.facts", "sparselm.weights", "sparselm.masks",
+             "sparselm.io")
     assert "sparselm.storage" in graph["sparselm.models"]  # the loader opens packed directories through storage
     assert sorted(name for name in graph if name.startswith(lower) and "sparselm.models" in graph[name]) == []
 
@@ -155,7 +156,8 @@ def test_cycles_are_reported_along_their_path(tmp_path, files, expected):
 def test_type_checking_imports_are_not_edges(tmp_path):
     package = write_package(tmp_path, {
         "__init__.py": "",
-        "a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B\nelse:\n    from .c import C\n",
+        "a.py": "from typing import TYPE_CHECKING\n"
+                "if TYPE_CHECKING:\n    from .b import B\nelse:\n    from .c import C\n",
         "b.py": "from .a import A\n",
         "c.py": "",
     })

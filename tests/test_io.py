@@ -193,7 +193,8 @@ def test_atomic_dir_refuses_a_users_directory_file_or_link_before_writing_and_fo
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "link").symlink_to(user)
     before = tree_of(user)
-    for path, kind in ((user, "a directory"), (tmp_path / "file.txt", "a file"), (tmp_path / "link", "a symbolic link")):
+    cases = ((user, "a directory"), (tmp_path / "file.txt", "a file"), (tmp_path / "link", "a symbolic link"))
+    for path, kind in cases:
         entered = []
         with pytest.raises(SparselmError, match=rf"'{path}' is {kind} that sparselm did not write.*force=True"):
             with atomic_dir(path) as tmp:

@@ -3,8 +3,9 @@
 Every directory sparselm writes through `atomic_dir` carries a marker, `.sparselm/output.json`, that lists the
 entries sparselm put there. `check_output_dir` (commands, before any work) and `atomic_dir` itself (every library
 call, when it writes) replace a path only when it is absent, an empty directory, or a directory sparselm wrote whose
-entries are still exactly its own (nothing a person added since); anything else needs `force`. The marker is a directory so that code copying a model's small files (which copies
-plain files only) never carries it into another output.
+entries are still exactly its own (nothing a person added since); anything else needs `force`. The marker is a
+directory so that code copying a model's small files (which copies plain files only) never carries it into another
+output.
 """
 
 from __future__ import annotations

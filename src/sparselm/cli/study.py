@@ -34,7 +34,9 @@ FULL_SIZE_HINT = (
 @app.command("study")
 @handles_errors
 def study_command(
-    config: Path | None = typer.Argument(None, help="Study YAML (default: the shipped study of the embedded models, see --print-default)."),
+    config: Path | None = typer.Argument(
+        None, help="Study YAML (default: the shipped study of the embedded models, see --print-default)."
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Study directory: results.sqlite, models/, report.html."),
     quick: bool = typer.Option(False, "--quick", help="Apply the config's `quick:` overrides (a few minutes)."),
     full: bool = typer.Option(False, "--full", help="Apply the config's `full:` overrides (the full-size study: hours)."),
