@@ -62,15 +62,15 @@ def main() -> None:
         "byte_ppl": math.exp(-ll / n_bytes),
         "bits_per_byte": -ll / n_bytes / math.log(2),
     }
-    print(f"{args.model} on the first {args.chars} characters of {args.source} test ({ours['tokens']} tokens, "
+    print(f"{args.model} on the first {args.chars} characters of {args.source} test ({ours.tokens} tokens, "
           f"{words} words, {n_bytes} bytes), seqlen {args.seqlen}, torch threads {torch.get_num_threads()}")
-    print(f"loglikelihood: ours {ours['loglikelihood']:.3f}  lm-eval {ll:.3f}  ({ours['scored_text_tokens']} tokens scored)")
+    print(f"loglikelihood: ours {ours.loglikelihood:.3f}  lm-eval {ll:.3f}  ({ours.scored_text_tokens} tokens scored)")
     worst = 0.0
     for key, value in theirs.items():
-        diff = ours[key] / value - 1
+        diff = getattr(ours, key) / value - 1
         worst = max(worst, abs(diff)) if key == "word_ppl" else worst
-        print(f"{key:14s} ours {ours[key]:10.4f}  lm-eval {value:10.4f}  difference {diff:+.4%}")
-    print(f"token_ppl (SparseGPT protocol, same pass): {ours['token_ppl']:.4f} over {ours['windows']} windows")
+        print(f"{key:14s} ours {getattr(ours, key):10.4f}  lm-eval {value:10.4f}  difference {diff:+.4%}")
+    print(f"token_ppl (SparseGPT protocol, same pass): {ours.token_ppl:.4f} over {ours.windows} windows")
     print(f"time: ours {ours_s:.1f} s, lm-eval {theirs_s:.1f} s")
     print(f"word perplexity within 0.5%: {'yes' if worst <= 0.005 else 'NO'} ({worst:.4%})")
 

@@ -53,9 +53,9 @@ def main() -> None:
         t = time.perf_counter()
         plain = plain_loop(model, tokenizer, text, args.seqlen, args.windows)
         best_plain = min(best_plain, time.perf_counter() - t)
-    assert abs(ours["token_ppl"] / plain - 1) < 1e-4, (ours["token_ppl"], plain)
-    print(f"{args.model}: {args.windows} windows × {args.seqlen} tokens, batch {ours['batch_size']}, "
-          f"torch threads {torch.get_num_threads()}; token_ppl {ours['token_ppl']:.4f} (plain loop {plain:.4f})")
+    assert abs(ours.token_ppl / plain - 1) < 1e-4, (ours.token_ppl, plain)
+    print(f"{args.model}: {args.windows} windows × {args.seqlen} tokens, batch {ours.batch_size}, "
+          f"torch threads {torch.get_num_threads()}; token_ppl {ours.token_ppl:.4f} (plain loop {plain:.4f})")
     print(f"ours  {tokens / best_ours:8.1f} tokens/s  ({best_ours:.2f} s, with word/byte perplexity too)")
     print(f"plain {tokens / best_plain:8.1f} tokens/s  ({best_plain:.2f} s)")
     print(f"ratio ours/plain: {best_plain / best_ours:.2f}× (target ≥ 1.0×)")

@@ -80,7 +80,7 @@ def whole_model() -> list[dict]:
             err = (dense(**kw).logits - sparse(**kw).logits).abs().max().item()
         rows.append({"tokens": t, "dense_ms": timed["dense"] * 1e3, "semi_structured_ms": timed["sparse"] * 1e3,
                      "speedup": timed["speedup"], "speedup_range": [timed["speedup_low"], timed["speedup_high"]],
-                     "within_noise": timed["within_noise"], "max_abs_logit_err": err, "replaced": report["replaced"]})
+                     "within_noise": timed["within_noise"], "max_abs_logit_err": err, "replaced": report.replaced})
         print(f"smollm2-135m 2:4 prefill {t}: dense {timed['dense'] * 1e3:.2f} ms, semi-structured "
               f"{timed['sparse'] * 1e3:.2f} ms → {speedup_text(timed)} ({report['replaced']} layers), "
               f"max|Δlogit| {err:.3e}", flush=True)

@@ -102,7 +102,7 @@ def _run_row(
         sparsity = prune(model, windows=windows, owl=owl, **fields).achieved_sparsity
     prune_s = time.perf_counter() - t
     result = perplexity(model, tokenizer, text, args.seqlen, max_windows=args.eval_windows)
-    return {"label": label, "token_ppl": result["token_ppl"], "sparsity": sparsity, "prune_s": prune_s}
+    return {"label": label, "token_ppl": result.token_ppl, "sparsity": sparsity, "prune_s": prune_s}
 
 
 def _same_model_row(label: str, fields: dict, owl: OwlAllocation, done: dict[str, dict]) -> dict | None:

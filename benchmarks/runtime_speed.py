@@ -31,25 +31,25 @@ FLOOR = 0.95
 def row(sparsity: float, pattern: str, threads: int, rounds: int) -> dict:
     path = MODEL if sparsity == 0.0 else str(pruned_dir(MODEL, sparsity, pattern))
     result = bench(path, tokens=[128], threads=threads, rounds=rounds, steps=16, measure_size=False)
-    prefill, decode = result["prefill"][0], result["decode"]
+    prefill, decode = result.prefill[0], result.decode
     target = TARGETS.get(sparsity) if pattern == "unstructured" else None
-    above_floor = all(r["speedup"] >= FLOOR or r["within_noise"] for r in (prefill, decode))
-    ok = above_floor and (target is None or (prefill["speedup"] >= target and not prefill["within_noise"]))
+    above_floor = all(r.speedup >= FLOOR or r.within_noise for r in (prefill, decode))
+    ok = above_floor and (target is None or (prefill.speedup >= target and not prefill.within_noise))
     return {
         "sparsity": sparsity,
         "pattern": pattern,
-        "prefill128_dense_ms": prefill["dense_ms"],
-        "prefill128_accelerated_ms": prefill["accelerated_ms"],
-        "prefill128_speedup": prefill["speedup"],
-        "prefill128_speedup_range": [prefill["speedup_low"], prefill["speedup_high"]],
-        "prefill128_within_noise": prefill["within_noise"],
-        "decode_dense_ms": decode["dense_ms"],
-        "decode_accelerated_ms": decode["accelerated_ms"],
-        "decode_speedup": decode["speedup"],
-        "decode_speedup_range": [decode["speedup_low"], decode["speedup_high"]],
-        "decode_within_noise": decode["within_noise"],
-        "sparse_layers": result["layers"]["choices"],
-        "fused_groups": result["layers"]["fused_groups"],
+        "prefill128_dense_ms": prefill.dense_ms,
+        "prefill128_accelerated_ms": prefill.accelerated_ms,
+        "prefill128_speedup": prefill.speedup,
+        "prefill128_speedup_range": [prefill.speedup_low, prefill.speedup_high],
+        "prefill128_within_noise": prefill.within_noise,
+        "decode_dense_ms": decode.dense_ms,
+        "decode_accelerated_ms": decode.accelerated_ms,
+        "decode_speedup": decode.speedup,
+        "decode_speedup_range": [decode.speedup_low, decode.speedup_high],
+        "decode_within_noise": decode.within_noise,
+        "sparse_layers": result.report.choices,
+        "fused_groups": len(result.report.fused_groups),
         "target": target,
         "ok": ok,
     }

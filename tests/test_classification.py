@@ -60,14 +60,14 @@ def test_every_family_gets_a_classification_number(family, tmp_path, monkeypatch
     model_dir = save_tiny(tmp_path / family, family)
     calls = spy_on(monkeypatch, run_module, "classify")
     result = evaluate(str(model_dir), "wiki-pair", max_examples=8, batch_size=4)
-    assert 0.0 <= result["accuracy"] <= 1.0 and result["examples"] == 8
+    assert 0.0 <= result.metrics.accuracy <= 1.0 and result.metrics.examples == 8
     model, tokenizer, examples = calls[0]["args"][:3]
     assert examples == classification_task("wiki-pair").examples("test")[:8]
     predictions = predictions_one_by_one(model, tokenizer, examples)
     accuracy, f1 = accuracy_and_f1(predictions, [ex.label for ex in examples], 2)
-    assert (result["accuracy"], result["f1"]) == (pytest.approx(accuracy, abs=1e-12), pytest.approx(f1, abs=1e-12))
-    assert result["settings"]["head"] == ("mean-pooled" if family == "pegasus" else "sequence-classification")
-    assert not result["settings"]["head_trained"] and "randomly initialised" in result["notes"][0]
+    assert (result.metrics.accuracy, result.metrics.f1) == (pytest.approx(accuracy, abs=1e-12), pytest.approx(f1, abs=1e-12))
+    assert result.settings["head"] == ("mean-pooled" if family == "pegasus" else "sequence-classification")
+    assert not result.settings["head_trained"] and "randomly initialised" in result.notes[0]
 
 
 def test_mean_pooled_head_ignores_padding(tmp_path):

@@ -34,9 +34,9 @@ def test_causal_perplexity_for_every_family(family, tmp_path, text_task):
             evaluate(str(model_dir), text_task, seqlen=32)
         return
     result = evaluate(str(model_dir), text_task, seqlen=32, max_windows=4)
-    assert result["windows"] == 4 and result["token_ppl"] > 1 and result["word_ppl"] > 1
+    assert result.metrics.windows == 4 and result.metrics.token_ppl > 1 and result.metrics.word_ppl > 1
     lm = load_language_model(str(model_dir))
-    assert result["token_ppl"] == pytest.approx(sparsegpt_token_ppl(lm.model, lm.tokenizer, SAMPLE, 32, 4), rel=1e-5)
+    assert result.metrics.token_ppl == pytest.approx(sparsegpt_token_ppl(lm.model, lm.tokenizer, SAMPLE, 32, 4), rel=1e-5)
     # word_ppl over the text the 4 windows cover (one character per token): 128 predictions after <s>, or 128 after
     # the first character plus the first character itself (given BOS) when the tokenizer adds nothing in front
     text_ids = lm.tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]
@@ -46,13 +46,13 @@ def test_causal_perplexity_for_every_family(family, tmp_path, text_task):
         covered = SAMPLE[:129]
         ll = first_token_loglikelihood(lm.model, BOS, text_ids[0])
         ll += rolling_loglikelihood(lm.model, text_ids[:129], None, 32)
-    assert result["scored_text_tokens"] == len(covered)
-    assert result["word_ppl"] == pytest.approx(math.exp(-ll / len(re.split(r"\s+", covered))), rel=1e-5)
-    assert result["objective"] == "clm" and result["settings"]["head"] == "causal-lm"
+    assert result.metrics.scored_text_tokens == len(covered)
+    assert result.metrics.word_ppl == pytest.approx(math.exp(-ll / len(re.split(r"\s+", covered))), rel=1e-5)
+    assert result.objective == "clm" and result.settings["head"] == "causal-lm"
     if family in FAMILY_NOTES:
-        assert FAMILY_NOTES[family] in result["notes"][0]
+        assert FAMILY_NOTES[family] in result.notes[0]
     else:
-        assert result["notes"] == []
+        assert result.notes == []
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "llama", "bart"])
@@ -65,14 +65,14 @@ def test_masked_lm_perplexity_for_encoders_only(family, tmp_path, text_task):
     first = evaluate(str(model_dir), text_task, objective="mlm", seqlen=42)
     again = evaluate(str(model_dir), text_task, objective="mlm", seqlen=42)
     other_seed = evaluate(str(model_dir), text_task, objective="mlm", seqlen=42, seed=1)
-    assert first["mlm_ppl"] == again["mlm_ppl"] != other_seed["mlm_ppl"]
-    assert first["masked_tokens"] == first["windows"] * round(0.15 * 40)  # 40 text tokens between <s> and </s>
+    assert first.metrics.mlm_ppl == again.metrics.mlm_ppl != other_seed.metrics.mlm_ppl
+    assert first.metrics.masked_tokens == first.metrics.windows * round(0.15 * 40)  # 40 text tokens between <s> and </s>
     model = load_language_model(str(model_dir), "mlm").model
     tok = load_language_model(str(model_dir), "mlm").tokenizer
-    assert first["windows"] == len(SAMPLE) // 40
+    assert first.metrics.windows == len(SAMPLE) // 40
     for result, seed in ((first, 0), (other_seed, 1)):
-        expected = direct_mlm_ppl(model, tok, SAMPLE, 42, first["windows"], seed)
-        assert result["mlm_ppl"] == pytest.approx(expected, rel=1e-5)
+        expected = direct_mlm_ppl(model, tok, SAMPLE, 42, first.metrics.windows, seed)
+        assert result.metrics.mlm_ppl == pytest.approx(expected, rel=1e-5)
 
 
 def direct_mlm_ppl(model, tokenizer, text: str, seqlen: int, windows: int, seed: int) -> float:
@@ -107,9 +107,9 @@ def test_smollm2_on_ptb_text_matches_the_sparsegpt_transcription(tmp_path):
     path.write_text(ptb_text("test"))
     result = evaluate("smollm2-135m", f"text:{path}", seqlen=128, max_windows=3)
     model, tok = load("smollm2-135m"), load_tokenizer("smollm2-135m")
-    assert result["token_ppl"] == pytest.approx(sparsegpt_token_ppl(model, tok, path.read_text(), 128, 3), rel=1e-4)
-    assert 10 < result["token_ppl"] < 1000 and result["quantized_from"] == "GGUF Q4_1"
-    assert result["word_ppl"] > result["token_ppl"]  # PTB words are longer than SmolLM2 tokens
+    assert result.metrics.token_ppl == pytest.approx(sparsegpt_token_ppl(model, tok, path.read_text(), 128, 3), rel=1e-4)
+    assert 10 < result.metrics.token_ppl < 1000 and result.quantized_from == "GGUF Q4_1"
+    assert result.metrics.word_ppl > result.metrics.token_ppl  # PTB words are longer than SmolLM2 tokens
 
 
 @pytest.mark.slow
@@ -118,24 +118,24 @@ def test_minilm_masked_lm_and_classification_small_budget(tmp_path, monkeypatch)
 
     measured = spy_on(monkeypatch, run_module, "masked_perplexity")
     mlm = evaluate("minilm-l6", "wiki", objective="mlm", seqlen=64, max_windows=2)
-    assert mlm["mlm_ppl"] > 1 and "newly initialised" in mlm["notes"][0]
+    assert mlm.metrics.mlm_ppl > 1 and "newly initialised" in mlm.notes[0]
     model, tokenizer, text = measured[0]["args"][:3]  # the head is new at every load: score the one evaluated
     assert text == joined_text("wiki", "test")
-    assert mlm["mlm_ppl"] == pytest.approx(direct_mlm_ppl(model, tokenizer, text, 64, 2, 0), rel=1e-4)
+    assert mlm.metrics.mlm_ppl == pytest.approx(direct_mlm_ppl(model, tokenizer, text, 64, 2, 0), rel=1e-4)
     before = evaluate("minilm-l6", "wiki-pair", max_examples=16)
-    assert not before["settings"]["head_trained"]
+    assert not before.settings["head_trained"]
     with pytest.raises(SparselmError, match="encoder-only .*not a causal LM"):
         finetune_module.finetune("minilm-l6", "ptb", tmp_path / "lm", max_steps=1)
     saves = spy_on(monkeypatch, finetune_module, "_save")
     report = finetune_module.finetune("minilm-l6", "wiki-pair", tmp_path / "ft", max_steps=2, batch_size=8,
                                       max_examples=16)
-    assert report["sparsity_identical"]
+    assert report.sparsity_identical
     scored = spy_on(monkeypatch, run_module, "classify")
     after = evaluate(str(tmp_path / "ft"), "wiki-pair", max_examples=16)
-    assert after["settings"]["head_trained"] and after["notes"] == []
+    assert after.settings["head_trained"] and after.notes == []
     trained, evaluated = state_of(saves[0]["args"][0]), state_of(scored[0]["args"][0])
     assert evaluated.keys() == trained.keys() and all(torch.equal(evaluated[k], trained[k]) for k in trained)
     model, tokenizer, examples = scored[0]["args"][:3]
     predictions = predictions_one_by_one(model, tokenizer, examples)
-    assert after["accuracy"] == sum(p == ex.label for p, ex in zip(predictions, examples, strict=True)) / 16
+    assert after.metrics.accuracy == sum(p == ex.label for p, ex in zip(predictions, examples, strict=True)) / 16
     assert not (tmp_path / "lm").exists()

@@ -52,9 +52,9 @@ def test_sparsity_is_identical_after_finetuning(tmp_path, family, optimizer):
     before = zero_masks(load(str(src)))
     out = tmp_path / "ft"
     report = finetune(str(src), "wiki-pair", out, max_steps=4, batch_size=4, max_examples=16, optimizer=optimizer, lr=1e-2)
-    assert report["sparsity_identical"] and report["steps"] == 4
-    assert report["sparsity_before"] == report["sparsity_after"]
-    assert report["masked_matrices"] >= len(before)
+    assert report.sparsity_identical and report.steps == 4
+    assert report.sparsity_before == report.sparsity_after
+    assert report.masked_matrices >= len(before)
     tuned = load(str(out))
     after = zero_masks(tuned)
     assert after.keys() == before.keys()
@@ -66,8 +66,8 @@ def test_sparsity_is_identical_after_finetuning(tmp_path, family, optimizer):
     assert read_provenance(out)["finetuned_task"] == "wiki-pair"
     tuned_everywhere = zero_masks(tuned, include_embeddings=True)  # the classifier: its head is not the source's
     everywhere = {k: v for k, v in zero_masks(load(str(src)), include_embeddings=True).items() if k in tuned_everywhere}
-    assert report["masked_matrices"] == len(masked_names(everywhere))  # the pruned ones + embeddings' padding rows
-    assert all(report["sparsity_after"][k]["zeros"] == int(everywhere[k].sum()) for k in everywhere)
+    assert report.masked_matrices == len(masked_names(everywhere))  # the pruned ones + embeddings' padding rows
+    assert all(report.sparsity_after[k]["zeros"] == int(everywhere[k].sum()) for k in everywhere)
     assert all(torch.equal(everywhere[k], tuned_everywhere[k]) for k in everywhere)
 
 
@@ -128,12 +128,12 @@ def test_finetune_covers_every_head_kind(tmp_path, family, monkeypatch):
     src = pruned_dir(tmp_path, family)
     saves = spy_on(monkeypatch, finetune_module, "_save")
     report = finetune(str(src), "wiki-topic", tmp_path / "ft", max_steps=2, batch_size=4, max_examples=8, lr=1e-2)
-    assert report["sparsity_identical"]
+    assert report.sparsity_identical
     trained = state_of(saves[0]["args"][0])
     scored = spy_on(monkeypatch, run_module, "classify")
     result = evaluate(str(tmp_path / "ft"), "wiki-topic", max_examples=8)
-    assert result["settings"]["head_trained"] and not result["notes"]
-    assert result["sparsity"] == pytest.approx(0.5, abs=0.05)
+    assert result.settings["head_trained"] and not result.notes
+    assert result.sparsity == pytest.approx(0.5, abs=0.05)
     evaluated_model, tokenizer, examples = scored[0]["args"][:3]
     evaluated = state_of(evaluated_model)
     assert evaluated.keys() == trained.keys()
@@ -142,8 +142,8 @@ def test_finetune_covers_every_head_kind(tmp_path, family, monkeypatch):
     head = [k for k in trained if k in untrained and not torch.equal(trained[k], untrained[k])]
     assert any("classif" in k for k in head)  # the head itself moved in training
     predictions = predictions_one_by_one(evaluated_model, tokenizer, examples)
-    assert result["accuracy"] == sum(p == ex.label for p, ex in zip(predictions, examples, strict=True)) / 8
-    assert result["examples"] == len(examples) == 8
+    assert result.metrics.accuracy == sum(p == ex.label for p, ex in zip(predictions, examples, strict=True)) / 8
+    assert result.metrics.examples == len(examples) == 8
 
 
 def scored_model(monkeypatch, model_dir) -> torch.nn.Module:
@@ -159,12 +159,12 @@ def test_causal_lm_finetuning_on_a_text_file(tmp_path, family):
     text.write_text(SAMPLE)
     before = zero_masks(load(str(src)))
     report = finetune(str(src), f"text:{text}", tmp_path / "ft", max_steps=3, batch_size=2, seqlen=32, lr=1e-2)
-    assert report["sparsity_identical"] and report["settings"]["seqlen"] == 32
+    assert report.sparsity_identical and report.settings["seqlen"] == 32
     result = evaluate(str(tmp_path / "ft"), f"text:{text}", seqlen=32)
     saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ft").eval()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ft")
-    assert result["token_ppl"] == pytest.approx(sparsegpt_token_ppl(saved, tok, SAMPLE, 32), rel=1e-5)
-    assert result["token_ppl"] != pytest.approx(evaluate(str(src), f"text:{text}", seqlen=32)["token_ppl"], rel=1e-4)
+    assert result.metrics.token_ppl == pytest.approx(sparsegpt_token_ppl(saved, tok, SAMPLE, 32), rel=1e-5)
+    assert result.metrics.token_ppl != pytest.approx(evaluate(str(src), f"text:{text}", seqlen=32).metrics.token_ppl, rel=1e-4)
     after = {m.name: (m.weight() == 0) for m in select_matrices(saved)}
     assert all(torch.equal(after[k], v) for k, v in before.items() if k in after)
     assert sum(k in after for k in before) >= 8  # the decoder's matrices are all there (BART: decoder alone)
@@ -252,7 +252,7 @@ def test_finetune_keeps_masks_through_the_same_callback(tmp_path, monkeypatch):
     begins = spy_on(monkeypatch, SparsityCallback, "on_train_begin")
     src = pruned_dir(tmp_path, "llama")
     report = finetune(str(src), "wiki-pair", tmp_path / "ft", max_steps=3, batch_size=4, max_examples=16)
-    assert len(begins) == 1 and len(steps) == report["steps"] == 3
+    assert len(begins) == 1 and len(steps) == report.steps == 3
     callback = begins[0]["args"][0]
     expected = zero_masks(load(str(src)), include_embeddings=True)
     assert [name for name, _, _ in callback.keeper.masks] == sorted(masked_names(expected), key=list(expected).index)
@@ -272,7 +272,7 @@ def test_only_the_main_process_writes_the_output(tmp_path, monkeypatch):
     src = pruned_dir(tmp_path, "llama")
     monkeypatch.setattr(transformers.Trainer, "is_world_process_zero", lambda self: False)
     report = finetune(str(src), "wiki-pair", tmp_path / "out", max_steps=2, batch_size=4, max_examples=8)
-    assert report["steps"] == 2 and report["sparsity_identical"]
+    assert report.steps == 2 and report.sparsity_identical
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-dense"]
     monkeypatch.setattr(transformers.Trainer, "is_world_process_zero", lambda self: True)
@@ -291,7 +291,7 @@ def recording_save(*args, **kwargs):
 module._save = recording_save
 report = module.finetune(sys.argv[1], "wiki-pair", sys.argv[2], max_steps=2, batch_size=2, max_examples=8)
 with open(sys.argv[3] + ".steps", "a") as log:
-    log.write(f"{os.environ['RANK']} {os.environ['WORLD_SIZE']} {report['steps']} {report['sparsity_identical']}\\n")
+    log.write(f"{os.environ['RANK']} {os.environ['WORLD_SIZE']} {report.steps} {report.sparsity_identical}\\n")
 """
 
 

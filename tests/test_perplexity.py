@@ -37,8 +37,8 @@ def test_token_ppl_is_the_sparsegpt_protocol(family):
     tok = tiny_tokenizer(family)
     for windows in (None, 3):
         ours = perplexity(model, tok, SAMPLE, seqlen=40, max_windows=windows, batch_size=4)
-        assert ours["token_ppl"] == pytest.approx(sparsegpt_token_ppl(model, tok, SAMPLE, 40, windows), rel=1e-5)
-        assert ours["token_ppl_predictions"] == ours["windows"] * 39
+        assert ours.token_ppl == pytest.approx(sparsegpt_token_ppl(model, tok, SAMPLE, 40, windows), rel=1e-5)
+        assert ours.token_ppl_predictions == ours.windows * 39
 
 
 def harness_loglikelihood(model, tokenizer, text: str, seqlen: int, add_bos_token: bool | None = None) -> float:
@@ -85,17 +85,17 @@ def test_word_and_byte_perplexity_agree_with_the_harness(family):
     ours = perplexity(model, tok, SAMPLE, seqlen=48)
     theirs = harness_loglikelihood(model, tok, SAMPLE, 48)
     words, n_bytes = len(re.split(r"\s+", SAMPLE)), len(SAMPLE.encode("utf-8"))
-    assert (ours["words"], ours["bytes"]) == (words, n_bytes)
-    assert ours["loglikelihood"] == pytest.approx(theirs, rel=5e-3)
-    assert ours["word_ppl"] == pytest.approx(math.exp(-theirs / words), rel=0.05)
-    assert ours["bits_per_byte"] == pytest.approx(-theirs / n_bytes / math.log(2), rel=5e-3)
-    assert ours["byte_ppl"] == pytest.approx(2 ** ours["bits_per_byte"], rel=1e-9)
+    assert (ours.words, ours.bytes) == (words, n_bytes)
+    assert ours.loglikelihood == pytest.approx(theirs, rel=5e-3)
+    assert ours.word_ppl == pytest.approx(math.exp(-theirs / words), rel=0.05)
+    assert ours.bits_per_byte == pytest.approx(-theirs / n_bytes / math.log(2), rel=5e-3)
+    assert ours.byte_ppl == pytest.approx(2 ** ours.bits_per_byte, rel=1e-9)
     # Where the two differ, exactly: without a BOS in the stream our windows sit one token later than the harness's.
     tokens = tok(SAMPLE)["input_ids"]
     assert theirs == pytest.approx(rolling_loglikelihood(model, tokens, tok.bos_token_id, 48), rel=1e-6)
     expected = first_token_loglikelihood(model, tok.bos_token_id, tokens[0])
     expected += rolling_loglikelihood(model, tokens, None, 48)
-    assert ours["loglikelihood"] == pytest.approx(expected, rel=1e-6)
+    assert ours.loglikelihood == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("seqlen", [48, 100, 128])
@@ -110,11 +110,11 @@ def test_harness_parity_is_exact_when_the_tokenizer_adds_bos(seqlen):
     ours = perplexity(model, tok, SAMPLE, seqlen=seqlen, batch_size=3)
     theirs = harness_loglikelihood(model, tok, SAMPLE, seqlen, add_bos_token=False)
     words, n_bytes = len(re.split(r"\s+", SAMPLE)), len(SAMPLE.encode("utf-8"))
-    assert ours["first_token_scored"] and ours["scored_text_tokens"] == len(SAMPLE)
-    assert ours["loglikelihood"] == pytest.approx(theirs, rel=1e-6)
-    assert ours["word_ppl"] == pytest.approx(math.exp(-theirs / words), rel=1e-5)
-    assert ours["byte_ppl"] == pytest.approx(math.exp(-theirs / n_bytes), rel=1e-6)
-    assert ours["bits_per_byte"] == pytest.approx(-theirs / n_bytes / math.log(2), rel=1e-6)
+    assert ours.first_token_scored and ours.scored_text_tokens == len(SAMPLE)
+    assert ours.loglikelihood == pytest.approx(theirs, rel=1e-6)
+    assert ours.word_ppl == pytest.approx(math.exp(-theirs / words), rel=1e-5)
+    assert ours.byte_ppl == pytest.approx(math.exp(-theirs / n_bytes), rel=1e-6)
+    assert ours.bits_per_byte == pytest.approx(-theirs / n_bytes / math.log(2), rel=1e-6)
     text_tokens = tok(SAMPLE, add_special_tokens=False)["input_ids"]
     assert theirs == pytest.approx(rolling_loglikelihood(model, text_tokens, BOS, seqlen), rel=1e-6)
 
@@ -130,11 +130,11 @@ def test_harness_parity_on_the_embedded_trained_model():
     ours = perplexity(model, tok, text, seqlen=512)
     theirs = harness_loglikelihood(model, tok, text, 512)
     words, n_bytes = len(re.split(r"\s+", text)), len(text.encode("utf-8"))
-    assert (ours["words"], ours["bytes"]) == (words, n_bytes) and ours["windows"] >= 3
-    assert ours["word_ppl"] == pytest.approx(math.exp(-theirs / words), rel=5e-3)
-    assert ours["byte_ppl"] == pytest.approx(math.exp(-theirs / n_bytes), rel=5e-3)
-    assert ours["bits_per_byte"] == pytest.approx(-theirs / n_bytes / math.log(2), rel=5e-3)
-    assert 20 < ours["word_ppl"] < 2000  # a trained model on English: far below the vocabulary size
+    assert (ours.words, ours.bytes) == (words, n_bytes) and ours.windows >= 3
+    assert ours.word_ppl == pytest.approx(math.exp(-theirs / words), rel=5e-3)
+    assert ours.byte_ppl == pytest.approx(math.exp(-theirs / n_bytes), rel=5e-3)
+    assert ours.bits_per_byte == pytest.approx(-theirs / n_bytes / math.log(2), rel=5e-3)
+    assert 20 < ours.word_ppl < 2000  # a trained model on English: far below the vocabulary size
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
@@ -145,25 +145,25 @@ def test_every_text_token_is_scored_once(family):
     stream = tokenize_stream(tok, SAMPLE)
     assert stream.text_end - stream.text_start == len(SAMPLE)  # one token per character
     result = perplexity(model, tok, SAMPLE, seqlen=50)
-    assert result["scored_text_tokens"] == len(SAMPLE)
-    assert not result["text_truncated"] and result["first_token_scored"]
-    assert math.isfinite(result["loglikelihood"]) and result["loglikelihood"] < 0
+    assert result.scored_text_tokens == len(SAMPLE)
+    assert not result.text_truncated and result.first_token_scored
+    assert math.isfinite(result.loglikelihood) and result.loglikelihood < 0
     text_ids = tok(SAMPLE, add_special_tokens=False)["input_ids"]
     if stream.text_start == 1:  # <s> in front: the stream's own windows, <s> conditioning the first character
         expected = rolling_loglikelihood(model, text_ids, BOS, 50)
     else:
         expected = first_token_loglikelihood(model, BOS, text_ids[0]) + rolling_loglikelihood(model, text_ids, None, 50)
-    assert result["loglikelihood"] == pytest.approx(expected, rel=1e-6)
+    assert result.loglikelihood == pytest.approx(expected, rel=1e-6)
 
 
 def test_max_windows_counts_words_of_the_covered_prefix_only():
     model, tok = tiny_lm("gpt2", "causal-lm"), tiny_tokenizer("gpt2")
     result = perplexity(model, tok, SAMPLE, seqlen=30, max_windows=2)
     covered = SAMPLE[:60]  # char-level tokenizer: 2 windows of 30 tokens, the last logit scores character 61 too
-    assert result["text_truncated"] and result["windows"] == 2
-    assert result["scored_text_tokens"] == 61
-    assert result["bytes"] == len(SAMPLE[:61].encode()) and result["words"] == len(re.split(r"\s+", SAMPLE[:61]))
-    assert len(covered) < result["bytes"]
+    assert result.text_truncated and result.windows == 2
+    assert result.scored_text_tokens == 61
+    assert result.bytes == len(SAMPLE[:61].encode()) and result.words == len(re.split(r"\s+", SAMPLE[:61]))
+    assert len(covered) < result.bytes
 
 
 def test_batch_size_does_not_change_the_numbers():
@@ -172,7 +172,7 @@ def test_batch_size_does_not_change_the_numbers():
     one = perplexity(model, tok, text, seqlen=32, batch_size=1)
     many = perplexity(model, tok, text, seqlen=32, batch_size=7)
     for key in ("token_ppl", "word_ppl", "bits_per_byte"):
-        assert one[key] == pytest.approx(many[key], rel=1e-5)
+        assert getattr(one, key) == pytest.approx(getattr(many, key), rel=1e-5)
 
 
 def test_the_model_is_not_modified():

@@ -57,10 +57,10 @@ def check_equal_outputs(family: str, policy: str) -> None:
     n_matrices = len(select_matrices(model))
     report = accelerate(model, policy=policy, tokens=(1, 24))
     if policy == "sparse":
-        assert report["replaced"] == report["layers_total"] == n_matrices
+        assert report.replaced == report.layers_total == n_matrices
         assert any(isinstance(m, SparseLinear) for m in model.modules())
     assert torch.allclose(logits(model, kw), reference, atol=1e-5, rtol=1e-4)
-    assert all(set(layer["choices"]) == {1, 24} for layer in report["layers"])
+    assert all(set(layer.choices) == {1, 24} for layer in report.layers)
 
 
 FUSED = {
@@ -78,13 +78,13 @@ def test_layers_reading_the_same_input_run_as_one_product(family, monkeypatch):
     kw = inputs(family)
     reference = logits(model, kw)
     report = accelerate(model, policy="sparse")
-    found = {(tuple(n.rpartition(".")[2] for n in g["members"]), g["token_major"]) for g in report["fused_groups"]}
+    found = {(tuple(n.rpartition(".")[2] for n in g.members), g.token_major) for g in report.fused_groups}
     assert found == FUSED[family]
     products = []
     compute = SiblingGroup._compute
     monkeypatch.setattr(SiblingGroup, "_compute", lambda self, *a: (products.append(self), compute(self, *a))[1])
     assert torch.allclose(logits(model, kw), reference, atol=1e-5, rtol=1e-4)
-    assert len(products) == len(set(map(id, products))) == len(report["fused_groups"])  # one product per group
+    assert len(products) == len(set(map(id, products))) == len(report.fused_groups)  # one product per group
 
 
 def test_projections_of_attention_inputs_return_token_major_outputs():
@@ -134,7 +134,7 @@ def test_group_members_called_on_different_inputs_compute_their_own():
 def test_fusion_can_be_turned_off():
     model = prune_smallest(tiny_model("llama"), 0.9)
     report = accelerate(model, policy="sparse", fuse=False)
-    assert report["fused_groups"] == []
+    assert report.fused_groups == []
     assert all(m.group is None for m in model.modules() if isinstance(m, SparseLinear))
 
 
@@ -175,8 +175,8 @@ def test_block_structured_masks_run_on_bsr():
     kw = inputs("llama")
     reference = logits(model, kw)
     report = accelerate(model, policy="sparse")
-    assert {layer["structure"] for layer in report["layers"]} == {"block:16x16"}
-    assert all(set(layer["choices"].values()) == {"bsr16"} for layer in report["layers"])
+    assert {layer.structure for layer in report.layers} == {"block:16x16"}
+    assert all(set(layer.choices.values()) == {"bsr16"} for layer in report.layers)
     assert torch.allclose(logits(model, kw), reference, atol=1e-5, rtol=1e-4)
     w = select_matrices(prune_smallest(tiny_model("llama"), 0.5))[0].weight()
     assert block_sizes_of(w != 0) == []  # unstructured: no block size
@@ -194,9 +194,9 @@ def test_layer_picks_the_choice_of_the_nearest_token_count():
 def test_dense_matrices_and_dense_policy_change_nothing():
     model = tiny_model("bert")
     report = accelerate(model, policy="auto")
-    assert report["replaced"] == 0 and not any(isinstance(m, SparseLinear) for m in model.modules())
+    assert report.replaced == 0 and not any(isinstance(m, SparseLinear) for m in model.modules())
     pruned = prune_smallest(tiny_model("bert"), 0.9)
-    assert accelerate(pruned, policy="dense")["replaced"] == 0
+    assert accelerate(pruned, policy="dense").replaced == 0
 
 
 def test_bad_arguments_are_clear_errors():
@@ -226,7 +226,7 @@ def test_semi_structured_on_cuda_matches_dense():
     kw = {k: v.cuda() for k, v in inputs("llama", 32).items()}
     reference = logits(model, kw)
     report = accelerate(model, policy="semi-structured")
-    assert report["replaced"] == report["layers_total"]
+    assert report.replaced == report.layers_total
     assert torch.allclose(logits(model, kw), reference, atol=1e-2, rtol=1e-2)
 
 
@@ -235,20 +235,20 @@ def test_bench_reports_prefill_decode_and_sizes(family, policy, tmp_path):
     model = prune_smallest(tiny_model(family), 0.9)
     model.save_pretrained(tmp_path / "m")
     result = bench(str(tmp_path / "m"), tokens=[1, 16], policy=policy, rounds=2, steps=2)
-    assert [r["tokens"] for r in result["prefill"]] == [1, 16]
-    assert all(r["dense_ms"] > 0 and r["accelerated_ms"] > 0 and r["speedup"] > 0 for r in result["prefill"])
-    for r in [*result["prefill"], *([result["decode"]] if result["decode"] else [])]:
+    assert [r.tokens for r in result.prefill] == [1, 16]
+    assert all(r.dense_ms > 0 and r.accelerated_ms > 0 and r.speedup > 0 for r in result.prefill)
+    for r in [*result.prefill, *([result.decode] if result.decode else [])]:
         for side in ("dense_ms", "accelerated_ms", "speedup"):
-            assert r[f"{side}_low"] <= r[side] <= r[f"{side}_high"]
-        assert r["within_noise"]  # two rounds cannot show that the sides differ
-    assert (result["decode"] is not None) == (family in DECODER_ONLY)
-    assert result["size"]["packed_bytes"] < result["size"]["dense_bytes"]
-    assert result["layers"]["total"] == len(select_matrices(model))
+            assert getattr(r, f"{side}_low") <= getattr(r, side) <= getattr(r, f"{side}_high")
+        assert r.within_noise  # two rounds cannot show that the sides differ
+    assert (result.decode is not None) == (family in DECODER_ONLY)
+    assert result.size.packed_bytes < result.size.dense_bytes
+    assert result.report.layers_total == len(select_matrices(model))
 
 
 def test_bench_of_a_dense_model_runs_the_same_computation_on_both_sides(tmp_path):
     tiny_model("opt").save_pretrained(tmp_path / "m")
     result = bench(str(tmp_path / "m"), tokens=[8], rounds=3, steps=2, measure_size=False)
-    assert result["layers"]["replaced"] == 0 and result["rounds"] == 3
-    row = result["prefill"][0]
-    assert row["speedup_low"] <= row["speedup"] <= row["speedup_high"]
+    assert result.report.replaced == 0 and result.rounds == 3
+    row = result.prefill[0]
+    assert row.speedup_low <= row.speedup <= row.speedup_high

@@ -14,7 +14,7 @@ import torch
 
 from conftest import tiny_model
 from sparselm.runtime import accelerate, dispatch
-from sparselm.runtime.accelerate import structure_of
+from sparselm.runtime.accelerate import AccelerateReport, structure_of
 from sparselm.runtime.kernels import KERNELS, block_sizes_of, build_csr
 from sparselm.runtime.timing import Timing
 from sparselm.weights import select_matrices
@@ -63,8 +63,8 @@ def model_at(sparsity: float) -> torch.nn.Module:
     return prune_smallest(tiny_model("opt"), sparsity)
 
 
-def sparse_choices(report: dict) -> list[str]:
-    return [k for layer in report["layers"] for k in layer["choices"].values() if k != "dense"]
+def sparse_choices(report: AccelerateReport) -> list[str]:
+    return [k for layer in report.layers for k in layer.choices.values() if k != "dense"]
 
 
 def test_bound_follows_from_the_bytes_a_sparse_product_reads():
@@ -88,11 +88,11 @@ def test_bound_follows_from_the_bytes_a_sparse_product_reads():
 def test_a_timer_claiming_sparse_wins_never_puts_a_lightly_sparse_layer_on_sparse(sparsity, cache_dir, monkeypatch):
     timer = fake(monkeypatch, SPARSE_TEN_TIMES_FASTER)
     report = accelerate(model_at(sparsity), policy="auto", tokens=(1, 64))
-    assert report["replaced"] == 0 and sparse_choices(report) == []
+    assert report.replaced == 0 and sparse_choices(report) == []
     assert timer.samples == 0  # below the bound nothing is measured
     # the same timer at 0.95 sparsity does put every layer on CSR: the fake is what decided above too
     report = accelerate(model_at(0.95), policy="auto", tokens=(1, 64))
-    assert report["replaced"] == report["layers_total"] and set(sparse_choices(report)) == {"csr"}
+    assert report.replaced == report.layers_total and set(sparse_choices(report)) == {"csr"}
 
 
 def test_an_apparent_win_the_rounds_disagree_on_stays_dense_and_is_not_cached(cache_dir, monkeypatch):
@@ -100,12 +100,12 @@ def test_an_apparent_win_the_rounds_disagree_on_stays_dense_and_is_not_cached(ca
     timer = fake(monkeypatch, {"dense": [1e-3], "sparse": [5e-4] * 6 + [2e-3]})
     model = model_at(0.95)
     report = accelerate(model, policy="auto", tokens=(64,))
-    assert report["replaced"] == 0
+    assert report.replaced == 0
     keys = set(layer_keys(model_at(0.95), 64))
     assert len(keys) < len(select_matrices(model_at(0.95)))  # some layers share a key, and so a measurement
     assert timer.samples == len(keys) * 2 * dispatch.MAX_ROUNDS  # measured again in more rounds before giving up
     assert json.loads((cache_dir / dispatch.CACHE_FILE).read_text()) == {}
-    speedup = report["layers"][0]["speedups"][64]["csr"]
+    speedup = report.layers[0].speedups[64]["csr"]
     assert speedup["speedup"] == pytest.approx(2.0) and speedup["speedup_low"] == pytest.approx(0.5)
     assert speedup["within_noise"]
 
@@ -113,12 +113,12 @@ def test_an_apparent_win_the_rounds_disagree_on_stays_dense_and_is_not_cached(ca
 def test_a_clear_loss_is_cached_as_dense(cache_dir, monkeypatch):
     fake(monkeypatch, DENSE_FASTER)
     report = accelerate(model_at(0.95), policy="auto", tokens=(64,))
-    assert report["replaced"] == 0
+    assert report.replaced == 0
     cache = json.loads((cache_dir / dispatch.CACHE_FILE).read_text())
     assert len(cache) > 0 and {entry["choice"] for entry in cache.values()} == {"dense"}
     timer = fake(monkeypatch, SPARSE_TEN_TIMES_FASTER)
     again = accelerate(model_at(0.95), policy="auto", tokens=(64,))
-    assert timer.samples == 0 and all(layer["cached"] for layer in again["layers"])
+    assert timer.samples == 0 and all(layer.cached for layer in again.layers)
 
 
 def layer_keys(model: torch.nn.Module, tokens: int) -> list[str]:
@@ -141,10 +141,10 @@ def test_cached_decisions_contradicting_the_rules_are_not_trusted(cache_dir, mon
     cache.update({key: noisy_csr for key in layer_keys(heavy, 64)})  # contradicts the noise rule
     (cache_dir / dispatch.CACHE_FILE).write_text(json.dumps(cache))
     timer = fake(monkeypatch, DENSE_FASTER)
-    assert accelerate(light, policy="auto", tokens=(64,))["replaced"] == 0
+    assert accelerate(light, policy="auto", tokens=(64,)).replaced == 0
     assert timer.samples == 0
     report = accelerate(heavy, policy="auto", tokens=(64,))
-    assert report["replaced"] == 0 and timer.samples > 0  # measured again, and dense measured faster
+    assert report.replaced == 0 and timer.samples > 0  # measured again, and dense measured faster
     saved = json.loads((cache_dir / dispatch.CACHE_FILE).read_text())
     assert not set(layer_keys(light, 64)) & set(saved)  # the contradicting entries are gone
     assert {saved[k]["choice"] for k in layer_keys(heavy, 64)} == {"dense"}
@@ -162,10 +162,10 @@ def test_remeasure_ignores_the_cache_and_replaces_it(cache_dir, monkeypatch):
     assert set(sparse_choices(accelerate(model_at(0.95), tokens=(1, 64)))) == {"csr"}  # from the cache
     assert timer.samples == 0
     report = accelerate(model_at(0.95), tokens=(1, 64), remeasure=True)
-    assert report["replaced"] == 0
+    assert report.replaced == 0
     keys = {k for t in (1, 64) for k in layer_keys(model_at(0.95), t)}
     assert timer.samples == len(keys) * 2 * dispatch.ROUNDS  # each key measured once, then shared in the call
-    assert not report["layers"][0]["cached"]
+    assert not report.layers[0].cached
     saved = json.loads((cache_dir / dispatch.CACHE_FILE).read_text())
     assert {entry["choice"] for entry in saved.values()} == {"dense"}
 
@@ -190,15 +190,15 @@ def test_decision_needs_a_clear_win():
 def test_auto_measures_once_then_uses_the_cache(cache_dir):
     """Real timings: what the first run cached, the second uses without measuring (the fakes above pin the rest)."""
     first = accelerate(model_at(0.95), policy="auto", tokens=(1, 64))
-    assert not all(layer["cached"] for layer in first["layers"])  # layers of one shape share a decision
+    assert not all(layer.cached for layer in first.layers)  # layers of one shape share a decision
     saved = json.loads((cache_dir / dispatch.CACHE_FILE).read_text())
     again = accelerate(model_at(0.95), policy="auto", tokens=(1, 64))
     keys_at = {t: layer_keys(model_at(0.95), t) for t in (1, 64)}
-    for index, layer in enumerate(again["layers"]):
+    for index, layer in enumerate(again.layers):
         keys = {t: keys_at[t][index] for t in (1, 64)}
-        assert layer["cached"] == all(k in saved for k in keys.values())
-        assert all(layer["choices"][t] == saved[k]["choice"] for t, k in keys.items() if k in saved)
-    for layer in first["layers"]:
-        for t, times in layer["microseconds"].items():
+        assert layer.cached == all(k in saved for k in keys.values())
+        assert all(layer.choices[t] == saved[k]["choice"] for t, k in keys.items() if k in saved)
+    for layer in first.layers:
+        for t, times in layer.microseconds.items():
             assert set(times) >= {"dense", "csr"} and all(v > 0 for v in times.values())
-            assert layer["choices"][t] in {"dense", "csr"}
+            assert layer.choices[t] in {"dense", "csr"}

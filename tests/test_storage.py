@@ -51,8 +51,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_pack_unpack_bit_exact_for_every_family(tmp_path, family, fmt):
     src = pruned_dir(tmp_path, family)
     summary = pack(src, tmp_path / "packed", format=fmt)
-    assert summary["gain"] and summary["packed_bytes"] < summary["dense_bytes"] / 2
-    assert summary["sparse_tensors"] >= len(select_matrices(tiny_model(family)))
+    assert summary.sizes.gain and summary.sizes.packed_bytes < summary.sizes.dense_bytes / 2
+    assert summary.sizes.sparse_tensors >= len(select_matrices(tiny_model(family)))
     assert is_packed(tmp_path / "packed") and not is_packed(src)
     unpack(tmp_path / "packed", tmp_path / "dense")
     original, restored = tensors_of(src), tensors_of(tmp_path / "dense")
@@ -130,8 +130,8 @@ def test_dtype_option_stores_half_values(tmp_path):
 def test_packing_a_dense_model_works_and_says_it_gains_nothing(tmp_path):
     tiny_model("bert").save_pretrained(tmp_path / "dense")
     summary = pack(tmp_path / "dense", tmp_path / "packed")
-    assert not summary["gain"] and summary["sparse_tensors"] == 0
-    assert "gains nothing" in summary["message"]
+    assert not summary.sizes.gain and summary.sizes.sparse_tensors == 0
+    assert "gains nothing" in summary.sizes.message
     assert models.load(str(tmp_path / "packed")) is not None
 
 

@@ -33,7 +33,7 @@ def test_minilm_every_codec_and_pack_round_trip(tmp_path, fmt):
             round_trips(m.weight().contiguous())
     model.save_pretrained(tmp_path / "src")
     summary = pack(tmp_path / "src", tmp_path / "p", format=fmt)
-    assert summary["gain"] and summary["file_bytes_packed"] < summary["file_bytes_dense"]
+    assert summary.sizes.gain and summary.file_bytes_packed < summary.file_bytes_dense
     unpack(tmp_path / "p", tmp_path / "d")
     original, restored = tensors_of(tmp_path / "src"), tensors_of(tmp_path / "d")
     assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
@@ -51,7 +51,7 @@ def test_smollm2_packed_loads_and_runs_accelerated(tmp_path):
     src = tmp_path / "src"
     prune_smallest(models.load("smollm2-135m"), 0.9).save_pretrained(src)
     summary = pack(src, tmp_path / "p", dtype="bf16")
-    assert summary["packed_bytes"] < summary["dense_bytes"] / 3  # the 49152×576 embedding stays dense
+    assert summary.sizes.packed_bytes < summary.sizes.dense_bytes / 3  # the 49152×576 embedding stays dense
     model = models.load(str(tmp_path / "p"))
     reference = models.load(str(src))
     ids = torch.randint(3, 40000, (1, 48), generator=torch.Generator().manual_seed(0))

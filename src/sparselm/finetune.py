@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from rich.progress import Progress
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -49,6 +48,7 @@ from .facts import FINETUNE_JSON, SPARSITY_JSON, family, trains_as_causal_lm
 from .io import atomic_dir, atomic_write_json, ensure_writable_dir
 from .masks import apply_keep
 from .models import load_config
+from .progress import SILENT, Progress
 from .sources import read_provenance, resolve, write_provenance
 from .weights import select_matrices
 
@@ -172,6 +172,43 @@ def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimi
     raise SparselmError(f"unknown optimizer '{name}'; use one of: {', '.join(OPTIMIZERS)}")
 
 
+@dataclass(frozen=True)
+class FinetuneReport:
+    """What a fine-tuning run did; `to_json()` is finetune.json and what `sparselm finetune --json` prints."""
+
+    model: str
+    task: str
+    out: Path
+    train_loss: float
+    steps: int
+    examples: int
+    settings: dict[str, Any]
+    masked_matrices: int
+    sparsity_before: dict[str, dict[str, float | int]]
+    sparsity_after: dict[str, dict[str, float | int]]
+
+    @property
+    def sparsity_identical(self) -> bool:
+        """Every matrix has exactly the zeros it had before training."""
+        before, after = self.sparsity_before, self.sparsity_after
+        return all(before[k]["zeros"] == after[k]["zeros"] for k in before)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "task": self.task,
+            "out": str(self.out),
+            "train_loss": self.train_loss,
+            "steps": self.steps,
+            "examples": self.examples,
+            "settings": self.settings,
+            "masked_matrices": self.masked_matrices,
+            "sparsity_identical": self.sparsity_identical,
+            "sparsity_before": self.sparsity_before,
+            "sparsity_after": self.sparsity_after,
+        }
+
+
 def finetune(
     model_or_dir: str,
     task: str,
@@ -186,9 +223,9 @@ def finetune(
     optimizer: OptimizerName = "adamw",
     seqlen: int | None = None,
     data_dir: Path | None = None,
-    progress: Progress | None = None,
+    progress: Progress = SILENT,
     force: bool = False,
-) -> dict[str, Any]:
+) -> FinetuneReport:
     """Fine-tune on `task`'s train split keeping every pruned weight at zero; write the model to `out_dir` (replaced
     only when sparselm wrote it, or it is empty, unless `force`)."""
     check_task(task)
@@ -204,23 +241,14 @@ def finetune(
     opt = make_optimizer(model, optimizer, lr)
     masks = SparsityCallback()
     run = _train(model, dataset, collator, opt, masks, epochs, max_steps, batch_size, seed, progress)
-    after = matrix_sparsity(model)
-    report = {
-        "model": model_or_dir,
-        "task": task,
-        "out": str(out_dir),
-        "train_loss": run.train_loss,
-        "steps": run.steps,
-        "examples": len(dataset),
-        "settings": {
-            "epochs": epochs, "lr": lr, "max_steps": max_steps, "batch_size": batch_size, "max_examples": max_examples,
-            "seed": seed, "optimizer": optimizer, "momentum": SGD_MOMENTUM if optimizer == "sgd" else None, **extra,
-        },
-        "masked_matrices": len(masks.keeper.masks),
-        "sparsity_identical": all(before[k]["zeros"] == after[k]["zeros"] for k in before),
-        "sparsity_before": before,
-        "sparsity_after": after,
+    settings = {
+        "epochs": epochs, "lr": lr, "max_steps": max_steps, "batch_size": batch_size, "max_examples": max_examples,
+        "seed": seed, "optimizer": optimizer, "momentum": SGD_MOMENTUM if optimizer == "sgd" else None, **extra,
     }
+    report = FinetuneReport(
+        model_or_dir, task, out_dir, run.train_loss, run.steps, len(dataset), settings, len(masks.keeper.masks),
+        before, matrix_sparsity(model),
+    )
     if run.main_process:  # under torchrun / accelerate launch every process trains, one writes
         _save(model, tokenizer, model_or_dir, task, out_dir, report, force)
     return report
@@ -288,9 +316,9 @@ class TrainingRun:
 def _train(
     model: nn.Module, dataset: list[dict[str, Any]], collator: Any, optimizer: torch.optim.Optimizer,
     masks: SparsityCallback, epochs: float, max_steps: int | None, batch_size: int, seed: int,
-    progress: Progress | None,
+    progress: Progress,
 ) -> TrainingRun:
-    callbacks: list[TrainerCallback] = [masks] + ([_ProgressCallback(progress)] if progress is not None else [])
+    callbacks: list[TrainerCallback] = [masks, _ProgressCallback(progress)]
     with tempfile.TemporaryDirectory(prefix="sparselm-finetune-") as scratch:
         args = TrainingArguments(
             output_dir=scratch, num_train_epochs=epochs, max_steps=max_steps or -1,
@@ -315,21 +343,23 @@ def _train(
 
 
 class _ProgressCallback(TrainerCallback):
-    """Advances a rich progress bar by optimizer steps (the Trainer's own tqdm is turned off)."""
+    """Reports optimizer steps as progress (the Trainer's own tqdm is turned off)."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.task = None
+        self.done = 0
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 (Trainer's signature)
-        self.task = self.progress.add_task("fine-tuning (masks kept)", total=state.max_steps)
+        self.progress.start("fine-tuning (masks kept)", state.max_steps)
+        self.done = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        self.progress.update(self.task, completed=state.global_step)
+        self.progress.advance(state.global_step - self.done)
+        self.done = state.global_step
 
 
 def _save(
-    model: nn.Module, tokenizer: Any, model_or_dir: str, task: str, out_dir: Path, report: dict[str, Any], force: bool
+    model: nn.Module, tokenizer: Any, model_or_dir: str, task: str, out_dir: Path, report: FinetuneReport, force: bool
 ) -> None:
     source = resolve(model_or_dir)
     with atomic_dir(out_dir, force) as tmp:
@@ -340,4 +370,4 @@ def _save(
         write_provenance(tmp, source, **{**kept, "finetuned_task": task, "finetuned_from": model_or_dir})
         if (source.path / SPARSITY_JSON).is_file():
             shutil.copy2(source.path / SPARSITY_JSON, tmp / SPARSITY_JSON)
-        atomic_write_json(tmp / FINETUNE_JSON, report)
+        atomic_write_json(tmp / FINETUNE_JSON, report.to_json())

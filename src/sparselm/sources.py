@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -205,10 +206,9 @@ def _smollm2_fp32_cache(pkg: Path) -> Path:
     target = cache_dir() / "smollm2-135m"
     if (target / CONFIG_JSON).exists() and (target / "model.safetensors").exists():
         return target
-    from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    Console(stderr=True).print(f"[dim]dequantising {SMOLLM2_GGUF} to fp32 once, caching in {target} …[/dim]")
+    logging.getLogger(__name__).info("dequantising %s to fp32 once, caching in %s …", SMOLLM2_GGUF, target)
     model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF)
     model.hf_quantizer = None

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..facts import STATS_JSON
 from ..io import atomic_dir, atomic_write_json, atomic_write_text, ensure_writable_dir
 from ..models import load_with_source
+from ..progress import SILENT, Progress
 from ..sources import model_slug
-from ..weights import select_matrices
 from .distribution import Distribution, layers_csv, measure_distribution
 from .figures import compare_cdf_figure, write_model_figures
 
@@ -33,7 +32,7 @@ def analyze_models(
     names: list[str],
     out: Path,
     include_embeddings: bool = False,
-    on_model: Callable[[str, int], Callable[[str], None]] | None = None,
+    progress: Progress = SILENT,
     force: bool = False,
 ) -> dict[str, Any]:
     """Analyse each model in turn (one in memory at a time); returns a summary for --json."""
@@ -43,8 +42,7 @@ def analyze_models(
     for name in names:
         model, source = load_with_source(name)
         slug = model_slug(name)
-        tick = on_model(slug, len(select_matrices(model, include_embeddings))) if on_model else None
-        dist = measure_distribution(model, slug, source.quantized_from, include_embeddings, tick)
+        dist = measure_distribution(model, slug, source.quantized_from, include_embeddings, progress)
         del model
         gc.collect()
         path = write_distribution(dist, out, slug, force)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,10 +11,9 @@ import torch
 from torch import nn
 
 from ..facts import family as model_family
+from ..progress import SILENT, Progress
 from ..weights import Matrix, select_matrices
 from .stats import POW2_EXPONENTS, QUANTILES, Histogram, summarize
-
-Progress = Callable[[str], None]
 
 
 @dataclass
@@ -56,7 +54,7 @@ def measure_distribution(
     name: str,
     quantized_from: str | None = None,
     include_embeddings: bool = False,
-    on_matrix: Progress | None = None,
+    progress: Progress = SILENT,
 ) -> Distribution:
     """Stats per matrix, per side, per block and overall; one tensor in flight at a time."""
     matrices = select_matrices(model, include_embeddings)
@@ -64,6 +62,7 @@ def measure_distribution(
     overall = Histogram()
     side_hists: dict[str, Histogram] = {}
     block_abs_counts: dict[tuple[str, int], torch.Tensor] = {}
+    progress.start(f"analysing {name}", len(matrices))
     for m in matrices:
         stats, hist = summarize(lambda m=m: [m.weight()])
         rows.append({**_matrix_labels(m), **stats})
@@ -73,8 +72,7 @@ def measure_distribution(
             side = "encoder" if m.side == "encoder" else "decoder"
             key = (side, m.block)
             block_abs_counts[key] = block_abs_counts[key] + hist.abs_counts if key in block_abs_counts else hist.abs_counts
-        if on_matrix:
-            on_matrix(m.name)
+        progress.advance()
     overall_stats, _ = summarize(lambda: (m.weight() for m in matrices), overall)
     sides = {}
     if len(side_hists) == 1:

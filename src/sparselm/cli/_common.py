@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -13,8 +14,11 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
 
 from ..data import parse_source, read_text_file
 from ..errors import SparselmError
@@ -29,6 +33,17 @@ FILE_SYSTEM_FIXES = {
 FORCE_HELP = "Replace --out even when it is a file or a directory sparselm did not write (never an input)."
 err_console = Console(stderr=True)
 out_console = Console()
+
+
+def show_library_messages() -> None:
+    """Messages the library logs for the user (e.g. a one-time model conversion) appear on stderr, as notes do."""
+    logger = logging.getLogger("sparselm")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        logger.addHandler(RichHandler(console=err_console, show_time=False, show_path=False, show_level=False))
+        logger.setLevel(logging.INFO)
+
+
+show_library_messages()
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -63,10 +78,44 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+class RichProgress:
+    """The library's `Progress` drawn by rich on stderr (so --json on stdout stays clean): one bar per stage,
+    notes printed above the bars. Every command shows progress through this one adapter."""
+
+    def __init__(self, bars: Progress, label: str = "") -> None:
+        self.bars = bars
+        self.label = label
+        self.task: TaskID | None = None
+        self.total: int | None = None
+        self.done = 0
+
+    def labelled(self, label: str) -> RichProgress:
+        """An adapter on the same bars whose stages read `label: stage` (e.g. one run of several)."""
+        return RichProgress(self.bars, label)
+
+    def start(self, stage: str, total: int | None) -> None:
+        self._finish()
+        self.task = self.bars.add_task(escape(f"{self.label}: {stage}" if self.label else stage), total=total)
+        self.total, self.done = total, 0
+
+    def advance(self, amount: int = 1) -> None:
+        if self.task is not None:
+            self.bars.advance(self.task, amount)
+            self.done += amount
+
+    def note(self, message: str) -> None:
+        err_console.print(f"[yellow]note:[/yellow] {escape(message)}", highlight=False)
+
+    def _finish(self) -> None:
+        """A stage of unknown size is complete when the next one starts (its bar stops spinning)."""
+        if self.task is not None and self.total is None:
+            self.bars.update(self.task, total=self.done, completed=self.done)
+
+
 @contextmanager
-def progress_bar(quiet: bool = False) -> Iterator[Progress]:
-    """A rich progress bar on stderr (so --json output on stdout stays clean)."""
-    progress = Progress(
+def progress_bar(quiet: bool = False) -> Iterator[RichProgress]:
+    """Rich progress bars on stderr for the library's progress events; `quiet` hides the bars (notes still show)."""
+    bars = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -76,8 +125,8 @@ def progress_bar(quiet: bool = False) -> Iterator[Progress]:
         disable=quiet,
         transient=False,
     )
-    with progress:
-        yield progress
+    with bars:
+        yield RichProgress(bars)
 
 
 def parse_float_list(text: str, what: str) -> list[float]:

@@ -30,12 +30,7 @@ def analyze_command(
     """Histograms and |w| CDFs (log2 axis) per model and per block, with stats.json and layers.csv behind them."""
     check_analysis_outputs(models, out, force)
     with progress_bar(quiet=False) as progress:
-
-        def on_model(slug: str, total: int):
-            task = progress.add_task(f"analysing {escape(slug)}", total=total)
-            return lambda _name: progress.advance(task)
-
-        summary = analyze_models(models, out, include_embeddings, on_model, force=force)
+        summary = analyze_models(models, out, include_embeddings, progress, force=force)
     if json_out:
         print_json(summary)
         return

@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 
 from ..errors import SparselmError
-from ..runtime import POLICIES, bench, generate
+from ..runtime import POLICIES, BenchResult, SpeedRow, bench, generate
 from ..runtime.accelerate import check_settings
 from ..runtime.generate import check_generation
 from ._app import app
@@ -38,45 +38,45 @@ def bench_command(
         raise SparselmError(f"--rounds must be at least 1, got {rounds}")
     check_settings(policy, threads)
     with progress_bar(quiet=json_out) as progress:
-        task = progress.add_task(f"benchmarking {model}", total=None)
         result = bench(
             model, counts, threads=threads, policy=policy, rounds=rounds, measure_size=not no_size,
-            progress=lambda _n: progress.advance(task), remeasure=remeasure,
+            progress=progress.labelled(model), remeasure=remeasure,
         )
     if json_out:
-        print_json(result)
+        print_json(result.to_json())
         return
     print_bench(result)
 
 
-def print_bench(result: dict) -> None:
-    title = f"{result['model']}: dense vs accelerated ({result['threads']} threads, policy {result['policy']})"
-    table = Table(title=title, caption=f"medians of {result['rounds']} alternating rounds (range over the rounds)")
+def print_bench(result: BenchResult) -> None:
+    report = result.report
+    title = f"{result.model}: dense vs accelerated ({report.threads} threads, policy {report.policy})"
+    table = Table(title=title, caption=f"medians of {result.rounds} alternating rounds (range over the rounds)")
     for col in ("step", "tokens", "dense ms", "accelerated ms", "speed-up", "accelerated tokens/s"):
         table.add_column(col, justify="right")
-    rows = [("prefill", r) for r in result["prefill"]] + ([("decode", result["decode"])] if result["decode"] else [])
+    rows = [("prefill", r) for r in result.prefill] + ([("decode", result.decode)] if result.decode else [])
     for step, r in rows:
         table.add_row(
-            step, str(r["tokens"]), ms_with_range(r, "dense_ms"), ms_with_range(r, "accelerated_ms"), speedup_text(r),
-            f"{r['accelerated_tokens_per_s']:.1f}",
+            step, str(r.tokens), ms_with_range(r.dense_ms, r.dense_ms_low, r.dense_ms_high),
+            ms_with_range(r.accelerated_ms, r.accelerated_ms_low, r.accelerated_ms_high), speedup_text(r),
+            f"{r.accelerated_tokens_per_s:.1f}",
         )
     out_console.print(table)
-    layers = result["layers"]
-    out_console.print(f"layers on a sparse kernel: {layers['replaced']} of {layers['total']}; choices per token count: "
-                      f"{layers['choices']}; groups of layers sharing one product: {layers['fused_groups']}")
-    if "size" in result:
-        s = result["size"]
-        out_console.print(f"weights: dense {s['dense_bytes'] / 1e6:.2f} MB, packed {s['packed_bytes'] / 1e6:.2f} MB "
-                          f"({s['dense_bytes'] / max(s['packed_bytes'], 1):.2f}× smaller, {s['source']})")
+    out_console.print(f"layers on a sparse kernel: {report.replaced} of {report.layers_total}; choices per token "
+                      f"count: {report.choices}; groups of layers sharing one product: {len(report.fused_groups)}")
+    if result.size is not None:
+        s = result.size
+        out_console.print(f"weights: dense {s.dense_bytes / 1e6:.2f} MB, packed {s.packed_bytes / 1e6:.2f} MB "
+                          f"({s.dense_bytes / max(s.packed_bytes, 1):.2f}× smaller, {s.source})")
 
 
-def ms_with_range(row: dict, key: str) -> str:
-    return f"{row[key]:.2f} ({row[key + '_low']:.2f}–{row[key + '_high']:.2f})"
+def ms_with_range(median: float, low: float, high: float) -> str:
+    return f"{median:.2f} ({low:.2f}–{high:.2f})"
 
 
-def speedup_text(row: dict) -> str:
-    noise = ", within noise" if row["within_noise"] else ""
-    return f"{row['speedup']:.2f}× ({row['speedup_low']:.2f}–{row['speedup_high']:.2f}{noise})"
+def speedup_text(row: SpeedRow) -> str:
+    noise = ", within noise" if row.within_noise else ""
+    return f"{row.speedup:.2f}× ({row.speedup_low:.2f}–{row.speedup_high:.2f}{noise})"
 
 
 @app.command("run")
@@ -93,15 +93,14 @@ def run_command(
     """Generate text with the accelerated model (sparse kernels where they measured faster)."""
     check_generation(model, prompt, max_new_tokens, policy, threads)
     with progress_bar(quiet=json_out) as progress:
-        task = progress.add_task(f"loading and accelerating {model}", total=None)
         result = generate(
             model, prompt, max_new_tokens, policy=policy, threads=threads, remeasure=remeasure,
-            progress=lambda _n: progress.advance(task),
+            progress=progress.labelled(model),
         )
-    report = result["report"]
+    report = result.report
     if json_out:
-        print_json({"prompt": prompt, "completion": result["completion"], "replaced": report["replaced"],
-                    "choices": report["choices"]})
+        print_json({"prompt": prompt, "completion": result.completion, "replaced": report.replaced,
+                    "choices": report.choices})
         return
-    out_console.print(f"[bold]{prompt}[/bold]{result['completion']}", highlight=False)
-    out_console.print(f"[dim]{report['replaced']} of {report['layers_total']} layers on sparse kernels[/dim]")
+    out_console.print(f"[bold]{prompt}[/bold]{result.completion}", highlight=False)
+    out_console.print(f"[dim]{report.replaced} of {report.layers_total} layers on sparse kernels[/dim]")

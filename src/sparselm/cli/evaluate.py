@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from ..evaluation import evaluate
+from ..evaluation import ClassificationEvaluation, Evaluation, MaskedPerplexity, evaluate
 from ..evaluation.tasks import task_names
 from ._app import app
 from ._common import handles_errors, out_console, print_json, progress_bar
@@ -36,22 +36,23 @@ def eval_command(
             objective=objective, data_dir=data_dir, max_examples=max_examples, seed=seed, progress=progress,
         )
     if json_out:
-        print_json(result)
+        print_json(result.to_json())
         return
     _print_result(result)
 
 
-def _print_result(result: dict) -> None:
-    head = f"[bold]{escape(result['model'])}[/bold] on {escape(result['task'])} ({escape(result['split'])})"
-    if "accuracy" in result:
-        body = f"accuracy {result['accuracy']:.4f}, F1 {result['f1']:.4f} over {result['examples']} examples"
-    elif "mlm_ppl" in result:
-        body = f"masked-LM perplexity {result['mlm_ppl']:.3f} ({result['masked_tokens']} masked tokens, seqlen {result['seqlen']})"
+def _print_result(result: Evaluation) -> None:
+    head = f"[bold]{escape(result.model)}[/bold] on {escape(result.task)} ({escape(result.split)})"
+    m = result.metrics
+    if isinstance(result, ClassificationEvaluation):
+        body = f"accuracy {m.accuracy:.4f}, F1 {m.f1:.4f} over {m.examples} examples"
+    elif isinstance(m, MaskedPerplexity):
+        body = f"masked-LM perplexity {m.mlm_ppl:.3f} ({m.masked_tokens} masked tokens, seqlen {m.seqlen})"
     else:
         body = (
-            f"token_ppl {result['token_ppl']:.3f} ({result['windows']}×{result['seqlen']} tokens), "
-            f"word_ppl {result['word_ppl']:.3f}, byte_ppl {result['byte_ppl']:.4f}, bits_per_byte {result['bits_per_byte']:.4f}"
+            f"token_ppl {m.token_ppl:.3f} ({m.windows}×{m.seqlen} tokens), "
+            f"word_ppl {m.word_ppl:.3f}, byte_ppl {m.byte_ppl:.4f}, bits_per_byte {m.bits_per_byte:.4f}"
         )
     out_console.print(f"{head}: {body}", highlight=False)
-    for note in result.get("notes", []):
+    for note in result.notes:
         out_console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)

@@ -45,12 +45,12 @@ def finetune_command(
             progress=progress, force=force,
         )
     if json_out:
-        print_json(report)
+        print_json(report.to_json())
         return
-    kept = "identical" if report["sparsity_identical"] else "[red]CHANGED[/red]"
+    kept = "identical" if report.sparsity_identical else "[red]CHANGED[/red]"
     out_console.print(
-        f"fine-tuned [bold]{escape(model)}[/bold] on {escape(task)}: {report['steps']} steps over {report['examples']} "
-        f"examples, train loss {report['train_loss']:.4f}; sparsity of {report['masked_matrices']} masked matrices "
+        f"fine-tuned [bold]{escape(model)}[/bold] on {escape(task)}: {report.steps} steps over {report.examples} "
+        f"examples, train loss {report.train_loss:.4f}; sparsity of {report.masked_matrices} masked matrices "
         f"{kept} → {escape(str(out))}",
         highlight=False,
     )

@@ -11,7 +11,7 @@ from ..errors import SparselmError
 from ..io import check_output_dir
 from ..storage import FORMATS, pack, unpack
 from ._app import app
-from ._common import FORCE_HELP, err_console, handles_errors, model_inputs, out_console, print_json, progress_bar
+from ._common import FORCE_HELP, handles_errors, model_inputs, out_console, print_json, progress_bar
 
 
 @app.command("pack")
@@ -33,20 +33,19 @@ def pack_command(
     """Store a (pruned) model with sparse codecs in safetensors plus a checksummed manifest."""
     check_output_dir(out, model_inputs([model]), force)
     with progress_bar(quiet=json_out) as progress:
-        task = progress.add_task(f"packing {escape(model)}", total=None)
-        summary = pack(model, out, format=format, dtype=dtype, progress=lambda _n: progress.advance(task),
-                       force=force)
+        summary = pack(model, out, format=format, dtype=dtype, progress=progress.labelled(model), force=force)
     if json_out:
-        print_json(summary)
+        print_json(summary.to_json())
         return
-    if not summary["gain"]:
-        err_console.print(f"[yellow]note:[/yellow] {escape(summary['message'])}", highlight=False)
-    codecs = ", ".join(f"{k}: {v}" for k, v in sorted(summary["codecs"].items()))
+    sizes = summary.sizes
+    if sizes.message:
+        progress.note(sizes.message)
+    codecs = ", ".join(f"{k}: {v}" for k, v in sorted(sizes.codecs.items()))
     out_console.print(
-        f"packed {summary['tensors']} tensors ({codecs}): weights {summary['dense_bytes'] / 1e6:.2f} MB → "
-        f"{summary['packed_bytes'] / 1e6:.2f} MB ({summary['ratio']:.2f}× smaller); files "
-        f"{summary['file_bytes_dense'] / 1e6:.2f} MB → {summary['file_bytes_packed'] / 1e6:.2f} MB "
-        f"→ {escape(summary['out'])}",
+        f"packed {sizes.tensors} tensors ({codecs}): weights {sizes.dense_bytes / 1e6:.2f} MB → "
+        f"{sizes.packed_bytes / 1e6:.2f} MB ({sizes.ratio:.2f}× smaller); files "
+        f"{summary.file_bytes_dense / 1e6:.2f} MB → {summary.file_bytes_packed / 1e6:.2f} MB "
+        f"→ {escape(str(summary.out))}",
         highlight=False,
     )
 
@@ -64,12 +63,11 @@ def unpack_command(
         raise SparselmError(f"no directory at '{packed}'; pass a directory written by sparselm pack")
     check_output_dir(out, [packed], force)
     with progress_bar(quiet=json_out) as progress:
-        task = progress.add_task(f"unpacking {escape(str(packed))}", total=None)
-        summary = unpack(packed, out, progress=lambda _n: progress.advance(task), force=force)
+        summary = unpack(packed, out, progress=progress.labelled(str(packed)), force=force)
     if json_out:
-        print_json(summary)
+        print_json(summary.to_json())
         return
     out_console.print(
-        f"unpacked {summary['tensors']} tensors into {', '.join(summary['files'])} → {escape(summary['out'])}",
+        f"unpacked {summary.tensors} tensors into {', '.join(summary.files)} → {escape(str(summary.out))}",
         highlight=False,
     )

@@ -6,36 +6,14 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.progress import Progress as RichProgress
-from rich.progress import TaskID
 
 from ..errors import SparselmError
 from ..io import check_output_dir
-from ..pruning import PruneSettings, prune_to_dir, registered_methods, settings_from
+from ..pruning import PrunedModel, PruneSettings, prune_to_dir, registered_methods, settings_from
 from ._app import app
 from ._common import (
-    FORCE_HELP, err_console, handles_errors, model_inputs, out_console, parse_float_list, print_json, progress_bar,
-    text_inputs,
+    FORCE_HELP, handles_errors, model_inputs, out_console, parse_float_list, print_json, progress_bar, text_inputs,
 )
-
-
-class BarProgress:
-    """Library progress events drawn as rich bars (one bar per stage) and notes printed above them."""
-
-    def __init__(self, bars: RichProgress, label: str) -> None:
-        self.bars = bars
-        self.label = label
-        self.task: TaskID | None = None
-
-    def start(self, stage: str, total: int) -> None:
-        self.task = self.bars.add_task(f"{self.label}: {stage}", total=total)
-
-    def advance(self) -> None:
-        if self.task is not None:
-            self.bars.advance(self.task)
-
-    def note(self, message: str) -> None:
-        err_console.print(f"[yellow]note:[/yellow] {escape(message)}", highlight=False)
 
 
 def output_dirs(out: Path, sparsities: list[float | None]) -> list[Path]:
@@ -95,26 +73,32 @@ def prune_command(
     for target in targets:
         check_output_dir(target, inputs, force)
     results = []
-    with progress_bar(quiet=json_out) as bars:
+    with progress_bar(quiet=json_out) as progress:
         for settings, target in zip(runs, targets):
             label = f"{settings.method} s={settings.target_sparsity:g}"
-            result = prune_to_dir(model, settings, target, BarProgress(bars, label), force=force)
-            results.append({"out": str(target), **_summary(result)})
+            results.append(prune_to_dir(model, settings, target, progress.labelled(label), force=force))
     if json_out:
-        print_json(results[0] if len(results) == 1 else results)
+        summaries = [summary(r) for r in results]
+        print_json(summaries[0] if len(summaries) == 1 else summaries)
         return
     for r in results:
+        s = r.report.settings
         out_console.print(
-            f"{r['method']} {r['pattern']} ({r['scope']}, {r['allocation']}): achieved sparsity "
-            f"{r['achieved_sparsity']:.4f} of {r['prunable_weights']:,} weights in {r['seconds']:.1f} s "
-            f"→ {escape(r['out'])}",
+            f"{s.method} {s.pattern} ({s.scope}, {s.allocation}): achieved sparsity "
+            f"{r.achieved_sparsity:.4f} of {r.report.weights:,} weights in {r.report.seconds:.1f} s "
+            f"→ {escape(str(r.out))}",
             highlight=False,
         )
 
 
-def _summary(result: dict) -> dict:
-    keys = (
-        "model", "method", "sparsity", "scope", "pattern", "allocation", "achieved_sparsity", "pruned_weights",
-        "prunable_weights", "calibration", "seconds", "notes",
-    )
-    return {k: result[k] for k in keys}
+def summary(result: PrunedModel) -> dict:
+    """What --json prints for one pruned directory (sparsity.json without the per-matrix detail)."""
+    report = result.report
+    s = report.settings
+    return {
+        "out": str(result.out), "model": result.model, "method": s.method, "sparsity": report.target_sparsity,
+        "scope": s.scope, "pattern": s.pattern, "allocation": s.allocation,
+        "achieved_sparsity": report.achieved_sparsity, "pruned_weights": report.zeros,
+        "prunable_weights": report.weights, "calibration": report.calibration, "seconds": round(report.seconds, 3),
+        "notes": report.notes,
+    }

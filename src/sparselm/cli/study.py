@@ -64,15 +64,14 @@ def study_command(
         replace_with_empty_dir(out)  # what check_output_dir lets go: another output sparselm wrote, or with --force
     quiet_library_progress()
     with progress_bar(quiet=False) as progress:
-        task = progress.add_task(f"study {cfg.name}", total=None)
 
         def on_start(planned: int, done: int) -> None:
-            progress.update(task, total=planned, completed=done)
+            progress.start(f"study {cfg.name} ({done} of {planned} cells already done)", planned - done)
 
         def on_cell(cell: Any, row: dict[str, Any]) -> None:
             mark = "" if row["status"] == "ok" else " [red]failed[/red]"
-            progress.console.print(f"{cell.label}: {row['seconds']:.1f} s{mark}", highlight=False)
-            progress.advance(task)
+            err_console.print(f"{cell.label}: {row['seconds']:.1f} s{mark}", highlight=False)
+            progress.advance()
 
         summary = run_study(cfg, out, executor, workers, ray_address, on_start, on_cell)
     if json_out:

@@ -11,25 +11,38 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..errors import SparselmError
 from ..models import load, quiet_transformers
+from ..progress import SILENT, Progress
 from ..sources import read_provenance, resolve
+from .loop import forward_batches
 from .objectives import load_text_tokenizer
 from .tasks import ClassificationTask, Example
 
 MEAN_POOLED_HEAD = "mean_pooled_head.safetensors"
 MEAN_POOLED_CONFIG = "mean_pooled_head.json"
 DEFAULT_MAX_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Accuracy and F1 over `examples` examples."""
+
+    accuracy: float
+    f1: float
+    examples: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class MeanPooledClassifier(nn.Module):
@@ -175,8 +188,8 @@ def classify(
     num_labels: int,
     batch_size: int = 8,
     max_length: int = DEFAULT_MAX_LENGTH,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
+    progress: Progress = SILENT,
+) -> Scores:
     """Accuracy and F1 (binary F1 of label 1 for two labels, macro F1 otherwise) of the model's predictions."""
     from transformers import DataCollatorWithPadding
 
@@ -186,21 +199,12 @@ def classify(
     rows = encode(tokenizer, examples, max_length, uses_segment_ids(model))
     device = next(model.parameters()).device
     predictions: list[int] = []
-    task = progress.add_task(f"classifying {len(rows)} examples", total=len(rows)) if progress else None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(rows), batch_size):
-                batch = collate([{k: v for k, v in r.items() if k != "labels"} for r in rows[start : start + batch_size]])
-                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-                predictions.extend(logits.argmax(dim=-1).tolist())
-                if progress is not None:
-                    progress.advance(task, len(batch["input_ids"]))
-    finally:
-        model.train(was_training)
+    for batch in forward_batches(model, len(rows), batch_size, f"classifying {len(rows)} examples", progress):
+        inputs = collate([{k: v for k, v in r.items() if k != "labels"} for r in rows[batch]])
+        logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
+        predictions.extend(logits.argmax(dim=-1).tolist())
     references = [ex.label for ex in examples]
-    return {**scores(predictions, references, num_labels), "examples": len(examples)}
+    return Scores(**scores(predictions, references, num_labels), examples=len(examples))
 
 
 def scores(predictions: list[int], references: list[int], num_labels: int) -> dict[str, float]:

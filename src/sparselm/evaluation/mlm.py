@@ -11,17 +11,36 @@ mlm_ppl = exp(mean NLL of the masked tokens). Numbers are comparable only at the
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
 from torch import nn
 
 from ..errors import SparselmError
+from ..progress import SILENT, Progress
+from .loop import forward_batches
 from .perplexity import find_run, resolve_seqlen, window_logits_batch
 
 MASK_FRACTION = 0.15
+
+
+@dataclass(frozen=True)
+class MaskedPerplexity:
+    """mlm_ppl and the windows, masked tokens, fraction and seed it was measured with."""
+
+    mlm_ppl: float
+    seqlen: int
+    windows: int
+    windows_available: int
+    masked_tokens: int
+    mask_fraction: float
+    mask_seed: int
+    batch_size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def masked_windows(
@@ -69,35 +88,27 @@ def masked_perplexity(
     max_windows: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
+    progress: Progress = SILENT,
+) -> MaskedPerplexity:
     """mlm_ppl of a masked-LM model on the text; the model is not modified (its train/eval mode is restored)."""
     seqlen = resolve_seqlen(model, seqlen)
     inputs, labels, available = masked_windows(tokenizer, text, seqlen, max_windows, seed)
     micro = window_logits_batch(seqlen, model.get_output_embeddings().weight.shape[0], batch_size)
     device = next(model.parameters()).device
-    task = progress.add_task(f"masked-LM perplexity ({len(inputs)}×{seqlen})", total=len(inputs)) if progress else None
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(inputs), micro):
-                x, y = inputs[start : start + micro].to(device), labels[start : start + micro].to(device)
-                logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
-                total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum"))
-                count += int((y != -100).sum())
-                if progress is not None:
-                    progress.advance(task, len(x))
-    finally:
-        model.train(was_training)
-    return {
-        "mlm_ppl": math.exp(total / count),
-        "seqlen": seqlen,
-        "windows": len(inputs),
-        "windows_available": available,
-        "masked_tokens": count,
-        "mask_fraction": MASK_FRACTION,
-        "mask_seed": seed,
-        "batch_size": micro,
-    }
+    stage = f"masked-LM perplexity ({len(inputs)}×{seqlen})"
+    for batch in forward_batches(model, len(inputs), micro, stage, progress):
+        x, y = inputs[batch].to(device), labels[batch].to(device)
+        logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum"))
+        count += int((y != -100).sum())
+    return MaskedPerplexity(
+        mlm_ppl=math.exp(total / count),
+        seqlen=seqlen,
+        windows=len(inputs),
+        windows_available=available,
+        masked_tokens=count,
+        mask_fraction=MASK_FRACTION,
+        mask_seed=seed,
+        batch_size=micro,
+    )

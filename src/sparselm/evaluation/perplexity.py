@@ -30,17 +30,18 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
 from torch import nn
 
 from ..errors import SparselmError
 from ..facts import context_length as model_context  # run.py and finetune.py read it under this name
 from ..facts import evaluating
+from ..progress import SILENT, Progress
+from .loop import forward_batches
 
 DEFAULT_SEQLEN = 2048
 LOGITS_BUDGET_BYTES = 1 << 30
@@ -54,6 +55,31 @@ class TokenStream:
     text_start: int
     text_end: int
     offsets: list[tuple[int, int]] | None
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """token_ppl (SparseGPT/Wanda protocol), word_ppl, byte_ppl and bits_per_byte (harness), with what they cover."""
+
+    token_ppl: float
+    word_ppl: float
+    byte_ppl: float
+    bits_per_byte: float
+    seqlen: int
+    windows: int
+    windows_available: int
+    tokens: int
+    token_ppl_predictions: int
+    loglikelihood: float
+    scored_text_tokens: int
+    first_token_scored: bool
+    words: int
+    bytes: int
+    text_truncated: bool
+    batch_size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def resolve_seqlen(model: nn.Module, seqlen: int | None) -> int:
@@ -108,12 +134,12 @@ def perplexity(
     seqlen: int | None,
     max_windows: int | None = None,
     batch_size: int = 8,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
+    progress: Progress = SILENT,
+) -> Perplexity:
     """token_ppl (SparseGPT/Wanda protocol) and word_ppl, byte_ppl, bits_per_byte (harness) in one pass.
 
     The model is used as it is (a causal LM whose output has `.logits`); it is not modified and its train/eval
-    mode is restored afterwards. `progress` (a rich Progress) gets one task advanced per window.
+    mode is restored afterwards. `progress` advances by one per window.
     """
     if not text:
         raise SparselmError("the text to evaluate is empty; give a source with text in it")
@@ -143,24 +169,24 @@ def perplexity(
     covered_text = text if not truncated else _text_prefix(tokenizer, stream, text_end, text)
     words = len(re.split(r"\s+", covered_text))
     n_bytes = len(covered_text.encode("utf-8"))
-    return {
-        "token_ppl": math.exp(float(token_nll.mean())),
-        "word_ppl": math.exp(-loglikelihood / words),
-        "byte_ppl": math.exp(-loglikelihood / n_bytes),
-        "bits_per_byte": -loglikelihood / n_bytes / math.log(2),
-        "seqlen": seqlen,
-        "windows": windows,
-        "windows_available": available,
-        "tokens": n,
-        "token_ppl_predictions": windows * (seqlen - 1),
-        "loglikelihood": loglikelihood,
-        "scored_text_tokens": int(scored.numel()),
-        "first_token_scored": first_scored,
-        "words": words,
-        "bytes": n_bytes,
-        "text_truncated": truncated,
-        "batch_size": micro,
-    }
+    return Perplexity(
+        token_ppl=math.exp(float(token_nll.mean())),
+        word_ppl=math.exp(-loglikelihood / words),
+        byte_ppl=math.exp(-loglikelihood / n_bytes),
+        bits_per_byte=-loglikelihood / n_bytes / math.log(2),
+        seqlen=seqlen,
+        windows=windows,
+        windows_available=available,
+        tokens=n,
+        token_ppl_predictions=windows * (seqlen - 1),
+        loglikelihood=loglikelihood,
+        scored_text_tokens=int(scored.numel()),
+        first_token_scored=first_scored,
+        words=words,
+        bytes=n_bytes,
+        text_truncated=truncated,
+        batch_size=micro,
+    )
 
 
 def _window_nll(
@@ -170,7 +196,7 @@ def _window_nll(
     windows: int,
     batch_size: int,
     device: torch.device,
-    progress: Progress | None,
+    progress: Progress,
 ) -> tuple[torch.Tensor, int]:
     """Per-position NLL of the next token for each window (the last position predicts the next window's first)."""
     n = len(ids)
@@ -181,15 +207,10 @@ def _window_nll(
     labels = labels.view(windows, seqlen)
     vocab = _vocab_size(model)
     micro = window_logits_batch(seqlen, vocab, batch_size)
-    task = progress.add_task(f"perplexity ({windows}×{seqlen} tokens)", total=windows) if progress else None
     out = torch.empty(windows, seqlen, dtype=torch.float32)
-    for start in range(0, windows, micro):
-        x = inputs[start : start + micro].to(device)
-        y = labels[start : start + micro].to(device)
-        logits = model(input_ids=x).logits
-        out[start : start + micro] = _next_token_nll(logits, y).cpu()
-        if progress is not None:
-            progress.advance(task, len(x))
+    for batch in forward_batches(model, windows, micro, f"perplexity ({windows}×{seqlen} tokens)", progress):
+        logits = model(input_ids=inputs[batch].to(device)).logits
+        out[batch] = _next_token_nll(logits, labels[batch].to(device)).cpu()
     return out, micro
 
 

@@ -1,21 +1,66 @@
-"""`evaluate`: one entry point for every task and objective, returning a JSON-able dict with the settings used."""
+"""`evaluate`: one entry point for every task and objective, returning a typed result with the settings used."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import Progress
 
 from ..data import joined_text, normalise_split, parse_source
 from ..errors import SparselmError
+from ..progress import SILENT, Progress
 from ..weights import select_matrices, sparsity_of
-from .classification import DEFAULT_MAX_LENGTH, classify, load_classifier
-from .mlm import masked_perplexity
+from .classification import DEFAULT_MAX_LENGTH, Scores, classify, load_classifier
+from .mlm import MaskedPerplexity, masked_perplexity
 from .objectives import load_language_model
-from .perplexity import model_context, perplexity
+from .perplexity import Perplexity, model_context, perplexity
 from .tasks import check_task, classification_task, is_classification
+
+
+@dataclass(frozen=True)
+class LMEvaluation:
+    """Perplexities of a model on a text source; `to_json()` is what `sparselm eval --json` prints."""
+
+    model: str
+    task: str
+    split: str
+    objective: str
+    metrics: Perplexity | MaskedPerplexity
+    settings: dict[str, Any]
+    sparsity: float
+    quantized_from: str | None
+    notes: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "task": self.task, "split": self.split, "objective": self.objective,
+            **self.metrics.to_json(), "settings": self.settings, "sparsity": self.sparsity,
+            "quantized_from": self.quantized_from, "notes": self.notes,
+        }
+
+
+@dataclass(frozen=True)
+class ClassificationEvaluation:
+    """Accuracy and F1 of a model on a classification task; `to_json()` is what `sparselm eval --json` prints."""
+
+    model: str
+    task: str
+    split: str
+    metrics: Scores
+    settings: dict[str, Any]
+    sparsity: float
+    notes: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "task": self.task, "split": self.split, **self.metrics.to_json(),
+            "settings": self.settings, "sparsity": self.sparsity, "notes": self.notes,
+        }
+
+
+Evaluation = LMEvaluation | ClassificationEvaluation
 
 
 def evaluate(
@@ -30,8 +75,8 @@ def evaluate(
     data_dir: Path | None = None,
     max_examples: int | None = None,
     seed: int = 0,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
+    progress: Progress = SILENT,
+) -> Evaluation:
     """Evaluate a model on a language-modelling source (perplexities) or a classification task (accuracy, F1)."""
     check_task(task)
     split = normalise_split(split)
@@ -45,8 +90,8 @@ def evaluate(
 
 def _evaluate_lm(
     model_or_dir: str, task: str, split: str, seqlen: int | None, max_windows: int | None, batch_size: int,
-    objective: str, data_dir: Path | None, seed: int, progress: Progress | None,
-) -> dict[str, Any]:
+    objective: str, data_dir: Path | None, seed: int, progress: Progress,
+) -> LMEvaluation:
     source = parse_source(task)
     text = joined_text(source, split, data_dir)
     lm = load_language_model(model_or_dir, objective)
@@ -55,27 +100,27 @@ def _evaluate_lm(
         metrics = masked_perplexity(lm.model, lm.tokenizer, text, seqlen, max_windows, batch_size, seed, progress)
     else:
         metrics = perplexity(lm.model, lm.tokenizer, text, seqlen, max_windows, batch_size, progress)
-    return {
-        "model": model_or_dir,
-        "task": source.describe(),
-        "split": "whole file" if source.kind == "text" else split,
-        "objective": objective,
-        **metrics,
-        "settings": {
-            "join": source.join, "seqlen": metrics["seqlen"], "max_windows": max_windows, "batch_size": batch_size,
+    return LMEvaluation(
+        model=model_or_dir,
+        task=source.describe(),
+        split="whole file" if source.kind == "text" else split,
+        objective=objective,
+        metrics=metrics,
+        settings={
+            "join": source.join, "seqlen": metrics.seqlen, "max_windows": max_windows, "batch_size": batch_size,
             "data_dir": str(data_dir) if data_dir else None, "head": lm.head, "family": lm.family,
             "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
         },
-        "sparsity": sparsity_of(select_matrices(lm.model)),
-        "quantized_from": lm.quantized_from,
-        "notes": lm.notes,
-    }
+        sparsity=sparsity_of(select_matrices(lm.model)),
+        quantized_from=lm.quantized_from,
+        notes=lm.notes,
+    )
 
 
 def _evaluate_classification(
     model_or_dir: str, task: str, split: str, batch_size: int, data_dir: Path | None, max_examples: int | None,
-    seed: int, progress: Progress | None,
-) -> dict[str, Any]:
+    seed: int, progress: Progress,
+) -> ClassificationEvaluation:
     spec = classification_task(task)
     examples = spec.examples(split, data_dir, max_examples)
     loaded = load_classifier(model_or_dir, spec, seed)
@@ -86,19 +131,19 @@ def _evaluate_classification(
         f"the {loaded.head} head was not fine-tuned on {task}: it is randomly initialised (seed {seed}), so these "
         f"numbers are a chance baseline; fine-tune first with `sparselm finetune MODEL --task {task}`"
     ]
-    return {
-        "model": model_or_dir,
-        "task": task,
-        "split": spec.split_used(split),
-        **metrics,
-        "settings": {
+    return ClassificationEvaluation(
+        model=model_or_dir,
+        task=task,
+        split=spec.split_used(split),
+        metrics=metrics,
+        settings={
             "max_examples": max_examples, "batch_size": batch_size, "max_length": max_length, "head": loaded.head,
             "head_trained": loaded.head_trained, "num_labels": spec.num_labels, "seed": seed,
             "data_dir": str(data_dir) if data_dir else None,
         },
-        "sparsity": sparsity_of(select_matrices(_backbone(loaded.model))),
-        "notes": notes,
-    }
+        sparsity=sparsity_of(select_matrices(_backbone(loaded.model))),
+        notes=notes,
+    )
 
 
 def default_device() -> torch.device:

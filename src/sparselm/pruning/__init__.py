@@ -6,10 +6,10 @@ from .owl import OwlAllocation, owl_allocation
 from ..progress import Progress
 from .registry import Pruner, register, registered_methods
 from .report import PruneReport
-from .save import prune_to_dir
+from .save import PrunedModel, prune_to_dir
 from .settings import PruneSettings, settings_from
 
 __all__ = [
-    "OwlAllocation", "Progress", "PruneReport", "PruneSettings", "Pruner", "owl_allocation", "prune", "prune_to_dir",
+    "OwlAllocation", "Progress", "PruneReport", "PrunedModel", "PruneSettings", "Pruner", "owl_allocation", "prune", "prune_to_dir",
     "register", "registered_methods", "settings_from",
 ]

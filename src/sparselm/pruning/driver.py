@@ -22,7 +22,7 @@ from ..weights import Matrix, by_block, select_matrices
 from ..windows import CALIBRATION_SPLIT, calibration_windows
 from .magnitude import prune_by_magnitude
 from .owl import OwlAllocation, block_pattern, owl_allocation
-from ..progress import Progress, SilentProgress
+from ..progress import SILENT, Progress
 from .report import PruneReport, matrix_row
 from .settings import PruneSettings, settings_from
 
@@ -33,7 +33,7 @@ def prune(
     model: nn.Module,
     settings: PruneSettings | None = None,
     tokenizer: Any = None,
-    progress: Progress | None = None,
+    progress: Progress = SILENT,
     windows: torch.Tensor | None = None,
     owl: OwlAllocation | None = None,
     **fields: Any,
@@ -45,7 +45,6 @@ def prune(
     sparsity and the OWL parameters), so several methods can share one calibration pass for it.
     """
     settings = settings if settings is not None else settings_from(**fields)
-    progress = progress or SilentProgress()
     started = time.perf_counter()
     matrices = select_matrices(model, settings.include_embeddings)
     for m in matrices:

@@ -23,7 +23,7 @@ from torch import nn
 from ..calibration import BlockRef, collect_inputs, run_blocks, total_blocks
 from ..masks import NM, Pattern
 from ..weights import by_block, select_matrices
-from ..progress import Progress, SilentProgress
+from ..progress import SILENT, Progress
 from .wanda import ColumnNorms, wanda_scores
 
 if TYPE_CHECKING:
@@ -78,10 +78,9 @@ class OwlAllocation:
 
 
 def owl_allocation(
-    model: nn.Module, settings: PruneSettings, windows: torch.Tensor, progress: Progress | None = None
+    model: nn.Module, settings: PruneSettings, windows: torch.Tensor, progress: Progress = SILENT
 ) -> OwlAllocation:
     """Per-block sparsities from the dense model's Wanda-score outlier ratios (one read-only calibration pass)."""
-    progress = progress or SilentProgress()
     groups = by_block(select_matrices(model, settings.include_embeddings))
     ratios: dict[str, float] = {}
     sizes: dict[str, int] = {}

@@ -11,7 +11,7 @@ from .owl import block_pattern
 from .settings import PruneSettings
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneReport:
     """What a pruning run did; `to_json()` is the content of sparsity.json."""
 

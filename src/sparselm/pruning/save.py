@@ -2,36 +2,54 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..facts import SPARSITY_JSON
 from ..io import atomic_dir, atomic_write_json
 from ..models import load_tokenizer, load_with_source
+from ..progress import SILENT, Progress
 from ..sources import write_provenance
 from .driver import prune
-from ..progress import Progress
+from .report import PruneReport
 from .settings import PruneSettings
+
+
+@dataclass(frozen=True)
+class PrunedModel:
+    """A pruned directory written by `prune_to_dir`; `to_json()` is the content of its sparsity.json."""
+
+    model: str
+    out: Path
+    report: PruneReport
+
+    @property
+    def achieved_sparsity(self) -> float:
+        return self.report.achieved_sparsity
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, **self.report.to_json()}
 
 
 def prune_to_dir(
     model_name_or_path: str,
     settings: PruneSettings,
     out_dir: Path,
-    progress: Progress | None = None,
+    progress: Progress = SILENT,
     force: bool = False,
-) -> dict[str, Any]:
+) -> PrunedModel:
     """Load, prune and write a plain Hugging Face directory with sparsity.json and provenance.json, atomically.
 
     `out_dir` is replaced only when sparselm wrote it (or it is empty) unless `force`."""
     model, source = load_with_source(model_name_or_path)
     tokenizer = load_tokenizer(source.path, required=False)  # magnitude needs none; prune() names who does
     report = prune(model, settings, tokenizer, progress)
-    result = {"model": model_name_or_path, **report.to_json()}
+    result = PrunedModel(model_name_or_path, Path(out_dir), report)
     with atomic_dir(Path(out_dir), force) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / SPARSITY_JSON, result)
+        atomic_write_json(tmp / SPARSITY_JSON, result.to_json())
         write_provenance(tmp, source, pruned={"method": settings.method, "sparsity": report.target_sparsity})
     return result

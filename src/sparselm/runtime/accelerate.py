@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ..errors import SparselmError
+from ..progress import SILENT, Progress
 from ..weights import Matrix, select_matrices
 from . import dispatch
 from .fusion import trace_layers
@@ -21,6 +23,82 @@ Policy = Literal["auto", "sparse", "dense", "semi-structured"]
 POLICIES = ("auto", "sparse", "dense", "semi-structured")
 DEFAULT_TOKENS = (1, 128)
 TRACE_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """One prunable matrix: its sparsity and structure, the kernel chosen per token count and what was measured."""
+
+    name: str
+    shape: list[int]
+    sparsity: float
+    structure: str
+    choices: dict[int, str]
+    microseconds: dict[int, dict[str, float]]
+    speedups: dict[int, dict[str, dict[str, Any]]]
+    cached: bool
+
+    @property
+    def replaced(self) -> bool:
+        return any(k != "dense" for k in self.choices.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FusedGroup:
+    """Replaced layers that read the same activations and run as one sparse product."""
+
+    members: list[str]
+    kernels: list[str]
+    token_major: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AccelerateReport:
+    """What `accelerate` did to a model: every matrix's kernel choices and the fused groups."""
+
+    policy: str
+    threads: int
+    torch: str
+    tokens: list[int]
+    layers: list[LayerChoice]
+    fused_groups: list[FusedGroup]
+
+    @property
+    def replaced(self) -> int:
+        return sum(1 for layer in self.layers if layer.replaced)
+
+    @property
+    def layers_total(self) -> int:
+        return len(self.layers)
+
+    @property
+    def choices(self) -> dict[str, dict[str, int]]:
+        """How many layers chose each kernel, per token count."""
+        counts: dict[str, dict[str, int]] = {}
+        for layer in self.layers:
+            for t, k in layer.choices.items():
+                counts.setdefault(str(t), {}).setdefault(k, 0)
+                counts[str(t)][k] += 1
+        return counts
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "threads": self.threads,
+            "torch": self.torch,
+            "tokens": self.tokens,
+            "replaced": self.replaced,
+            "layers_total": self.layers_total,
+            "choices": self.choices,
+            "fused_groups": [g.to_json() for g in self.fused_groups],
+            "layers": [layer.to_json() for layer in self.layers],
+        }
 
 
 def structure_of(keep: torch.Tensor, blocks: list[int]) -> str:
@@ -85,10 +163,10 @@ def accelerate(
     threads: int | None = None,
     use_cache: bool = True,
     remeasure: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress = SILENT,
     fuse: bool = True,
     example_inputs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> AccelerateReport:
     """Replace prunable matrices in place by SparseLinear where a sparse kernel wins; returns the per-layer choices.
 
     policy: `auto` measures dense against each sparse kernel per layer shape, sparsity and token count (see
@@ -111,7 +189,9 @@ def accelerate(
     path = dispatch.cache_path()
     decisions = dispatch.Decisions(dispatch.load_cache(path) if use_cache else {}, remeasure)
     layers = []
-    for matrix in select_matrices(model):
+    matrices = select_matrices(model)
+    progress.start("choosing kernels", len(matrices))
+    for matrix in matrices:
         weight = matrix.weight().detach()
         keep = weight != 0
         sparsity = 1.0 - float(keep.count_nonzero()) / keep.numel()
@@ -123,26 +203,25 @@ def accelerate(
         if any(k != "dense" for k in choices.values()):
             replace_module(model, matrix, choices, built)
         layers.append(
-            {
-                "name": matrix.name,
-                "shape": list(matrix.shape),
-                "sparsity": sparsity,
-                "structure": structure,
-                "choices": choices,
-                "microseconds": {t: {k: v * 1e6 for k, v in b["seconds"].items()} for t, b in basis.items()},
-                "speedups": {t: speedups_of(b) for t, b in basis.items()},
-                "cached": cached,
-            }
+            LayerChoice(
+                name=matrix.name,
+                shape=list(matrix.shape),
+                sparsity=sparsity,
+                structure=structure,
+                choices=choices,
+                microseconds={t: {k: v * 1e6 for k, v in b["seconds"].items()} for t, b in basis.items()},
+                speedups={t: speedups_of(b) for t, b in basis.items()},
+                cached=cached,
+            )
         )
-        if progress:
-            progress(matrix.name)
+        progress.advance()
     if use_cache and policy == "auto":
         dispatch.save_cache(path, decisions.cache)
     groups = arrange_outputs(model, example_inputs, fuse)
-    return report(policy, tokens, layers, groups)
+    return AccelerateReport(policy, torch.get_num_threads(), torch.__version__, tokens, layers, groups)
 
 
-def arrange_outputs(model: nn.Module, example_inputs: dict[str, Any] | None, fuse: bool) -> list[dict[str, Any]]:
+def arrange_outputs(model: nn.Module, example_inputs: dict[str, Any] | None, fuse: bool) -> list[FusedGroup]:
     """Trace one forward pass: projections of attention inputs return token-major outputs, and (with `fuse`)
     layers called on the same tensor share one product. Returns the fused groups."""
     names = [name for name, module in model.named_modules() if isinstance(module, SparseLinear)]
@@ -156,26 +235,6 @@ def arrange_outputs(model: nn.Module, example_inputs: dict[str, Any] | None, fus
     for members in trace.groups if fuse else []:
         group = SiblingGroup([model.get_submodule(n) for n in members])
         token_major = all(m.token_major for m in group.members)
-        described.append({"members": members, "kernels": sorted(group.fused), "token_major": token_major})
+        described.append(FusedGroup(members, sorted(group.fused), token_major))
     return described
 
-
-def report(
-    policy: str, tokens: list[int], layers: list[dict[str, Any]], groups: list[dict[str, Any]]
-) -> dict[str, Any]:
-    counts: dict[str, dict[str, int]] = {}
-    for layer in layers:
-        for t, k in layer["choices"].items():
-            counts.setdefault(str(t), {}).setdefault(k, 0)
-            counts[str(t)][k] += 1
-    return {
-        "policy": policy,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "tokens": tokens,
-        "replaced": sum(1 for layer in layers if any(k != "dense" for k in layer["choices"].values())),
-        "layers_total": len(layers),
-        "choices": counts,
-        "fused_groups": groups,
-        "layers": layers,
-    }

@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import inspect
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -20,14 +21,94 @@ from torch import nn
 from ..errors import SparselmError
 from ..facts import context_length, is_causal_lm
 from ..models import load
+from ..progress import SILENT, Progress
 from ..sources import resolve
 from ..storage import is_packed, read_manifest
 from ..storage.pack import FORMATS, choose_encoding
-from .accelerate import Policy, accelerate, check_settings
+from .accelerate import AccelerateReport, LayerChoice, Policy, accelerate, check_settings
 from .inputs import random_prefill
 from .timing import Sampler, Timing, alternating, sampler, speedup
 
 PROMPT_FOR_DECODE = 32
+
+
+@dataclass(frozen=True)
+class SpeedRow:
+    """One timed shape: milliseconds of each side (median, low, high over rounds), the paired speed-up with its
+    range and verdict, and tokens per second."""
+
+    tokens: int
+    dense_ms: float
+    dense_ms_low: float
+    dense_ms_high: float
+    accelerated_ms: float
+    accelerated_ms_low: float
+    accelerated_ms_high: float
+    speedup: float
+    speedup_low: float
+    speedup_high: float
+    within_noise: bool
+    dense_tokens_per_s: float
+    accelerated_tokens_per_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DecodeRow(SpeedRow):
+    """Decode: one-token steps with the KV cache after a prompt (`tokens` is 1)."""
+
+    steps: int
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class SizeInfo:
+    """Bytes of the weights dense and packed, and where the packed size comes from."""
+
+    dense_bytes: int
+    packed_bytes: int
+    source: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """`bench`'s measurements; `to_json()` is what `sparselm bench --json` prints."""
+
+    model: str
+    rounds: int
+    prefill: list[SpeedRow]
+    decode: DecodeRow | None
+    report: AccelerateReport
+    size: SizeInfo | None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "model": self.model,
+            "threads": self.report.threads,
+            "policy": self.report.policy,
+            "rounds": self.rounds,
+            "prefill": [row.to_json() for row in self.prefill],
+            "decode": self.decode.to_json() if self.decode else None,
+            "layers": {
+                "replaced": self.report.replaced,
+                "total": self.report.layers_total,
+                "choices": self.report.choices,
+                "fused_groups": len(self.report.fused_groups),
+            },
+            "per_layer": [layer.to_json() for layer in self.report.layers],
+        }
+        if self.size is not None:
+            out["size"] = self.size.to_json()
+        return out
+
+    @property
+    def per_layer(self) -> list[LayerChoice]:
+        return self.report.layers
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -51,17 +132,17 @@ def decode_sampler(model: nn.Module, prompt: torch.Tensor, steps: int) -> Sample
     return sample
 
 
-def size_info(model_or_dir: str, model: nn.Module) -> dict[str, Any]:
+def size_info(model_or_dir: str, model: nn.Module) -> SizeInfo:
     """Dense and packed bytes: read from the manifest of a packed directory, else by coding the weights in memory."""
     path = resolve(model_or_dir).path
     if is_packed(path):
         summary = read_manifest(path)["summary"]
-        return {"dense_bytes": summary["dense_bytes"], "packed_bytes": summary["packed_bytes"], "source": "manifest"}
+        return SizeInfo(summary["dense_bytes"], summary["packed_bytes"], "manifest")
     dense = packed = 0
     for tensor in model.state_dict().values():
         dense += tensor.numel() * tensor.element_size()
         packed += choose_encoding(tensor, FORMATS["auto"], use_zstd=True).nbytes
-    return {"dense_bytes": dense, "packed_bytes": packed, "source": "coded in memory (auto)"}
+    return SizeInfo(dense, packed, "coded in memory (auto)")
 
 
 def bench(
@@ -72,9 +153,9 @@ def bench(
     rounds: int = 5,
     steps: int = 16,
     measure_size: bool = True,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress = SILENT,
     remeasure: bool = False,
-) -> dict[str, Any]:
+) -> BenchResult:
     """Latency and throughput of prefill at each token count and of decode steps, dense vs accelerated.
 
     `remeasure` makes the dispatch measure every layer again instead of using its cached decisions."""
@@ -104,53 +185,39 @@ def run_timings(
     model_or_dir: str,
     dense: nn.Module,
     accelerated: nn.Module,
-    report: dict[str, Any],
+    report: AccelerateReport,
     tokens: list[int],
     rounds: int,
     steps: int,
     measure_size: bool,
-    progress: Callable[[str], None] | None,
-) -> dict[str, Any]:
+    progress: Progress,
+) -> BenchResult:
     vocab = dense.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     prefill = []
+    causal = is_causal_lm(dense)
+    progress.start("timing dense vs accelerated", len(tokens) + int(causal))
     with torch.inference_mode():
         for t in tokens:
             kw = random_prefill(dense, t, generator)
             samplers = {"dense": sampler(lambda: dense(**kw)), "accelerated": sampler(lambda: accelerated(**kw))}
-            prefill.append(speed_row(t, alternating(samplers, rounds)))
-            if progress:
-                progress(f"prefill {t}")
+            prefill.append(SpeedRow(**speed_fields(t, alternating(samplers, rounds))))
+            progress.advance()
         decode = None
-        if is_causal_lm(dense):
+        if causal:
             prompt = torch.randint(3, vocab, (1, PROMPT_FOR_DECODE), generator=generator)
             models = {"dense": dense, "accelerated": accelerated}
             decoders = {side: decode_sampler(model, prompt, steps) for side, model in models.items()}
-            decode = speed_row(1, alternating(decoders, rounds))
-            decode["steps"] = steps
-            decode["prompt_tokens"] = PROMPT_FOR_DECODE
-    out = {
-        "model": model_or_dir,
-        "threads": report["threads"],
-        "policy": report["policy"],
-        "rounds": rounds,
-        "prefill": prefill,
-        "decode": decode,
-        "layers": {
-            "replaced": report["replaced"],
-            "total": report["layers_total"],
-            "choices": report["choices"],
-            "fused_groups": len(report["fused_groups"]),
-        },
-        "per_layer": report["layers"],
-    }
-    if measure_size:
-        out["size"] = size_info(model_or_dir, dense)
-    return out
+            fields = speed_fields(1, alternating(decoders, rounds))
+            decode = DecodeRow(**fields, steps=steps, prompt_tokens=PROMPT_FOR_DECODE)
+            progress.advance()
+    size = size_info(model_or_dir, dense) if measure_size else None
+    return BenchResult(model_or_dir, rounds, prefill, decode, report, size)
 
 
-def speed_row(tokens: int, timed: dict[str, Timing]) -> dict[str, Any]:
-    """Milliseconds (median, low, high over rounds) of each side, the paired speed-up and its verdict."""
+def speed_fields(tokens: int, timed: dict[str, Timing]) -> dict[str, Any]:
+    """A SpeedRow's fields: milliseconds (median, low, high over rounds) of each side, the paired speed-up and its
+    verdict."""
     dense, accelerated = timed["dense"], timed["accelerated"]
     return {
         "tokens": tokens,

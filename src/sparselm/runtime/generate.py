@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import SparselmError
-from .accelerate import Policy, accelerate, check_settings
 from ..facts import is_causal_lm
 from ..models import load, load_tokenizer
+from ..progress import SILENT, Progress
 from ..sources import resolve
+from .accelerate import AccelerateReport, Policy, accelerate, check_settings
 
 EXAMPLE_PROMPT = "The capital of France is"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A greedy continuation and the accelerate report of the model that wrote it."""
+
+    prompt: str
+    completion: str
+    report: AccelerateReport
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "completion": self.completion, "report": self.report.to_json()}
 
 
 def require_causal_lm(model_or_dir: str) -> None:
@@ -46,8 +59,8 @@ def generate(
     policy: Policy = "auto",
     threads: int | None = None,
     remeasure: bool = False,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+    progress: Progress = SILENT,
+) -> Generation:
     """Greedy continuation of `prompt` by the accelerated model, with the accelerate report."""
     check_generation(model_or_dir, prompt, max_new_tokens, policy, threads)
     lm = load(model_or_dir, head="causal-lm")
@@ -59,8 +72,4 @@ def generate(
     report = accelerate(lm, policy, tokens=(1, ids.shape[1]), threads=threads, remeasure=remeasure, progress=progress)
     with torch.inference_mode():
         out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return {
-        "prompt": prompt,
-        "completion": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True),
-        "report": report,
-    }
+    return Generation(prompt, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), report)

@@ -6,7 +6,9 @@ from . import compressed_tensors  # noqa: F401  (register the compressed-tensors
 from .codecs import CODECS, Encoded, get_codec
 from .layouts import LAYOUTS
 from .loading import model_from_packed, packed_config
-from .pack import FORMATS, MANIFEST, is_packed, load_state_dict, pack, read_manifest, unpack
+from .pack import (
+    FORMATS, MANIFEST, PackedSizes, PackSummary, UnpackSummary, is_packed, load_state_dict, pack, read_manifest, unpack,
+)
 
 __all__ = [
     "CODECS",
@@ -14,6 +16,9 @@ __all__ = [
     "FORMATS",
     "LAYOUTS",
     "MANIFEST",
+    "PackSummary",
+    "PackedSizes",
+    "UnpackSummary",
     "get_codec",
     "is_packed",
     "load_state_dict",

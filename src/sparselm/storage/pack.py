@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from ..errors import SparselmError
 from ..facts import CONFIG_JSON as CONFIG
 from ..facts import PROVENANCE_JSON
 from ..io import atomic_dir, atomic_write_json
+from ..progress import SILENT, Progress
 from ..sources import read_provenance, resolve, write_provenance
 from .codecs import Encoded, get_codec, keep_mask
 from .layouts import LAYOUTS, Layout, all_formats, layout_of_format
@@ -36,12 +38,12 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 INDEX_SUFFIX = ".safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+NO_GAIN = "no tensor has enough zeros to be stored smaller: the packed copy gains nothing"
 
 Format = Literal["auto", "bitmask", "csr", "rice", "compressed-tensors"]
 DType = Literal["keep", "fp16", "bf16"]
 FORMATS: dict[str, tuple[str, ...]] = all_formats()
 DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-Progress = Callable[[str], None]
 
 
 def is_packed(path: str | Path) -> bool:
@@ -87,14 +89,70 @@ def choose_encoding(tensor: torch.Tensor, codecs: tuple[str, ...], use_zstd: boo
     return best
 
 
+@dataclass(frozen=True)
+class PackedSizes:
+    """Bytes of a model's weights before and after coding; `to_json()` is the manifest's summary."""
+
+    format: str
+    dtype: str
+    tensors: int
+    sparse_tensors: int
+    codecs: dict[str, int]
+    dense_bytes: int
+    packed_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_bytes / self.packed_bytes if self.packed_bytes else 1.0
+
+    @property
+    def gain(self) -> bool:
+        return self.packed_bytes < self.dense_bytes
+
+    @property
+    def message(self) -> str | None:
+        return None if self.gain else NO_GAIN
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio, "gain": self.gain, "message": self.message}
+
+
+@dataclass(frozen=True)
+class PackSummary:
+    """What `pack` wrote: the weights' sizes and the files' sizes; `to_json()` is what `sparselm pack --json` prints."""
+
+    sizes: PackedSizes
+    file_bytes_packed: int
+    file_bytes_dense: int
+    out: Path
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.sizes.to_json(), "file_bytes_packed": self.file_bytes_packed,
+            "file_bytes_dense": self.file_bytes_dense, "out": str(self.out),
+        }
+
+
+@dataclass(frozen=True)
+class UnpackSummary:
+    """What `unpack` wrote: the dense directory, how many tensors and which weight files."""
+
+    out: Path
+    tensors: int
+    files: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"out": str(self.out), "tensors": self.tensors, "files": self.files}
+
+
 def pack(
     src_dir: str | Path,
     out_dir: str | Path,
     format: Format = "auto",
     dtype: DType = "keep",
-    progress: Progress | None = None,
+    progress: Progress = SILENT,
     force: bool = False,
-) -> dict[str, Any]:
+) -> PackSummary:
     """Write a packed copy of a model directory (or alias) to out_dir; returns sizes per tensor and in total.
 
     `out_dir` is replaced only when sparselm wrote it (or it is empty) unless `force`."""
@@ -110,6 +168,7 @@ def pack(
     stored: dict[str, torch.Tensor] = {}
     tensors: dict[str, dict[str, Any]] = {}
     source_files: dict[str, dict[str, Any]] = {}
+    progress.start("packing tensors", tensor_count(files))
     for file in files:
         with safe_open(str(file), framework="pt") as fh:
             source_files[file.name] = {"metadata": fh.metadata() or {}}
@@ -120,10 +179,9 @@ def pack(
                 keys = part_keys(layout, name, encoded)
                 stored.update({keys[p]: t.contiguous() for p, t in encoded.parts.items()})
                 tensors[name] = describe(name, tensor, encoded, keys, file.name)
-                if progress:
-                    progress(name)
+                progress.advance()
     out = Path(out_dir)
-    summary = summarise(tensors, format, dtype)
+    sizes = summarise(tensors, format, dtype)
     with atomic_dir(out, force) as tmp:
         save_file(stored, str(tmp / layout.weights_file), metadata={"format": "pt", "packed_by": "sparselm"})
         index = copy_small_files(source.path, tmp)
@@ -141,13 +199,20 @@ def pack(
             "source_index": index,
             "source_config": source_config,
             "tensors": tensors,
-            "summary": summary,
+            "summary": sizes.to_json(),
         }
         atomic_write_json(tmp / MANIFEST, manifest)
-        summary["file_bytes_packed"] = sum(p.stat().st_size for p in tmp.iterdir())
-    summary["file_bytes_dense"] = sum(p.stat().st_size for p in files)
-    summary["out"] = str(out)
-    return summary
+        file_bytes_packed = sum(p.stat().st_size for p in tmp.iterdir())
+    return PackSummary(sizes, file_bytes_packed, sum(p.stat().st_size for p in files), out)
+
+
+def tensor_count(files: list[Path]) -> int:
+    """How many tensors the weight files hold (read from their headers)."""
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            total += len(fh.keys())
+    return total
 
 
 def convert_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -179,26 +244,20 @@ def describe(name: str, tensor: torch.Tensor, encoded: Encoded, keys: dict[str, 
     }
 
 
-def summarise(tensors: dict[str, dict[str, Any]], format: str, dtype: str) -> dict[str, Any]:
-    dense = sum(t["dense_bytes"] for t in tensors.values())
-    packed = sum(t["packed_bytes"] for t in tensors.values())
+def summarise(tensors: dict[str, dict[str, Any]], format: str, dtype: str) -> PackedSizes:
     codecs: dict[str, int] = {}
     for t in tensors.values():
         label = t["codec"] + ("+zstd" if t["meta"].get("zstd") else "")
         codecs[label] = codecs.get(label, 0) + 1
-    gain = packed < dense
-    return {
-        "format": format,
-        "dtype": dtype,
-        "tensors": len(tensors),
-        "sparse_tensors": sum(1 for t in tensors.values() if t["codec"] != "dense"),
-        "codecs": codecs,
-        "dense_bytes": dense,
-        "packed_bytes": packed,
-        "ratio": dense / packed if packed else 1.0,
-        "gain": gain,
-        "message": None if gain else "no tensor has enough zeros to be stored smaller: the packed copy gains nothing",
-    }
+    return PackedSizes(
+        format=format,
+        dtype=dtype,
+        tensors=len(tensors),
+        sparse_tensors=sum(1 for t in tensors.values() if t["codec"] != "dense"),
+        codecs=codecs,
+        dense_bytes=sum(t["dense_bytes"] for t in tensors.values()),
+        packed_bytes=sum(t["packed_bytes"] for t in tensors.values()),
+    )
 
 
 def copy_small_files(src: Path, dst: Path) -> dict[str, Any] | None:
@@ -280,20 +339,20 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {name: tensor for _, name, tensor in iter_decoded(path)}
 
 
-def unpack(src: str | Path, out: str | Path, progress: Progress | None = None, force: bool = False) -> dict[str, Any]:
+def unpack(src: str | Path, out: str | Path, progress: Progress = SILENT, force: bool = False) -> UnpackSummary:
     """Rebuild the dense model directory (same tensors, same weight files) from a packed one; `out` is replaced only
     when sparselm wrote it (or it is empty) unless `force`."""
     src = Path(src)
     manifest = read_manifest(src)
     by_file: dict[str, dict[str, torch.Tensor]] = {}
+    progress.start("unpacking tensors", len(manifest["tensors"]))
     for file, name, tensor in iter_decoded(src, manifest):
         by_file.setdefault(file, {})[name] = tensor
-        if progress:
-            progress(name)
+        progress.advance()
     out = Path(out)
     with atomic_dir(out, force) as tmp:
         write_dense_dir(src, tmp, manifest, by_file)
-    return {"out": str(out), "tensors": len(manifest["tensors"]), "files": sorted(by_file)}
+    return UnpackSummary(out, len(manifest["tensors"]), sorted(by_file))
 
 
 def write_dense_dir(

@@ -283,7 +283,7 @@ def _prune(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
     if reused:
         report = json.loads((target / SPARSITY_JSON).read_text(encoding="utf-8"))
     else:
-        report = prune_to_dir(cell.model, settings, target)
+        report = prune_to_dir(cell.model, settings, target).to_json()
     metrics = _scalars(report)
     metrics.update({"dir": str(target.relative_to(out)), "reused_existing_dir": reused})
     return {"metrics": metrics, "settings": settings.model_dump(mode="json")}
@@ -294,7 +294,7 @@ def _perplexity(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
 
     ppl = config.perplexity
     settings = {"split": ppl.split, "seqlen": ppl.seqlen, "max_windows": ppl.max_windows, "batch_size": ppl.batch_size}
-    metrics = evaluate(model_ref(out, cell), cell.task, **settings)
+    metrics = evaluate(model_ref(out, cell), cell.task, **settings).to_json()
     return {"metrics": metrics, "settings": settings}
 
 
@@ -313,8 +313,8 @@ def _classification(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any
     work = scratch_dir(out, cell)
     shutil.rmtree(work, ignore_errors=True)
     try:
-        tuned = finetune(model_ref(out, cell), cell.task, work / "finetuned", **ft_settings)
-        metrics = evaluate(str(work / "finetuned"), cell.task, **eval_settings)
+        tuned = finetune(model_ref(out, cell), cell.task, work / "finetuned", **ft_settings).to_json()
+        metrics = evaluate(str(work / "finetuned"), cell.task, **eval_settings).to_json()
     finally:
         clear_scratch(work)
     return {"metrics": {**metrics, "finetune": _scalars(tuned)}, "settings": {"finetune": ft_settings, "eval": eval_settings}}
@@ -329,10 +329,10 @@ def _pack(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
     work = scratch_dir(out, cell)
     shutil.rmtree(work, ignore_errors=True)
     try:
-        sizes = pack(source, work / "packed", **settings)
+        sizes = pack(source, work / "packed", **settings).to_json()
     finally:
         clear_scratch(work)
-    sizes.pop("out", None)  # the scratch copy is gone; its sizes are what the study keeps
+    sizes.pop("out")  # the scratch copy is gone; its sizes are what the study keeps
     return {"metrics": sizes, "settings": settings}
 
 
@@ -341,8 +341,8 @@ def _bench(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
 
     rt = config.runtime
     settings = {"tokens": rt.tokens, "threads": rt.threads, "rounds": rt.rounds, "steps": rt.steps}
-    result = bench(model_ref(out, cell), **settings, measure_size=False)
-    result.pop("per_layer", None)  # per-layer timings are bench's detail; the study keeps the totals and choices
+    result = bench(model_ref(out, cell), **settings, measure_size=False).to_json()
+    result.pop("per_layer")  # per-layer timings are bench's detail; the study keeps the totals and choices
     return {"metrics": result, "settings": settings}
 
 
