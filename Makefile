@@ -34,7 +34,7 @@ setup: $(VENV)/.base
 setup-test: $(VENV)/.test
 setup-ct: $(CT_VENV)/.ready
 
-# The seed's lab on the embedded models (src/sparselm/study/default.yaml); resumable: run it again after a stop.
+# The default study of the embedded models (src/sparselm/study/default.yaml); resumable: run it again after a stop.
 study: setup
 	$(VENV)/bin/sparselm study --out $(OUT)/
 

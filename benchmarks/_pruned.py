@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sparselm.models import cache_dir
+from sparselm.sources import cache_dir
 from sparselm.pruning import PruneSettings, prune_to_dir
 
 

@@ -1,6 +1,6 @@
 """How long the weight-distribution study of smollm2-135m takes after loading, and its memory over the model.
 
-Targets (issue 2): under 10 s on 2 cores; peak memory above the loaded model under 10% of the model's size.
+Targets: under 10 s on 2 cores; peak memory above the loaded model under 10% of the model's size.
 Run: .venv/bin/python benchmarks/analyze_speed.py
 """
 

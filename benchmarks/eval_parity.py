@@ -2,7 +2,7 @@
 
 The harness side is lm-eval's own `HFLM.loglikelihood_rolling` over the same already-loaded model object and
 tokenizer, the text as one document, `max_length` = our seqlen; words counted as its wikitext task counts them
-(`re.split(r"\\s+")`), bytes as UTF-8. Target (issue 4): word perplexity within 0.5%.
+(`re.split(r"\\s+")`), bytes as UTF-8. Target: word perplexity within 0.5%.
 When the tokenizer puts BOS in front of the text (Llama-style), our windows are exactly the harness's and the numbers
 agree to rounding (tests/test_perplexity.py); the harness is then run with `add_bos_token=False`, because with its
 default lm-eval 0.4 keeps the tokenizer's BOS and puts its prefix BOS in front as well, scoring P(BOS | BOS) as text.

@@ -3,7 +3,7 @@
 The plain loop is the SparseGPT/Wanda evaluation code: one window at a time, `model(x).logits`, shifted
 cross-entropy. Ours is `sparselm.evaluation.perplexity.perplexity` with `max_windows` set to the same windows (so no
 tail window), batched, computing the harness metrics too, and including its own tokenisation (twice: with and
-without special tokens). Runs alternate, best of `--repeats`. Target (issue 4): ratio ≥ 1.0.
+without special tokens). Runs alternate, best of `--repeats`. Target: ratio ≥ 1.0.
 Run: .venv/bin/python benchmarks/eval_speed.py [--windows N] [--seqlen L] [--batch-size B] [--threads T]
 """
 

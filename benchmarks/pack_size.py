@@ -1,6 +1,6 @@
 """Packed size of the prunable matrices against the information bound and against compressed-tensors.
 
-Target (issue 5): for every sparsity s from 0.5 to 0.99 the packed bytes of all prunable matrices are within 1.10×
+Target: for every sparsity s from 0.5 to 0.99 the packed bytes of all prunable matrices are within 1.10×
 of Σ (H(s_m) + (1 − s_m)·b) · n_m / 8 over the matrices m (H the binary entropy, b the value bits: 32 for fp32,
 16 for fp16), and never larger than dense. Models: smollm2-135m and minilm-l6, magnitude pruned globally at 0.5,
 0.9, 0.95, 0.99 and per layer at 2:4; values kept in their dtype (fp32) and also stored as fp16.

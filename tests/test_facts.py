@@ -1,4 +1,4 @@
-"""Model facts read from configs: context length, hidden size, family, causal LM, tokenizer, evaluation mode."""
+"""Model facts read from configs: context length, hidden size, family, causal LM, evaluation mode."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import pytest
 import torch
 import transformers
 from conftest import DECODER_ONLY, ENCODER_DECODER, ENCODER_ONLY, tiny_config, tiny_model
-from evaluation_fixtures import tiny_tokenizer
 
 from sparselm.errors import SparselmError
-from sparselm.facts import context_length, evaluating, family, hidden_size, is_causal_lm, load_tokenizer
+from sparselm.facts import context_length, evaluating, family, hidden_size, is_causal_lm
 from sparselm.weights import find_block_lists
 
 
@@ -76,30 +75,6 @@ def test_is_causal_lm_follows_the_class_not_the_family():
     assert is_causal_lm(config)
     config.architectures = ["LlamaModel"]
     assert not is_causal_lm(config)
-
-
-def test_load_tokenizer_required_or_not(tmp_path):
-    bare = tmp_path / "bare"
-    tiny_model("gpt2").save_pretrained(bare)
-    assert load_tokenizer(str(bare), required=False) is None
-    with pytest.raises(SparselmError, match="has no tokenizer.*save_pretrained"):
-        load_tokenizer(str(bare), required=True)
-
-    full = tmp_path / "full"
-    tiny_model("gpt2").save_pretrained(full)
-    tiny_tokenizer("gpt2").save_pretrained(full)
-    for required in (True, False):
-        tok = load_tokenizer(str(full), required=required)
-        assert tok("ab")["input_ids"] == tiny_tokenizer("gpt2")("ab")["input_ids"]
-
-
-def test_a_broken_tokenizer_is_never_swallowed(tmp_path):
-    tiny_model("gpt2").save_pretrained(tmp_path)
-    (tmp_path / "tokenizer.json").write_text("{ not json")
-    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
-    for required in (True, False):
-        with pytest.raises(SparselmError, match="cannot be loaded"):
-            load_tokenizer(str(tmp_path), required=required)
 
 
 def test_evaluating_restores_the_training_flag_even_after_an_error():

@@ -16,7 +16,8 @@ from sparselm.errors import SparselmError
 from sparselm.evaluation import evaluate
 from sparselm.evaluation import run as run_module
 from sparselm.finetune import MaskKeeper, SparsityCallback, finetune, make_optimizer
-from sparselm.models import load, read_provenance
+from sparselm.models import load
+from sparselm.sources import read_provenance
 from sparselm.weights import select_matrices
 
 

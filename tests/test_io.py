@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from safetensors.torch import save_file
 from sparselm import io
 from sparselm.errors import SparselmError
 from sparselm.io import (
-    MARKER, atomic_dir, atomic_write_bytes, check_output_dir, current_umask, replace_dir, sparselm_wrote,
+    MARKER, atomic_dir, atomic_write_bytes, check_output_dir, current_umask, replace_dir, replace_with_empty_dir,
+    sparselm_wrote,
 )
 
 
@@ -182,6 +184,55 @@ def test_atomic_dir_failure_keeps_the_previous_output(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def tree_of(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): p.read_text() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_atomic_dir_refuses_a_users_directory_file_or_link_before_writing_and_force_replaces_them(tmp_path):
+    user = user_tree(tmp_path / "user")
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "link").symlink_to(user)
+    before = tree_of(user)
+    cases = ((user, "a directory"), (tmp_path / "file.txt", "a file"), (tmp_path / "link", "a symbolic link"))
+    for path, kind in cases:
+        entered = []
+        with pytest.raises(SparselmError, match=rf"'{path}' is {kind} that sparselm did not write.*force=True"):
+            with atomic_dir(path) as tmp:
+                entered.append(tmp)
+        assert entered == []  # refused before the temporary directory exists
+    assert tree_of(user) == before and (tmp_path / "file.txt").read_text() == "x" and leftovers(tmp_path) == []
+    with atomic_dir(user, force=True) as tmp:
+        (tmp / "new.json").write_text("{}")
+    assert sorted(p.name for p in user.iterdir()) == [".sparselm", "new.json"]
+
+
+def test_atomic_dir_refuses_when_a_person_adds_to_the_output_while_it_works(tmp_path):
+    out = written_dir(tmp_path / "out")
+    with pytest.raises(SparselmError, match="sparselm did not write"), atomic_dir(out) as tmp:
+        (tmp / "new.json").write_text("{}")
+        (out / "mine.txt").write_text("mine")  # added during the work: the directory is now partly theirs
+    assert (out / "mine.txt").read_text() == "mine" and (out / "model.safetensors").read_bytes() == b"w"
+    assert leftovers(tmp_path) == []
+
+
+def test_replace_with_empty_dir_takes_the_place_of_a_file_or_directory(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    for path in (user_tree(tmp_path / "user"), tmp_path / "file.txt"):
+        replace_with_empty_dir(path)
+        assert path.is_dir() and list(path.iterdir()) == []
+    assert leftovers(tmp_path) == []
+
+
+def test_a_directory_the_command_continues_passes_without_force(tmp_path):
+    user = user_tree(tmp_path / "study")
+    check_output_dir(user, resumes=lambda path: (path / "notes.txt").is_file())
+    with pytest.raises(SparselmError, match="sparselm did not write"):
+        check_output_dir(user, resumes=lambda path: False)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(SparselmError, match="is a file that sparselm did not write"):
+        check_output_dir(tmp_path / "file.txt", resumes=lambda path: True)  # only a directory is ever continued
+
+
 def test_a_relative_output_gets_its_temporary_sibling_next_to_the_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     seen = []
@@ -221,3 +272,41 @@ def test_outputs_get_the_modes_the_umask_gives(tmp_path, mask):
         assert mode(path) == 0o777 & ~mask, path
     for path in (out / "model.safetensors", out / "sub" / "a.json", out / MARKER, tmp_path / "alone.txt"):
         assert mode(path) == 0o666 & ~mask, path
+
+
+# --- every library writer goes through atomic_dir, so Python callers are protected as the CLI's users are
+
+
+@pytest.fixture(scope="module")
+def library_writers(tmp_path_factory) -> dict[str, Callable[..., Any]]:
+    from evaluation_fixtures import save_tiny
+
+    from sparselm.finetune import finetune
+    from sparselm.pruning import PruneSettings, prune_to_dir
+    from sparselm.storage import pack, unpack
+
+    root = tmp_path_factory.mktemp("sources")
+    src = save_tiny(root / "bert", "bert")
+    packed = root / "packed"
+    pack(src, packed)
+    settings = PruneSettings(method="magnitude", sparsity=0.5)
+    return {
+        "prune_to_dir": lambda out, **kw: prune_to_dir(str(src), settings, out, **kw),
+        "pack": lambda out, **kw: pack(src, out, **kw),
+        "unpack": lambda out, **kw: unpack(packed, out, **kw),
+        "finetune": lambda out, **kw: finetune(str(src), "wiki-pair", out, max_steps=1, batch_size=2,
+                                               max_examples=4, **kw),
+    }
+
+
+@pytest.mark.parametrize("writer", ["prune_to_dir", "pack", "unpack", "finetune"])
+def test_library_writers_never_replace_a_users_directory_unless_forced(tmp_path, library_writers, writer):
+    user = user_tree(tmp_path / "user")
+    before = tree_of(user)
+    with pytest.raises(SparselmError, match="sparselm did not write.*force=True"):
+        library_writers[writer](user)
+    assert tree_of(user) == before and leftovers(tmp_path) == []
+    library_writers[writer](user, force=True)
+    assert not (user / "notes.txt").exists() and (user / "config.json").is_file() and sparselm_wrote(user)
+    library_writers[writer](user)  # its own output is replaced without force
+    assert sparselm_wrote(user)

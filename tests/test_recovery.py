@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
+from mask_checks import is_block
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sparselm.calibration import capture, no_cache
-from sparselm.masks import NM, Block, Unstructured, apply_keep, is_block, is_n_of_m, keep_mask, prune_count
+from sparselm.masks import NM, Block, Unstructured, apply_keep, is_n_of_m, keep_mask, prune_count
 from sparselm.pruning.sparsegpt import sparsegpt_prune
 from sparselm.recovery import (
     AdmmSettings, ReconstructSettings, admm_prune, admm_update, cubic_schedule, reconstruct_block,

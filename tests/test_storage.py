@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_model
-from sparselm import models
+from sparselm import models, sources
 from sparselm.errors import SparselmError
 from sparselm.io import MARKER_DIR
 from sparselm.storage import MANIFEST, is_packed, load_state_dict, pack, read_manifest, unpack
@@ -32,7 +32,7 @@ def prune_smallest(model: torch.nn.Module, sparsity: float) -> torch.nn.Module:
 def pruned_dir(tmp_path: Path, family: str, sparsity: float = 0.9) -> Path:
     out = tmp_path / f"{family}-pruned"
     prune_smallest(tiny_model(family), sparsity).save_pretrained(out)
-    models.write_provenance(out, models.ModelSource(name=family, path=out, quantized_from="test-quant"))
+    sources.write_provenance(out, sources.ModelSource(name=family, path=out, quantized_from="test-quant"))
     return out
 
 
@@ -69,7 +69,7 @@ def test_load_opens_a_packed_directory_as_a_normal_model(tmp_path, family):
     assert type(model) is type(reference) and source.quantized_from == "test-quant"
     ref_state = reference.state_dict()
     assert all(torch.equal(v, ref_state[k]) for k, v in model.state_dict().items())
-    assert models.read_provenance(tmp_path / "packed")["packed"] == {"format": "auto", "dtype": "keep"}
+    assert sources.read_provenance(tmp_path / "packed")["packed"] == {"format": "auto", "dtype": "keep"}
 
 
 def test_compressed_tensors_package_decompresses_our_output(tmp_path):

@@ -71,10 +71,10 @@ def peak_rss(mode: str, path: Path) -> int:
     """Peak resident bytes of a fresh interpreter that imports torch, transformers and sparselm, then either builds
     the model with empty weights (`skeleton`: everything a load costs but the weights) or loads it (`load`).
 
-    glibc raises its mmap threshold after the first large free, after which freed decode buffers stay on the heap
-    between the long-lived tensors; a fixed threshold makes the peak show what the load holds, not what malloc keeps.
+    The allocator keeps its defaults: the load itself hands freed decode buffers back (`loading.heap_trimmer`).
     """
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "PYTHONPATH": os.pathsep.join(sys.path)}
+    allocator_defaults = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {**allocator_defaults, "PYTHONPATH": os.pathsep.join(sys.path)}
     run = subprocess.run(
         [sys.executable, "-c", MEASURE, mode, str(path)], capture_output=True, text=True, env=env, timeout=600
     )

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from sparselm.cli import app
 from sparselm.errors import SparselmError
-from sparselm.models import reference_kind
+from sparselm.sources import reference_kind
 from sparselm.pruning import registered_methods
 from sparselm.pruning.settings import settings_from
 from sparselm.storage import FORMATS
@@ -148,7 +148,7 @@ def problems(raw: dict) -> str:
 
 @pytest.mark.parametrize("name", ["gpt2", "bert-base-uncased", "openai-community/gpt2", "a/b/c", "./missing", "~/nope"])
 def test_model_names_follow_the_rule_every_command_applies(name: str) -> None:
-    """A name `sparselm prune` accepts (sparselm.models.reference_kind) is valid in a study, with the same message otherwise."""
+    """A name `sparselm prune` accepts (sparselm.sources.reference_kind) is valid in a study, with the same message otherwise."""
     try:
         kind = reference_kind(name)
     except SparselmError as exc:

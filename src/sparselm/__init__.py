@@ -3,8 +3,9 @@
 from typing import Any
 
 from .errors import SparselmError
-from .models import load, load_tokenizer, resolve
+from .models import load, load_tokenizer
 from .pruning import prune
+from .sources import resolve
 
 __all__ = ["SparselmError", "SparsityCallback", "load", "load_tokenizer", "resolve", "prune"]
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ from typing import Literal
 
 from ._optional import optional_import
 from .errors import SparselmError
-from .models import hub_reachable, package_dir
+from .sources import hub_reachable, package_dir
 
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[str, ...] = ("train", "validation", "test")

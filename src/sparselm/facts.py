@@ -123,29 +123,6 @@ def has_tokenizer(directory: Path) -> bool:
     return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
 
 
-def load_tokenizer(name_or_path: str | Path, *, required: bool) -> Any:
-    """The model's tokenizer. A model without one is an error when `required`, else None; a tokenizer that is
-    present but cannot be loaded is always an error (never silently dropped)."""
-    from transformers import AutoTokenizer
-
-    from .models import resolve
-
-    path = resolve(str(name_or_path)).path
-    if not has_tokenizer(path):
-        if not required:
-            return None
-        raise SparselmError(
-            f"'{name_or_path}' has no tokenizer; save it next to the model (tokenizer.save_pretrained(DIR))"
-        )
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise SparselmError(
-            f"the tokenizer of '{name_or_path}' cannot be loaded ({first}); re-save it with tokenizer.save_pretrained"
-        ) from None
-
-
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and inference mode for the duration, then the model's own training flag back."""

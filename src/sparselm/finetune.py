@@ -47,8 +47,9 @@ from .evaluation.tasks import check_task, classification_task, is_classification
 from .facts import FINETUNE_JSON, SPARSITY_JSON, family, trains_as_causal_lm
 from .io import atomic_dir, atomic_write_json, ensure_writable_dir
 from .masks import apply_keep
-from .models import load_config, read_provenance, resolve, write_provenance
+from .models import load_config
 from .progress import SILENT, Progress
+from .sources import read_provenance, resolve, write_provenance
 from .weights import select_matrices
 
 OptimizerName = Literal["adamw", "sgd"]
@@ -223,8 +224,10 @@ def finetune(
     seqlen: int | None = None,
     data_dir: Path | None = None,
     progress: Progress = SILENT,
+    force: bool = False,
 ) -> FinetuneReport:
-    """Fine-tune on `task`'s train split keeping every pruned weight at zero; write the model to `out_dir`."""
+    """Fine-tune on `task`'s train split keeping every pruned weight at zero; write the model to `out_dir` (replaced
+    only when sparselm wrote it, or it is empty, unless `force`)."""
     check_task(task)
     _check_budget(epochs, lr, max_steps, batch_size, max_examples)
     if optimizer not in OPTIMIZERS:
@@ -247,7 +250,7 @@ def finetune(
         before, matrix_sparsity(model),
     )
     if run.main_process:  # under torchrun / accelerate launch every process trains, one writes
-        _save(model, tokenizer, model_or_dir, task, out_dir, report)
+        _save(model, tokenizer, model_or_dir, task, out_dir, report, force)
     return report
 
 
@@ -355,9 +358,11 @@ class _ProgressCallback(TrainerCallback):
         self.done = state.global_step
 
 
-def _save(model: nn.Module, tokenizer: Any, model_or_dir: str, task: str, out_dir: Path, report: FinetuneReport) -> None:
+def _save(
+    model: nn.Module, tokenizer: Any, model_or_dir: str, task: str, out_dir: Path, report: FinetuneReport, force: bool
+) -> None:
     source = resolve(model_or_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, force) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         previous = read_provenance(source.path)

@@ -1,10 +1,11 @@
 """Atomic file and directory writes: a result is either complete or absent, never half-written.
 
 Every directory sparselm writes through `atomic_dir` carries a marker, `.sparselm/output.json`, that lists the
-entries sparselm put there. `check_output_dir` lets a command replace a path only when it is absent, an empty
-directory, or a directory sparselm wrote whose entries are still exactly its own (nothing a person added since);
-anything else needs `force`. The marker is a directory so that code copying a model's small files (which copies
-plain files only) never carries it into another output.
+entries sparselm put there. `check_output_dir` (commands, before any work) and `atomic_dir` itself (every library
+call, when it writes) replace a path only when it is absent, an empty directory, or a directory sparselm wrote whose
+entries are still exactly its own (nothing a person added since); anything else needs `force`. The marker is a
+directory so that code copying a model's small files (which copies plain files only) never carries it into another
+output.
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .errors import SparselmError
+from .facts import PROVENANCE_JSON, STATS_JSON
 
 MARKER_DIR = ".sparselm"
 MARKER = Path(MARKER_DIR) / "output.json"
 WRITTEN_BY = "sparselm"
 # Files by which directories written before the marker existed are recognised (each a JSON object sparselm wrote).
-LEGACY_OUTPUT_FILES = ("provenance.json", "stats.json")
+LEGACY_OUTPUT_FILES = (PROVENANCE_JSON, STATS_JSON)
 
 
 def current_umask() -> int:
@@ -81,11 +83,14 @@ def _read_json_object(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def check_output_dir(out: Path, inputs: Iterable[Path] = (), force: bool = False) -> None:
+def check_output_dir(
+    out: Path, inputs: Iterable[Path] = (), force: bool = False, resumes: Callable[[Path], bool] | None = None
+) -> None:
     """Refuse, before any work starts, an output directory that must not or cannot be replaced.
 
     Never allowed, even with `force`: the current directory or one holding it, and a path that is, holds or lies
-    inside an input. Allowed without `force`: an absent path, an empty directory, a directory sparselm wrote.
+    inside an input. Allowed without `force`: an absent path, an empty directory, a directory sparselm wrote, and
+    a directory `resumes` accepts (one the command continues rather than replaces, such as a study's folder).
     The nearest existing ancestor must be a writable directory (so that `/proc/x` fails now, not after the work).
     """
     target = Path(os.path.abspath(Path(out).expanduser()))
@@ -101,12 +106,17 @@ def check_output_dir(out: Path, inputs: Iterable[Path] = (), force: bool = False
         relation = "is" if real == source else "holds" if real in source.parents else "lies inside"
         if real == source or real in source.parents or source in real.parents:
             raise SparselmError(f"output '{out}' {relation} the input '{given}'; choose an output outside it")
-    if (target.is_symlink() or target.exists()) and not force and not _replaceable(target):
+    continued = resumes is not None and not target.is_symlink() and target.is_dir() and resumes(target)
+    if _present(target) and not force and not continued and not _replaceable(target):
         raise SparselmError(
             f"'{out}' is {_kind(target)} that sparselm did not write; "
             "choose another --out, or pass --force to replace it"
         )
     _check_creatable(target, out)
+
+
+def _present(path: Path) -> bool:
+    return path.is_symlink() or path.exists()
 
 
 def _kind(path: Path) -> str:
@@ -137,23 +147,43 @@ def _check_creatable(target: Path, shown: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `final` in one rename, on error it is removed.
 
+    `final` may already be there only as a directory sparselm wrote (or an empty one), unless `force`: checked
+    before anything is written and again just before the rename, so nothing a person made in between is lost.
     The finished directory gets the marker listing its entries, and every entry the mode the umask gives a new file
     or directory (mkdtemp and safetensors create theirs private).
     """
     final = Path(os.path.abspath(Path(final).expanduser()))
+    _refuse_foreign(final, force)
     ensure_writable_dir(final.parent)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         yield tmp
         write_marker(tmp)
         apply_umask(tmp)
+        _refuse_foreign(final, force)
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _refuse_foreign(final: Path, force: bool) -> None:
+    if _present(final) and not force and not _replaceable(final):
+        raise SparselmError(
+            f"'{final}' is {_kind(final)} that sparselm did not write; choose another output directory, "
+            "or pass force=True (--force on the command line) to replace it"
+        )
+
+
+def replace_with_empty_dir(path: Path) -> None:
+    """Put an empty directory where `path` is (a file, a link or a directory), with no moment where neither exists."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    empty = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    os.chmod(empty, 0o777 & ~current_umask())
+    replace_dir(empty, path)
 
 
 def apply_umask(root: Path) -> None:

@@ -180,13 +180,6 @@ def is_n_of_m(keep: torch.Tensor, n: int, m: int) -> bool:
     return bool((keep.reshape(-1, cols // m, m).sum(dim=2) <= n).all())
 
 
-def is_block(keep: torch.Tensor, rows: int, cols: int) -> bool:
-    """Whether every rows × cols tile is entirely kept or entirely pruned."""
-    out_dim, in_dim = keep.shape
-    tiles = keep.reshape(out_dim // rows, rows, in_dim // cols, cols).sum(dim=(1, 3))
-    return bool(((tiles == 0) | (tiles == rows * cols)).all())
-
-
 def sparsity(keep: torch.Tensor) -> float:
     """Fraction of pruned entries of a keep-mask."""
     return 1.0 - float(keep.sum()) / keep.numel() if keep.numel() else 0.0

@@ -21,7 +21,8 @@ from .data import joined_text, parse_source
 from .errors import SparselmError
 from .facts import context_length, hidden_size
 from .io import atomic_write_bytes
-from .models import cache_dir, quiet_transformers
+from .models import quiet_transformers
+from .sources import cache_dir
 
 DEFAULT_SEQLEN = 2048
 UNBOUNDED_DEFAULT = 512  # relative-position models (T5) accept any length; they were trained on 512-token inputs

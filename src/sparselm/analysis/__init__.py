@@ -6,9 +6,11 @@ import gc
 from pathlib import Path
 from typing import Any
 
+from ..facts import STATS_JSON
 from ..io import atomic_dir, atomic_write_json, atomic_write_text, ensure_writable_dir
-from ..models import load_with_source, model_slug
+from ..models import load_with_source
 from ..progress import SILENT, Progress
+from ..sources import model_slug
 from .distribution import Distribution, layers_csv, measure_distribution
 from .figures import compare_cdf_figure, write_model_figures
 
@@ -16,10 +18,11 @@ __all__ = ["COMPARE_FIGURE", "Distribution", "analyze_models", "measure_distribu
 COMPARE_FIGURE = "compare-weight-cdf.png"
 
 
-def write_distribution(dist: Distribution, out: Path, slug: str) -> Path:
-    """Write stats.json, layers.csv and the three figures into out/slug, all or nothing."""
-    with atomic_dir(out / slug) as tmp:
-        atomic_write_json(tmp / "stats.json", dist.to_json())
+def write_distribution(dist: Distribution, out: Path, slug: str, force: bool = False) -> Path:
+    """Write stats.json, layers.csv and the three figures into out/slug, all or nothing (replacing a directory
+    sparselm did not write only with `force`)."""
+    with atomic_dir(out / slug, force) as tmp:
+        atomic_write_json(tmp / STATS_JSON, dist.to_json())
         atomic_write_text(tmp / "layers.csv", layers_csv(dist))
         write_model_figures(dist, tmp, slug)
     return out / slug
@@ -30,6 +33,7 @@ def analyze_models(
     out: Path,
     include_embeddings: bool = False,
     progress: Progress = SILENT,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Analyse each model in turn (one in memory at a time); returns a summary for --json."""
     ensure_writable_dir(out)
@@ -41,7 +45,7 @@ def analyze_models(
         dist = measure_distribution(model, slug, source.quantized_from, include_embeddings, progress)
         del model
         gc.collect()
-        path = write_distribution(dist, out, slug)
+        path = write_distribution(dist, out, slug, force)
         dists.append(dist)
         summary["models"][slug] = {
             "dir": str(path),

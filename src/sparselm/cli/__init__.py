@@ -1,26 +1,20 @@
-"""The `sparselm` command line. Each command lives in its own module and registers itself on `app`."""
+"""The `sparselm` command line. Each command lives in its own module and registers itself on `app` (`_app`)."""
 
 from __future__ import annotations
 
-import typer
-
-app = typer.Typer(
-    name="sparselm",
-    help="Weight sparsity for transformer language models: analyse, prune, fine-tune, evaluate, pack and run.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+from ._app import app
 
 # One import per line: each registers its commands on `app`.
-from . import analyze  # noqa: E402,F401
-from . import models  # noqa: E402,F401
-from . import prune  # noqa: E402,F401
-from . import evaluate  # noqa: E402,F401
-from . import finetune  # noqa: E402,F401
-from . import study  # noqa: E402,F401
-from . import pack  # noqa: E402,F401
-from . import bench  # noqa: E402,F401
+from . import analyze  # noqa: F401
+from . import models  # noqa: F401
+from . import prune  # noqa: F401
+from . import evaluate  # noqa: F401
+from . import finetune  # noqa: F401
+from . import study  # noqa: F401
+from . import pack  # noqa: F401
+from . import bench  # noqa: F401
+
+__all__ = ["app", "main"]
 
 
 def main() -> None:

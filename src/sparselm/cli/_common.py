@@ -22,7 +22,7 @@ from rich.progress import (
 
 from ..data import parse_source, read_text_file
 from ..errors import SparselmError
-from ..models import resolve
+from ..sources import resolve
 
 F = TypeVar("F", bound=Callable[..., Any])
 FILE_SYSTEM_FIXES = {

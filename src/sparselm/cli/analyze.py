@@ -9,9 +9,10 @@ from rich.markup import escape
 
 from ..analysis import COMPARE_FIGURE, analyze_models
 from ..errors import SparselmError
+from ..facts import STATS_JSON
 from ..io import check_output_dir, sparselm_wrote
-from ..models import model_slug
-from . import app
+from ..sources import model_slug
+from ._app import app
 from ._common import FORCE_HELP, handles_errors, model_inputs, out_console, print_json, progress_bar
 
 
@@ -29,7 +30,7 @@ def analyze_command(
     """Histograms and |w| CDFs (log2 axis) per model and per block, with stats.json and layers.csv behind them."""
     check_analysis_outputs(models, out, force)
     with progress_bar(quiet=False) as progress:
-        summary = analyze_models(models, out, include_embeddings, progress)
+        summary = analyze_models(models, out, include_embeddings, progress, force=force)
     if json_out:
         print_json(summary)
         return
@@ -69,4 +70,4 @@ def check_analysis_outputs(models: list[str], out: Path, force: bool) -> None:
 
 
 def _holds_analysis(out: Path) -> bool:
-    return any(sparselm_wrote(d) and (d / "stats.json").is_file() for d in out.iterdir())
+    return any(sparselm_wrote(d) and (d / STATS_JSON).is_file() for d in out.iterdir())

@@ -9,7 +9,7 @@ from ..errors import SparselmError
 from ..runtime import POLICIES, BenchResult, SpeedRow, bench, generate
 from ..runtime.accelerate import check_settings
 from ..runtime.generate import check_generation
-from . import app
+from ._app import app
 from ._common import handles_errors, out_console, parse_int_list, print_json, progress_bar
 
 

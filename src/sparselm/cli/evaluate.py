@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from ..evaluation import ClassificationEvaluation, Evaluation, MaskedPerplexity, evaluate
 from ..evaluation.tasks import task_names
-from . import app
+from ._app import app
 from ._common import handles_errors, out_console, print_json, progress_bar
 
 

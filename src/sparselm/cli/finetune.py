@@ -10,7 +10,7 @@ from rich.markup import escape
 from ..evaluation.tasks import check_task, is_classification, task_names
 from ..finetune import DEFAULT_LR, OPTIMIZERS, check_causal_lm, finetune
 from ..io import check_output_dir
-from . import app
+from ._app import app
 from ._common import FORCE_HELP, handles_errors, model_inputs, out_console, print_json, progress_bar, text_inputs
 
 
@@ -20,7 +20,7 @@ def finetune_command(
     model: str = typer.Argument(..., help="Embedded alias, local model directory (e.g. a pruned one) or hub id."),
     task: str = typer.Option(..., "--task", "-t", help=f"One of: {', '.join(task_names())}."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model directory (written atomically)."),
-    epochs: float = typer.Option(3.0, "--epochs", help="Training epochs (the seed used 3)."),
+    epochs: float = typer.Option(3.0, "--epochs", help="Training epochs."),
     lr: float = typer.Option(DEFAULT_LR, "--lr", help="Peak learning rate (linear decay)."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimizer steps (overrides --epochs)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples (or LM windows) per step."),
@@ -42,7 +42,7 @@ def finetune_command(
         report = finetune(
             model, task, out, epochs=epochs, lr=lr, max_steps=max_steps, batch_size=batch_size,
             max_examples=max_examples, seed=seed, optimizer=optimizer, seqlen=seqlen, data_dir=data_dir,
-            progress=progress,
+            progress=progress, force=force,
         )
     if json_out:
         print_json(report.to_json())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from ..models import describe_embedded
-from . import app
+from ..sources import describe_embedded
+from ._app import app
 from ._common import handles_errors, out_console, print_json
 
 

@@ -10,7 +10,7 @@ from rich.markup import escape
 from ..errors import SparselmError
 from ..io import check_output_dir
 from ..storage import FORMATS, pack, unpack
-from . import app
+from ._app import app
 from ._common import FORCE_HELP, handles_errors, model_inputs, out_console, print_json, progress_bar
 
 
@@ -33,7 +33,7 @@ def pack_command(
     """Store a (pruned) model with sparse codecs in safetensors plus a checksummed manifest."""
     check_output_dir(out, model_inputs([model]), force)
     with progress_bar(quiet=json_out) as progress:
-        summary = pack(model, out, format=format, dtype=dtype, progress=progress.labelled(model))
+        summary = pack(model, out, format=format, dtype=dtype, progress=progress.labelled(model), force=force)
     if json_out:
         print_json(summary.to_json())
         return
@@ -63,7 +63,7 @@ def unpack_command(
         raise SparselmError(f"no directory at '{packed}'; pass a directory written by sparselm pack")
     check_output_dir(out, [packed], force)
     with progress_bar(quiet=json_out) as progress:
-        summary = unpack(packed, out, progress=progress.labelled(str(packed)))
+        summary = unpack(packed, out, progress=progress.labelled(str(packed)), force=force)
     if json_out:
         print_json(summary.to_json())
         return

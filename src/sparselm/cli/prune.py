@@ -10,7 +10,7 @@ from rich.markup import escape
 from ..errors import SparselmError
 from ..io import check_output_dir
 from ..pruning import PrunedModel, PruneSettings, prune_to_dir, registered_methods, settings_from
-from . import app
+from ._app import app
 from ._common import (
     FORCE_HELP, handles_errors, model_inputs, out_console, parse_float_list, print_json, progress_bar, text_inputs,
 )
@@ -94,7 +94,7 @@ def prune_command(
     with progress_bar(quiet=json_out) as progress:
         for settings, target in zip(runs, targets):
             label = f"{settings.method} s={settings.target_sparsity:g}"
-            results.append(prune_to_dir(model, settings, target, progress.labelled(label)))
+            results.append(prune_to_dir(model, settings, target, progress.labelled(label), force=force))
     if json_out:
         summaries = [summary(r) for r in results]
         print_json(summaries[0] if len(summaries) == 1 else summaries)

@@ -12,14 +12,15 @@ import typer
 from rich.table import Table
 
 from ..errors import SparselmError
-from ..models import model_slug
-from ..study.config import default_config_text, load_config
+from ..io import check_output_dir, replace_with_empty_dir
+from ..sources import model_slug, reference_kind
+from ..study.config import StudyConfig, default_config_text, load_config
 from ..study.report import write_report
 from ..study.report_data import method_label
 from ..study.run import run_study
-from ..study.store import ResultStore, Row
-from . import app
-from ._common import err_console, handles_errors, out_console, print_json, progress_bar
+from ..study.store import ResultStore, Row, is_study_dir
+from ._app import app
+from ._common import err_console, handles_errors, out_console, print_json, progress_bar, text_inputs
 
 FULL_SIZE_HINT = (
     "This study used small budgets so that it fits in about half an hour on 2 cores. The full-size study "
@@ -33,7 +34,9 @@ FULL_SIZE_HINT = (
 @app.command("study")
 @handles_errors
 def study_command(
-    config: Path | None = typer.Argument(None, help="Study YAML (default: the seed's study on the embedded models)."),
+    config: Path | None = typer.Argument(
+        None, help="Study YAML (default: the shipped study of the embedded models, see --print-default)."
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Study directory: results.sqlite, models/, report.html."),
     quick: bool = typer.Option(False, "--quick", help="Apply the config's `quick:` overrides (a few minutes)."),
     full: bool = typer.Option(False, "--full", help="Apply the config's `full:` overrides (the full-size study: hours)."),
@@ -41,9 +44,13 @@ def study_command(
     workers: int | None = typer.Option(None, "--workers", help="Local worker processes (default 1), or CPUs for a new local Ray."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="An existing Ray cluster (HOST:PORT, ray://HOST:PORT, auto)."),
     print_default: bool = typer.Option(False, "--print-default", help="Print the default config YAML and exit."),
+    force: bool = typer.Option(False, "--force", help="Start the study in --out even when it is a file or a directory "
+                               "that is not a study folder, replacing it (never an input)."),
     json_out: bool = typer.Option(False, "--json", help="Print a summary as JSON on stdout."),
 ) -> None:
-    """Sweep models × methods × sparsities × tasks into DIR/results.sqlite; kill it any time and run it again."""
+    """Sweep models × methods × sparsities × tasks into DIR/results.sqlite; kill it any time and run it again.
+
+    DIR is new, empty, or a study folder (the same config continues where it stopped); anything else needs --force."""
     if print_default:
         sys.stdout.write(default_config_text())
         return
@@ -52,6 +59,9 @@ def study_command(
     if quick and full:
         raise SparselmError("choose one of --quick and --full")
     cfg = load_config(config, "quick" if quick else "full" if full else None)
+    check_output_dir(out, study_inputs(cfg, config), force, resumes=is_study_dir)
+    if not is_study_dir(out) and (out.is_symlink() or out.is_file() or (out.is_dir() and any(out.iterdir()))):
+        replace_with_empty_dir(out)  # what check_output_dir lets go: another output sparselm wrote, or with --force
     quiet_library_progress()
     with progress_bar(quiet=False) as progress:
 
@@ -78,6 +88,13 @@ def study_command(
         for line in summary.failed[:20]:
             err_console.print(f"  {line}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def study_inputs(cfg: StudyConfig, config: Path | None) -> list[Path]:
+    """What the study reads from disk (its YAML, local model directories, text: task files): never replaced by --out."""
+    models = [Path(m.name) for m in cfg.models if reference_kind(m.name) == "local"]
+    texts = [path for m in cfg.models for task in m.tasks for path in text_inputs(task)]
+    return [*([config] if config else []), *models, *texts]
 
 
 def quiet_library_progress() -> None:

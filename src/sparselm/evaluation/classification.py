@@ -21,8 +21,9 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..errors import SparselmError
-from ..models import load, quiet_transformers, read_provenance, resolve
+from ..models import load, quiet_transformers
 from ..progress import SILENT, Progress
+from ..sources import read_provenance, resolve
 from .loop import forward_batches
 from .objectives import load_text_tokenizer
 from .tasks import ClassificationTask, Example

@@ -1,4 +1,4 @@
-"""Which language-modelling head scores which model family (the seed evaluated every model on causal LM).
+"""Which language-modelling head scores which model family (a causal-LM score fits decoders only).
 
 * decoder-only: the model's own causal-LM head;
 * encoder-only: the family's `*ForCausalLM` class with `is_decoder=True` (causal attention mask). The encoder was
@@ -19,7 +19,8 @@ from torch import nn
 
 from .. import facts
 from ..errors import SparselmError
-from ..models import load_with_source, resolve
+from ..models import load_tokenizer, load_with_source
+from ..sources import resolve
 
 Objective = Literal["clm", "mlm"]
 OBJECTIVES: tuple[str, ...] = ("clm", "mlm")
@@ -101,7 +102,7 @@ def decoder_as_causal_lm(seq2seq: nn.Module) -> nn.Module:
 
 def load_text_tokenizer(model_or_dir: str) -> Any:
     """The model's tokenizer, or a clear message when the directory has none."""
-    tokenizer = facts.load_tokenizer(model_or_dir, required=True)
+    tokenizer = load_tokenizer(model_or_dir, required=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer

@@ -25,7 +25,7 @@ from pathlib import Path
 from .._optional import optional_import
 from ..data import normalise_split, parse_source, wiki_articles, wiki_split_of
 from ..errors import SparselmError
-from ..models import hub_reachable
+from ..sources import hub_reachable
 
 LM_TASKS: tuple[str, ...] = ("ptb", "wiki", "wikitext2", "text:PATH")
 UNCATEGORIZED = "Uncategorized"

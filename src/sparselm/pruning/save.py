@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..facts import SPARSITY_JSON, load_tokenizer
+from ..facts import SPARSITY_JSON
 from ..io import atomic_dir, atomic_write_json
-from ..models import load_with_source, write_provenance
+from ..models import load_tokenizer, load_with_source
 from ..progress import SILENT, Progress
+from ..sources import write_provenance
 from .driver import prune
 from .report import PruneReport
 from .settings import PruneSettings
@@ -32,14 +33,20 @@ class PrunedModel:
 
 
 def prune_to_dir(
-    model_name_or_path: str, settings: PruneSettings, out_dir: Path, progress: Progress = SILENT
+    model_name_or_path: str,
+    settings: PruneSettings,
+    out_dir: Path,
+    progress: Progress = SILENT,
+    force: bool = False,
 ) -> PrunedModel:
-    """Load, prune and write a plain Hugging Face directory with sparsity.json and provenance.json, atomically."""
+    """Load, prune and write a plain Hugging Face directory with sparsity.json and provenance.json, atomically.
+
+    `out_dir` is replaced only when sparselm wrote it (or it is empty) unless `force`."""
     model, source = load_with_source(model_name_or_path)
     tokenizer = load_tokenizer(source.path, required=False)  # magnitude needs none; prune() names who does
     report = prune(model, settings, tokenizer, progress)
     result = PrunedModel(model_name_or_path, Path(out_dir), report)
-    with atomic_dir(Path(out_dir)) as tmp:
+    with atomic_dir(Path(out_dir), force) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -20,7 +20,11 @@ from torch import nn
 
 from ..errors import SparselmError
 from ..facts import context_length, is_causal_lm
+from ..models import load
 from ..progress import SILENT, Progress
+from ..sources import resolve
+from ..storage import is_packed, read_manifest
+from ..storage.pack import FORMATS, choose_encoding
 from .accelerate import AccelerateReport, LayerChoice, Policy, accelerate, check_settings
 from .inputs import random_prefill
 from .timing import Sampler, Timing, alternating, sampler, speedup
@@ -130,10 +134,6 @@ def decode_sampler(model: nn.Module, prompt: torch.Tensor, steps: int) -> Sample
 
 def size_info(model_or_dir: str, model: nn.Module) -> SizeInfo:
     """Dense and packed bytes: read from the manifest of a packed directory, else by coding the weights in memory."""
-    from ..models import resolve
-    from ..storage import is_packed, read_manifest
-    from ..storage.pack import FORMATS, choose_encoding
-
     path = resolve(model_or_dir).path
     if is_packed(path):
         summary = read_manifest(path)["summary"]
@@ -159,8 +159,6 @@ def bench(
     """Latency and throughput of prefill at each token count and of decode steps, dense vs accelerated.
 
     `remeasure` makes the dispatch measure every layer again instead of using its cached decisions."""
-    from ..models import load
-
     tokens = sorted({int(t) for t in tokens})
     if not tokens or tokens[0] < 1:
         raise SparselmError(f"--tokens needs positive integers, got {tokens}")

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import atomic_write_json
+from ..sources import cache_dir
 from .kernels import KERNELS
 from .timing import Sampler, Speedup, Timing, alternating, repeats_for, sampler, speedup
 
@@ -47,8 +48,9 @@ def min_winning_sparsity(kernel: str, value_bytes: int) -> float:
     indices), 0.67 for fp16 CSR, under 0.01–0.03 for 8×8/16×16 BSR (one int64 index per tile). With many tokens the
     work per stored weight decides instead, and a sparse product does more of it than dense GEMM (an index load and
     a gathered activation row per multiply-add, which GEMM reuses from registers), so the real crossover is higher
-    still (measured 0.7–0.9 for CSR, /work/shared/notes/cpu-sparse-kernels.md). The bound is therefore below every
-    real crossover: it never rules out a real win, and it rules out every "win" on a dense or lightly sparse layer.
+    still (measured about 0.7–0.9 for CSR on 2 CPU cores, depending on tokens and shape). The bound is therefore
+    below every real crossover: it never rules out a real win, and it rules out every "win" on a dense or lightly
+    sparse layer.
     """
     index = KERNELS[kernel].index_bytes
     return index / (value_bytes + index)
@@ -182,8 +184,6 @@ def choose(
 
 
 def cache_path() -> Path:
-    from ..models import cache_dir
-
     return cache_dir() / CACHE_FILE
 
 

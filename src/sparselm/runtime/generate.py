@@ -9,7 +9,9 @@ import torch
 
 from ..errors import SparselmError
 from ..facts import is_causal_lm
+from ..models import load, load_tokenizer
 from ..progress import SILENT, Progress
+from ..sources import resolve
 from .accelerate import AccelerateReport, Policy, accelerate, check_settings
 
 EXAMPLE_PROMPT = "The capital of France is"
@@ -30,8 +32,6 @@ class Generation:
 def require_causal_lm(model_or_dir: str) -> None:
     """Refuse, before loading any weights, a model that cannot continue text (an encoder, a seq2seq model)."""
     from transformers import AutoConfig
-
-    from ..models import resolve
 
     config = AutoConfig.from_pretrained(resolve(model_or_dir).path)
     if not is_causal_lm(config):
@@ -62,8 +62,6 @@ def generate(
     progress: Progress = SILENT,
 ) -> Generation:
     """Greedy continuation of `prompt` by the accelerated model, with the accelerate report."""
-    from ..models import load, load_tokenizer
-
     check_generation(model_or_dir, prompt, max_new_tokens, policy, threads)
     lm = load(model_or_dir, head="causal-lm")
     tokenizer = load_tokenizer(model_or_dir)

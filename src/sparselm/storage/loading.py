@@ -10,7 +10,11 @@ the model has no place for are skipped, and model tensors the checkpoint lacks k
 
 from __future__ import annotations
 
+import ctypes
 import json
+import platform
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +62,21 @@ def model_from_packed(
     return model
 
 
+@cache
+def heap_trimmer() -> Callable[[int], int]:
+    """glibc's `malloc_trim(0)`, or a no-op where the C library is not glibc.
+
+    After the first large free glibc raises its mmap threshold, so later decode buffers come from the heap and, once
+    freed, stay there between the long-lived weights: without trimming, a load peaks far above the dense model.
+    """
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            return ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            pass
+    return lambda *_: 0
+
+
 def fill(model: nn.Module, path: Path, manifest: dict[str, Any]) -> None:
     """Put each decoded tensor in place of the (meta) parameter or buffer of the same name, cast to its dtype.
 
@@ -84,6 +103,7 @@ def fill(model: nn.Module, path: Path, manifest: dict[str, Any]) -> None:
         new._is_hf_initialized = True  # transformers' weight initialisation leaves it alone
         for tied in names_of[id(old)]:
             place(model, tied, new)
+        heap_trimmer()(0)  # give this tensor's freed decode buffers back before the next one is decoded
 
 
 def place(model: nn.Module, key: str, tensor: torch.Tensor) -> None:

@@ -22,8 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import SparselmError
+from ..facts import CONFIG_JSON as CONFIG
+from ..facts import PROVENANCE_JSON
 from ..io import atomic_dir, atomic_write_json
 from ..progress import SILENT, Progress
+from ..sources import read_provenance, resolve, write_provenance
 from .codecs import Encoded, get_codec, keep_mask
 from .layouts import LAYOUTS, Layout, all_formats, layout_of_format
 from .zstd import compress_parts, decompress_parts
@@ -33,7 +36,6 @@ FORMAT_NAME = "sparselm-pack"
 # Version 2 adds the layout's config.json entries (transformers refuses the directory) and `source_config`.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-CONFIG = "config.json"
 INDEX_SUFFIX = ".safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 NO_GAIN = "no tensor has enough zeros to be stored smaller: the packed copy gains nothing"
@@ -149,10 +151,11 @@ def pack(
     format: Format = "auto",
     dtype: DType = "keep",
     progress: Progress = SILENT,
+    force: bool = False,
 ) -> PackSummary:
-    """Write a packed copy of a model directory (or alias) to out_dir; returns sizes per tensor and in total."""
-    from ..models import read_provenance, resolve, write_provenance
+    """Write a packed copy of a model directory (or alias) to out_dir; returns sizes per tensor and in total.
 
+    `out_dir` is replaced only when sparselm wrote it (or it is empty) unless `force`."""
     if format not in FORMATS:
         raise SparselmError(f"unknown pack format '{format}'; choose one of: {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -179,7 +182,7 @@ def pack(
                 progress.advance()
     out = Path(out_dir)
     sizes = summarise(tensors, format, dtype)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force) as tmp:
         save_file(stored, str(tmp / layout.weights_file), metadata={"format": "pt", "packed_by": "sparselm"})
         index = copy_small_files(source.path, tmp)
         source_config = (source.path / CONFIG).read_text()
@@ -336,8 +339,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {name: tensor for _, name, tensor in iter_decoded(path)}
 
 
-def unpack(src: str | Path, out: str | Path, progress: Progress = SILENT) -> UnpackSummary:
-    """Rebuild the dense model directory (same tensors, same weight files) from a packed one."""
+def unpack(src: str | Path, out: str | Path, progress: Progress = SILENT, force: bool = False) -> UnpackSummary:
+    """Rebuild the dense model directory (same tensors, same weight files) from a packed one; `out` is replaced only
+    when sparselm wrote it (or it is empty) unless `force`."""
     src = Path(src)
     manifest = read_manifest(src)
     by_file: dict[str, dict[str, torch.Tensor]] = {}
@@ -346,7 +350,7 @@ def unpack(src: str | Path, out: str | Path, progress: Progress = SILENT) -> Unp
         by_file.setdefault(file, {})[name] = tensor
         progress.advance()
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force) as tmp:
         write_dense_dir(src, tmp, manifest, by_file)
     return UnpackSummary(out, len(manifest["tensors"]), sorted(by_file))
 
@@ -359,8 +363,10 @@ def write_dense_dir(
         save_file(state, str(dst / file), metadata=metadata)
     weights = LAYOUTS[manifest["layout"]].weights_file
     for p in src.iterdir():
-        if p.is_file() and p.name not in (MANIFEST, weights, CONFIG):
+        if p.is_file() and p.name not in (MANIFEST, weights, CONFIG, PROVENANCE_JSON):
             shutil.copy2(p, dst / p.name)
+    unpacked = {key: value for key, value in read_provenance(src).items() if key != "packed"}
+    atomic_write_json(dst / PROVENANCE_JSON, unpacked)  # a dense directory again: loaders must not look for a manifest
     (dst / CONFIG).write_text(source_config_text(src, manifest))
     if manifest.get("source_index"):
         atomic_write_json(dst / manifest["source_index"]["name"], manifest["source_index"]["content"])

@@ -15,7 +15,6 @@ import torch
 from .codecs import Encoded, keep_mask, register
 
 NAME = "sparse-bitmask"
-PARTS = ("shape", "compressed", "bitmask", "row_offsets")
 
 
 @register

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SparselmError
-from ..models import EMBEDDED, model_slug
+from ..facts import CONFIG_JSON, SPARSITY_JSON
+from ..sources import EMBEDDED, model_slug
 from .config import CellKind, MethodSpec, ModelSpec, StudyConfig, cell_kind
 from .store import Row, canonical
 
@@ -113,7 +114,7 @@ def model_ref(out: Path, cell: Cell) -> str:
 
 def is_complete_model_dir(path: Path) -> bool:
     """A pruned directory appears by one rename once fully written, so its presence with both files means complete."""
-    return (path / "config.json").is_file() and (path / "sparsity.json").is_file()
+    return (path / CONFIG_JSON).is_file() and (path / SPARSITY_JSON).is_file()
 
 
 def run_cell(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
@@ -280,7 +281,7 @@ def _prune(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
     settings = prune_settings(cell, config)
     reused = is_complete_model_dir(target)
     if reused:
-        report = json.loads((target / "sparsity.json").read_text(encoding="utf-8"))
+        report = json.loads((target / SPARSITY_JSON).read_text(encoding="utf-8"))
     else:
         report = prune_to_dir(cell.model, settings, target).to_json()
     metrics = _scalars(report)
@@ -320,7 +321,7 @@ def _classification(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any
 
 
 def _pack(cell: Cell, config: StudyConfig, out: Path) -> dict[str, Any]:
-    from ..models import resolve
+    from ..sources import resolve
     from ..storage import pack
 
     source = resolve(cell.model).path if cell.method == DENSE else model_dir(out, cell)

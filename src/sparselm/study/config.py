@@ -29,8 +29,9 @@ from pydantic import (
 
 from ..errors import SparselmError
 from ..evaluation.tasks import check_task, is_classification
-from ..models import EMBEDDED, reference_kind
+from ..facts import CONFIG_JSON
 from ..pruning.settings import PruneSettings, settings_from
+from ..sources import EMBEDDED, reference_kind
 from ..storage import FORMATS
 from ..storage.pack import DTYPES
 
@@ -91,7 +92,7 @@ class ModelSpec(Strict):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        """The rule every command applies (sparselm.models.reference_kind); a hub id is fetched when the study runs."""
+        """The rule every command applies (sparselm.sources.reference_kind); a hub id is fetched when the study runs."""
         try:
             reference_kind(name)
         except SparselmError as exc:
@@ -324,7 +325,7 @@ class StudyConfig(Strict):
 
 
 def default_config_text() -> str:
-    """The shipped default study (the seed's lab on the embedded models), as YAML with comments."""
+    """The shipped default study of the embedded models, as YAML with comments."""
     return resources.files("sparselm.study").joinpath(DEFAULT_CONFIG).read_text(encoding="utf-8")
 
 
@@ -431,7 +432,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         if not isinstance(model, dict):
             continue
         name = model.get("name")
-        if isinstance(name, str) and name not in EMBEDDED and (base / Path(name).expanduser() / "config.json").is_file():
+        if isinstance(name, str) and name not in EMBEDDED and (base / Path(name).expanduser() / CONFIG_JSON).is_file():
             model["name"] = str((base / Path(name).expanduser()).resolve())
         tasks = model.get("tasks")
         if isinstance(tasks, list):

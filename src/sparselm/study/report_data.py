@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models import model_slug
+from ..sources import model_slug
 from .cells import ANALYSIS_DIR, DENSE
 from .config import CellKind, MethodSpec
 from .store import Row

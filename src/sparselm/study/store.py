@@ -160,6 +160,19 @@ class ResultStore:
             return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
 
 
+def is_study_dir(path: Path) -> bool:
+    """Whether `path` holds a results store sparselm wrote: a study folder, which running its study again continues
+    (a different study's folder is refused by `ResultStore.open_for`, naming what differs)."""
+    store = Path(path) / STORE_FILE
+    if not store.is_file():
+        return False
+    try:
+        with closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as conn:
+            return conn.execute("SELECT value FROM meta WHERE key = 'config_hash'").fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(path, timeout=30.0)
