@@ -106,10 +106,10 @@ def _check_same_tokenizer(student: str, teacher: str) -> None:
     except SparselmError as exc:
         raise SparselmError(f"--teacher: {exc}") from None
     if teacher_vocab != student_vocab:
-        differ = len(set(teacher_vocab.items()) ^ set(student_vocab.items()))
+        differ = sum(teacher_vocab.get(t) != student_vocab.get(t) for t in teacher_vocab.keys() | student_vocab.keys())
         raise SparselmError(
             f"the tokenizers of teacher '{teacher}' and student '{student}' map tokens to different ids "
-            f"({differ} entries differ); distil from a teacher with the student's tokenizer"
+            f"({differ} tokens differ); distil from a teacher with the student's tokenizer"
         )
 
 
