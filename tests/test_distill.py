@@ -72,7 +72,8 @@ def test_kl_to_teacher_is_the_mean_kl_over_kept_positions():
     )
     changed = student.clone()
     changed[0, 3:] = 100.0  # positions outside `keep` do not count
-    assert torch.equal(kl_to_teacher(changed, teacher, temperature, keep), kl_to_teacher(student, teacher, temperature, keep))
+    masked = kl_to_teacher(student, teacher, temperature, keep)
+    assert torch.equal(kl_to_teacher(changed, teacher, temperature, keep), masked)
     assert float(kl_to_teacher(teacher, teacher, temperature, keep)) == pytest.approx(0.0, abs=1e-6)
 
 
@@ -85,7 +86,8 @@ def test_squarehead_loss_is_each_blocks_error_over_the_teachers_square_averaged(
     # the same absolute error weighs 100x less in the block whose outputs are 10x larger: each block is normalised
     assert float(ratios[0] / ratios[1]) == pytest.approx(100.0, rel=0.3)
     keep = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
-    kept = [((s - t) ** 2)[keep.bool()].sum() / (t**2)[keep.bool()].sum() for s, t in zip(student, teacher, strict=True)]
+    rows = keep.bool()
+    kept = [((s - t) ** 2)[rows].sum() / (t**2)[rows].sum() for s, t in zip(student, teacher, strict=True)]
     assert float(squarehead_loss(student, teacher, keep)) == pytest.approx(float(sum(kept) / 2), rel=1e-5)
     assert float(squarehead_loss(teacher, teacher)) == 0.0
 
@@ -246,3 +248,32 @@ def test_the_library_refuses_a_bad_teacher_before_loading_anything(tmp_path, mon
         finetune(str(student), f"text:{train_text(tmp_path)}", tmp_path / "out", max_steps=1,
                  distillation=Distillation(str(gpt2)))
     assert "\n" not in str(caught.value) and not loads and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_distilled_from_itself_after_a_magnitude_prune_moves_towards_it(tmp_path):
+    """The real model: 50% layer-wise magnitude, 2 steps of 2 PTB-train windows of 256 tokens, KL on PTB test."""
+    from sparselm.data import joined_text
+    from sparselm.models import load_tokenizer
+
+    student = tmp_path / "smollm2-pruned"
+    prune_half(load("smollm2-135m", head="causal-lm")).save_pretrained(student)
+    tokenizer = load_tokenizer("smollm2-135m")
+    tokenizer.save_pretrained(student)
+    ids = torch.tensor([tokenizer(joined_text("ptb", "test"))["input_ids"][:512]])
+
+    def kl_on_ptb_test(model_dir: Path) -> float:
+        teacher = load("smollm2-135m", head="causal-lm")
+        with torch.no_grad():
+            t = teacher(input_ids=ids).logits.double().log_softmax(-1)
+            s = load(str(model_dir), head="causal-lm")(input_ids=ids).logits.double().log_softmax(-1)
+        return float((t.exp() * (t - s)).sum(-1).mean())
+
+    before = kl_on_ptb_test(student)
+    out = tmp_path / "distilled"
+    report = finetune(str(student), "ptb", out, max_tokens=1024, seqlen=256, batch_size=2, lr=1e-4,
+                      distillation=Distillation("smollm2-135m"))
+    assert report["steps"] == 2 and report["tokens_seen"] == 1024 and report["settings"]["split"] == "train"
+    pruned, distilled = zero_masks(load(str(student))), zero_masks(load(str(out)))
+    assert all(torch.equal(pruned[k], distilled[k]) for k in pruned)
+    assert kl_on_ptb_test(out) < 0.95 * before

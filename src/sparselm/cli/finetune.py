@@ -1,4 +1,4 @@
-"""`sparselm finetune`: mask-keeping fine-tuning on a classification task or causal LM, or distillation from a teacher."""
+"""`sparselm finetune`: mask-keeping fine-tuning on a classification task or causal LM, or distilling a teacher."""
 
 from __future__ import annotations
 
@@ -82,7 +82,9 @@ def finetune_command(
 def _distillation(teacher: str | None, temperature: float | None, hidden_weight: float | None) -> Distillation | None:
     if teacher is None:
         if temperature is not None or hidden_weight is not None:
-            raise SparselmError("--temperature and --hidden-weight set the distillation loss; add --teacher DENSE_MODEL")
+            raise SparselmError(
+                "--temperature and --hidden-weight set the distillation loss; add --teacher DENSE_MODEL"
+            )
         return None
     return Distillation(
         teacher,
