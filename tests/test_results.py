@@ -49,15 +49,16 @@ EVAL_MLM = [
 EVAL_CLS = ["model", "task", "split", "accuracy", "f1", "examples", "settings", "sparsity", "notes"]
 EVAL_CLS_SETTINGS = ["max_examples", "batch_size", "max_length", "head", "head_trained", "num_labels", "seed", "data_dir"]
 FINETUNE = [
-    "model", "task", "out", "train_loss", "steps", "examples", "settings", "masked_matrices", "sparsity_identical",
-    "sparsity_before", "sparsity_after",
-]
+    "model", "task", "out", "train_loss", "steps", "examples", "settings", "tokens_seen", "distillation",
+    "masked_matrices", "sparsity_identical", "sparsity_before", "sparsity_after",
+]  # tokens_seen and distillation: new with finetune --teacher/--max-tokens
 FINETUNE_CLS_SETTINGS = [
     "epochs", "lr", "max_steps", "batch_size", "max_examples", "seed", "optimizer", "momentum", "head", "max_length",
-    "split",
+    "split", "max_tokens",
 ]
 FINETUNE_LM_SETTINGS = [
     "epochs", "lr", "max_steps", "batch_size", "max_examples", "seed", "optimizer", "momentum", "head", "seqlen", "split",
+    "max_tokens",
 ]
 MATRIX_SPARSITY = ["zeros", "numel", "sparsity"]
 PACK = [

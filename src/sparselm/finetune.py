@@ -20,6 +20,9 @@ encoder-only models are refused for causal LM. The output directory is written a
 when several run (`torchrun` / `accelerate launch`): the model and tokenizer, `provenance.json` (with the task
 added), the source's `sparsity.json` when there is one, and `finetune.json` with the settings, the training loss and
 the sparsity of every matrix before and after.
+
+With a `Distillation` (`sparselm.distill`) the causal-LM loss is the distance to a dense teacher's outputs instead
+of the next-token labels; `max_tokens` budgets causal-LM training by training tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,9 @@ from torch.utils.hooks import RemovableHandle
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from .data import joined_text, parse_source
+from .distill import (
+    Distillation, TokenBudget, budget_steps, check_distillation, check_token_budget, distillation_trainer, load_teacher,
+)
 from .errors import SparselmError
 from .evaluation.classification import DEFAULT_MAX_LENGTH, encode, load_classifier, uses_segment_ids
 from .evaluation.objectives import load_language_model
@@ -183,6 +189,8 @@ class FinetuneReport:
     steps: int
     examples: int
     settings: dict[str, Any]
+    tokens_seen: int
+    distillation: dict[str, Any] | None
     masked_matrices: int
     sparsity_before: dict[str, dict[str, float | int]]
     sparsity_after: dict[str, dict[str, float | int]]
@@ -202,6 +210,8 @@ class FinetuneReport:
             "steps": self.steps,
             "examples": self.examples,
             "settings": self.settings,
+            "tokens_seen": self.tokens_seen,
+            "distillation": self.distillation,
             "masked_matrices": self.masked_matrices,
             "sparsity_identical": self.sparsity_identical,
             "sparsity_before": self.sparsity_before,
@@ -224,30 +234,50 @@ def finetune(
     seqlen: int | None = None,
     data_dir: Path | None = None,
     progress: Progress = SILENT,
+    distillation: Distillation | None = None,
+    max_tokens: int | None = None,
     force: bool = False,
 ) -> FinetuneReport:
     """Fine-tune on `task`'s train split keeping every pruned weight at zero; write the model to `out_dir` (replaced
-    only when sparselm wrote it, or it is empty, unless `force`)."""
+    only when sparselm wrote it, or it is empty, unless `force`).
+
+    With `distillation`, learn the teacher's outputs on that text instead of its labels; `max_tokens` stops causal-LM
+    training after that many training tokens (overriding `epochs`; `max_steps` still caps it).
+    """
     check_task(task)
     _check_budget(epochs, lr, max_steps, batch_size, max_examples)
+    check_token_budget(task, max_tokens)
     if optimizer not in OPTIMIZERS:
         raise SparselmError(f"unknown optimizer '{optimizer}'; use one of: {', '.join(OPTIMIZERS)}")
     if not is_classification(task):
         check_causal_lm(model_or_dir, task)
+    if distillation is not None:
+        check_distillation(model_or_dir, task, distillation)
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir.parent)
     model, tokenizer, dataset, collator, extra = _prepare(model_or_dir, task, max_examples, seed, seqlen, data_dir)
     before = matrix_sparsity(model)
     opt = make_optimizer(model, optimizer, lr)
     masks = SparsityCallback()
-    run = _train(model, dataset, collator, opt, masks, epochs, max_steps, batch_size, seed, progress)
+    steps_cap, budget = max_steps, []
+    if max_tokens is not None:
+        steps_cap = min(max_steps or math.inf, budget_steps(max_tokens, len(dataset), batch_size, extra["seqlen"]))
+        budget = [TokenBudget(max_tokens)]
+    make_trainer = Trainer
+    if distillation is not None:
+        make_trainer = distillation_trainer(load_teacher(distillation, model), distillation)
+    run = _train(
+        model, dataset, collator, opt, masks, epochs, steps_cap, batch_size, seed, progress, make_trainer, budget
+    )
     settings = {
         "epochs": epochs, "lr": lr, "max_steps": max_steps, "batch_size": batch_size, "max_examples": max_examples,
         "seed": seed, "optimizer": optimizer, "momentum": SGD_MOMENTUM if optimizer == "sgd" else None, **extra,
+        "max_tokens": max_tokens,
     }
     report = FinetuneReport(
-        model_or_dir, task, out_dir, run.train_loss, run.steps, len(dataset), settings, len(masks.keeper.masks),
-        before, matrix_sparsity(model),
+        model_or_dir, task, out_dir, run.train_loss, run.steps, len(dataset), settings, run.tokens_seen,
+        distillation.settings() if distillation is not None else None, len(masks.keeper.masks), before,
+        matrix_sparsity(model),
     )
     if run.main_process:  # under torchrun / accelerate launch every process trains, one writes
         _save(model, tokenizer, model_or_dir, task, out_dir, report, force)
@@ -311,14 +341,15 @@ class TrainingRun:
     train_loss: float
     steps: int
     main_process: bool  # the process that writes outputs (the only one unless launched on several)
+    tokens_seen: int  # input tokens of every training batch, all processes together
 
 
 def _train(
     model: nn.Module, dataset: list[dict[str, Any]], collator: Any, optimizer: torch.optim.Optimizer,
     masks: SparsityCallback, epochs: float, max_steps: int | None, batch_size: int, seed: int,
-    progress: Progress,
+    progress: Progress, make_trainer: Callable[..., Trainer] = Trainer, budget: Sequence[TrainerCallback] = (),
 ) -> TrainingRun:
-    callbacks: list[TrainerCallback] = [masks, _ProgressCallback(progress)]
+    callbacks: list[TrainerCallback] = [masks, *budget, _ProgressCallback(progress)]
     with tempfile.TemporaryDirectory(prefix="sparselm-finetune-") as scratch:
         args = TrainingArguments(
             output_dir=scratch, num_train_epochs=epochs, max_steps=max_steps or -1,
@@ -327,9 +358,9 @@ def _train(
             remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False,
             # said explicitly on a machine without an accelerator, so that processes started by torchrun train as
             # one data-parallel job (gloo) with ranks, instead of as independent copies that all believe they are rank 0
-            use_cpu=not torch.accelerator.is_available(),
+            use_cpu=not torch.accelerator.is_available(), include_num_input_tokens_seen="all",
         )
-        trainer = Trainer(
+        trainer = make_trainer(
             model=model, args=args, train_dataset=dataset, data_collator=collator, optimizers=(optimizer, None),
             callbacks=callbacks,
         )
@@ -339,7 +370,10 @@ def _train(
         finally:
             masks.release()
     model.eval()
-    return TrainingRun(float(output.training_loss), int(output.global_step), trainer.is_world_process_zero())
+    return TrainingRun(
+        float(output.training_loss), int(output.global_step), trainer.is_world_process_zero(),
+        int(trainer.state.num_input_tokens_seen),
+    )
 
 
 class _ProgressCallback(TrainerCallback):

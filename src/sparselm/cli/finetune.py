@@ -1,4 +1,4 @@
-"""`sparselm finetune`: mask-keeping fine-tuning on a classification task or causal LM."""
+"""`sparselm finetune`: mask-keeping fine-tuning on a classification task or causal LM, or distilling a teacher."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from ..distill import DEFAULT_TEMPERATURE, Distillation, check_distillation, check_token_budget
+from ..errors import SparselmError
 from ..evaluation.tasks import check_task, is_classification, task_names
 from ..finetune import DEFAULT_LR, OPTIMIZERS, check_causal_lm, finetune
 from ..io import check_output_dir
@@ -29,28 +31,63 @@ def finetune_command(
     optimizer: str = typer.Option("adamw", "--optimizer", help=f"One of: {', '.join(OPTIMIZERS)} (sgd with momentum 0.9)."),
     seqlen: int | None = typer.Option(None, "--seqlen", help="Window length for causal-LM tasks (default: context, at most 512)."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Local WikiText-2 or GLUE MRPC files."),
+    teacher: str | None = typer.Option(
+        None, "--teacher", help="Distil from this dense model (same architecture and tokenizer): the loss is "
+        "KL(teacher || student) on logits, not the text's next-token labels.",
+    ),
+    temperature: float | None = typer.Option(
+        None, "--temperature", help=f"Softmax temperature of the distillation KL (default {DEFAULT_TEMPERATURE}).",
+    ),
+    hidden_weight: float | None = typer.Option(
+        None, "--hidden-weight", help="Add this weight × the SquareHead loss on every block's hidden states "
+        "(MSE normalised by the teacher's; default 0).",
+    ),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", help="Causal LM: stop after N training tokens (overrides --epochs).",
+    ),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Fine-tune on the task's train split; pruned weights, their gradients and optimizer state stay exactly zero."""
     check_task(task)
+    check_token_budget(task, max_tokens)
     inputs = model_inputs([model])
     if not is_classification(task):
         check_causal_lm(model, task)
+    distillation = _distillation(teacher, temperature, hidden_weight)
+    if distillation is not None:
+        check_distillation(model, task, distillation)
+        inputs += model_inputs([distillation.teacher])
     check_output_dir(out, [*inputs, *text_inputs(task), *([data_dir] if data_dir else [])], force)
     with progress_bar() as progress:
         report = finetune(
             model, task, out, epochs=epochs, lr=lr, max_steps=max_steps, batch_size=batch_size,
             max_examples=max_examples, seed=seed, optimizer=optimizer, seqlen=seqlen, data_dir=data_dir,
-            progress=progress, force=force,
+            progress=progress, distillation=distillation, max_tokens=max_tokens, force=force,
         )
     if json_out:
         print_json(report.to_json())
         return
     kept = "identical" if report.sparsity_identical else "[red]CHANGED[/red]"
+    how = f"distilled from {escape(teacher)}" if teacher else "fine-tuned"
+    loss = "distillation loss" if teacher else "train loss"
     out_console.print(
-        f"fine-tuned [bold]{escape(model)}[/bold] on {escape(task)}: {report.steps} steps over {report.examples} "
-        f"examples, train loss {report.train_loss:.4f}; sparsity of {report.masked_matrices} masked matrices "
-        f"{kept} → {escape(str(out))}",
+        f"{how} [bold]{escape(model)}[/bold] on {escape(task)}: {report.steps} steps over {report.examples} "
+        f"examples ({report.tokens_seen} tokens), {loss} {report.train_loss:.4f}; sparsity of "
+        f"{report.masked_matrices} masked matrices {kept} → {escape(str(out))}",
         highlight=False,
+    )
+
+
+def _distillation(teacher: str | None, temperature: float | None, hidden_weight: float | None) -> Distillation | None:
+    if teacher is None:
+        if temperature is not None or hidden_weight is not None:
+            raise SparselmError(
+                "--temperature and --hidden-weight set the distillation loss; add --teacher DENSE_MODEL"
+            )
+        return None
+    return Distillation(
+        teacher,
+        DEFAULT_TEMPERATURE if temperature is None else temperature,
+        0.0 if hidden_weight is None else hidden_weight,
     )
