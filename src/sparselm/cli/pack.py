@@ -40,6 +40,11 @@ def pack_command(
     sizes = summary.sizes
     if sizes.message:
         progress.note(sizes.message)
+    if format == "compressed-tensors":
+        progress.note(
+            "transformers 5 does not read sparse-bitmask and would load this directory with random block matrices; "
+            "read it with compressed-tensors<=0.12 and transformers 4.5x, or with sparselm.load"
+        )
     codecs = ", ".join(f"{k}: {v}" for k, v in sorted(sizes.codecs.items()))
     out_console.print(
         f"packed {sizes.tensors} tensors ({codecs}): weights {sizes.dense_bytes / 1e6:.2f} MB → "
