@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from conftest import ENCODER_DECODER, tiny_model
-from test_cli_prune import TEXT, char_tokenizer, invoke
+from test_cli_prune import invoke, model_dir, text_file  # noqa: F401 (model_dir and text_file are fixtures)
 from torch import nn
 
 from sparselm.errors import SparselmError
@@ -301,22 +301,6 @@ def test_gradual_with_reconstruction_grows_nested_masks(monkeypatch):
 
 # ---------------------------------------------------------------- command line
 
-@pytest.fixture
-def with_tokenizer(tiny_dir):
-    def make(family: str) -> Path:
-        path = tiny_dir(family)
-        char_tokenizer().save_pretrained(path)
-        return path
-
-    return make
-
-
-@pytest.fixture
-def text_file(tmp_path: Path) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text(TEXT)
-    return path
-
 
 def _one_error_and_nothing_written(result, message: str, tmp_path: Path) -> None:
     assert result.exit_code != 0
@@ -343,14 +327,14 @@ def test_cli_reconstruct_with_magnitude_and_no_tokenizer(tiny_dir, tmp_path):
         (["--reconstruct", "--reconstruct-lr", "nan"], "--reconstruct-lr must be a positive learning rate"),
     ],
 )
-def test_cli_bad_recovery_settings(with_tokenizer, text_file, tmp_path, args, message):
-    result = invoke("prune", with_tokenizer("llama"), "--calib", f"text:{text_file}", *args, "--out", tmp_path / "out")
+def test_cli_bad_recovery_settings(model_dir, text_file, tmp_path, args, message):
+    result = invoke("prune", model_dir("llama"), "--calib", f"text:{text_file}", *args, "--out", tmp_path / "out")
     _one_error_and_nothing_written(result, message, tmp_path)
 
 
-def test_cli_admm_gradual_with_reconstruction(with_tokenizer, text_file, tmp_path):
+def test_cli_admm_gradual_with_reconstruction(model_dir, text_file, tmp_path):
     out = tmp_path / "out"
-    result = invoke("prune", with_tokenizer("gpt2"), "--method", "admm", "--pattern", "2:4", "--steps", "3",
+    result = invoke("prune", model_dir("gpt2"), "--method", "admm", "--pattern", "2:4", "--steps", "3",
                     "--reconstruct", "--reconstruct-epochs", "1", "--reconstruct-lr", "5e-4",
                     "--calib", f"text:{text_file}", "--calib-samples", "4", "--calib-seqlen", "32", "--out", out,
                     "--json")
