@@ -181,12 +181,13 @@ def _model_inputs(model: nn.Module) -> Callable[[torch.Tensor], dict[str, Any]]:
     return lambda ids: {"input_ids": ids}
 
 
-def _first(output: Any) -> torch.Tensor:
+def hidden_state(output: Any) -> torch.Tensor:
+    """A block's hidden-state output: the tensor itself, or the first item of the tuple many blocks return."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _forward_all(block: nn.Module, calls: list[tuple[torch.Tensor, Call]]) -> list[torch.Tensor]:
-    return [_first(block(h, *args, **kwargs)) for h, (args, kwargs) in calls]
+    return [hidden_state(block(h, *args, **kwargs)) for h, (args, kwargs) in calls]
 
 
 def run_blocks(

@@ -40,13 +40,20 @@ class HessianAccumulator:
         self.tokens += x.shape[0]
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(upper Cholesky factor of the dampened H⁻¹ as float32, mask of dead inputs that never fired)."""
+def dampened_hessian(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 copy of H with dead inputs, those that never fired, given a unit diagonal and then `percdamp` × the
+    mean diagonal added to every diagonal entry; mask of the dead inputs). ADMM conditions its problem the same way."""
     h = hessian.to(torch.float64).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     idx = torch.arange(h.shape[0])
     h[idx, idx] += percdamp * torch.mean(torch.diag(h))
+    return h, dead
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of the dampened H⁻¹ as float32, mask of dead inputs that never fired)."""
+    h, dead = dampened_hessian(hessian, percdamp)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(inverse, upper=True).float(), dead
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..masks import NM, Pattern, Unstructured, apply_keep, check_shape, keep_mask, keep_top, prune_count
+from ..pruning.sparsegpt import dampened_hessian
 from .schedule import cubic_schedule
 
 KeepChooser = Callable[[torch.Tensor, int], torch.Tensor]  # (scores |V + U|, iteration) -> keep-mask
@@ -121,12 +122,8 @@ def _check_problem(weight: torch.Tensor, gram: torch.Tensor) -> None:
 
 def _scaled_problem(weight: torch.Tensor, gram: torch.Tensor, percdamp: float) -> _Scaled:
     """Dampen G as SparseGPT does (dead inputs get a unit diagonal first), then scale it to a unit diagonal."""
-    g = gram.to(torch.float64).clone()
-    dead = torch.diag(g) == 0
-    g[dead, dead] = 1
-    diag = torch.diagonal(g)
-    diag += percdamp * diag.mean()
-    scale = diag.sqrt()
+    g, dead = dampened_hessian(gram, percdamp)
+    scale = torch.diagonal(g).sqrt()
     scaled_gram = (g / scale.reshape(-1, 1) / scale.reshape(1, -1)).float()
     scale = scale.float()
     scaled_weight = weight.detach().float() * scale

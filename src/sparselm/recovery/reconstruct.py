@@ -24,12 +24,12 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
-from ..calibration import Call
+from ..calibration import Call, hidden_state
 from ..masks import apply_keep
 
 Decay = Literal["none", "linear", "cosine"]
@@ -89,7 +89,7 @@ def reconstruct_block(
 
     def loss_of(index: int) -> torch.Tensor:
         args, kwargs = calls[index]
-        output = _hidden_state(block(inputs[index], *args, **kwargs))
+        output = hidden_state(block(inputs[index], *args, **kwargs))
         if output.shape != targets[index].shape:
             raise ValueError(f"block output {tuple(output.shape)} does not match target {tuple(targets[index].shape)}")
         return scale * (output.float() - targets[index].float()).pow(2).mean()
@@ -149,10 +149,6 @@ def _target_variance(targets: Sequence[torch.Tensor]) -> float:
     if variance <= 0:
         raise ValueError("the targets are constant; a variance-normalised loss is undefined (set normalise=False)")
     return variance
-
-
-def _hidden_state(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _decay_factor(decay: Decay, steps: int) -> Callable[[int], float]:
