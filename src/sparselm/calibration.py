@@ -77,7 +77,9 @@ class Batches:
         return _forward_all(block, list(zip(self.inputs, self.calls)))
 
 
-Recover = Callable[[BlockRef, Batches], None]
+Recover = Callable[[BlockRef, Batches], "list[torch.Tensor] | None"]
+"""Recovers a pruned block from its batches; may return the block's outputs on them afterwards (the pruned stream's
+next inputs), which saves the driver running the block again."""
 
 
 class Collector(Protocol):
@@ -135,13 +137,13 @@ def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.
     return rest.pop("hidden_states"), (), rest
 
 
-def windows_per_batch(seqlen: int) -> int:
-    """How many windows go through a block together: enough tokens for efficient matrix products, few enough that
-    one batch's working set stays small next to the held activations."""
-    return max(1, BATCH_TOKENS // seqlen)
+def windows_per_batch(seqlen: int, tokens: int | None = None) -> int:
+    """How many windows go through a block together: enough tokens (`BATCH_TOKENS` unless `tokens` is given) for
+    efficient matrix products, few enough that one batch's working set stays small next to the held activations."""
+    return max(1, (tokens or BATCH_TOKENS) // seqlen)
 
 
-def capture(model: nn.Module, stack: BlockList, windows: torch.Tensor) -> Captured:
+def capture(model: nn.Module, stack: BlockList, windows: torch.Tensor, batch_tokens: int | None = None) -> Captured:
     """Run the model on batches of windows and record every block's call arguments up to the stack's last block."""
     blocks = list(stack.blocks)
     captured = Captured(hidden=[], extra=[[] for _ in blocks])
@@ -159,7 +161,7 @@ def capture(model: nn.Module, stack: BlockList, windows: torch.Tensor) -> Captur
 
     inputs = _model_inputs(model)
     with module_hooks({b: recorder(i) for i, b in enumerate(blocks)}, pre=True):
-        for batch in windows.split(windows_per_batch(windows.shape[1])):
+        for batch in windows.split(windows_per_batch(windows.shape[1], batch_tokens)):
             try:
                 model(**inputs(batch.to(_device(model))))
             except StopForward:
@@ -197,22 +199,25 @@ def run_blocks(
     on_block_done: Callable[[BlockRef], None] | None = None,
     read_only: bool = False,
     recover: Recover | None = None,
+    batch_tokens: int | None = None,
 ) -> None:
     """Visit every transformer block in forward order, feeding each the previous block's (pruned) outputs.
 
     A `read_only` visitor promises not to change the weights, so the outputs of its own `run()` feed the next block
     and each block runs once instead of twice. `recover` (called after `visit`) makes the driver carry the dense
-    stream as well and hands each block's batches with their dense targets to it (module docstring).
+    stream as well and hands each block's batches with their dense targets to it (module docstring). `batch_tokens`
+    sets how many tokens go through a block per call (`windows_per_batch`); reconstruction takes one optimiser step
+    per batch.
     """
     check_vocab(model, windows)
     with torch.no_grad(), no_cache(model):
         stacks = find_block_lists(model)
-        dense = [capture(model, stack, windows) for stack in stacks] if recover is not None else None
+        dense = [capture(model, stack, windows, batch_tokens) for stack in stacks] if recover is not None else None
         for position, stack in enumerate(stacks):
             if dense is not None and position == 0:  # nothing is pruned yet: the pruned stream starts as the dense
                 captured = Captured(hidden=list(dense[0].hidden), extra=dense[0].extra)
             else:
-                captured = capture(model, stack, windows)
+                captured = capture(model, stack, windows, batch_tokens)
             hidden = captured.hidden
             for index, block in enumerate(stack.blocks):
                 calls = list(zip(hidden, captured.extra[index]))
@@ -229,9 +234,13 @@ def run_blocks(
                     return outputs
 
                 visit(ref, run)
+                recovered = None
                 if recover is not None and targets is not None:
-                    recover(ref, Batches(list(hidden), list(captured.extra[index]), targets))
-                hidden[:] = outputs if read_only and outputs else _forward_all(block, calls)
+                    recovered = recover(ref, Batches(list(hidden), list(captured.extra[index]), targets))
+                if recovered is not None:
+                    hidden[:] = recovered
+                else:
+                    hidden[:] = outputs if read_only and outputs else _forward_all(block, calls)
                 if on_block_done is not None:
                     on_block_done(ref)
             if dense is not None:

@@ -174,30 +174,41 @@ def _prune_block_by_block(
             else:
                 _prune_one(m, settings, sparsity, stats[m.name] if stats is not None else None)
 
-    def prune_in_rounds(ref: BlockRef, run: Callable[[], object], batches: Batches | None) -> None:
+    def prune_in_rounds(
+        ref: BlockRef, run: Callable[[], object], batches: Batches | None
+    ) -> list[torch.Tensor] | None:
+        """Prune the block's matrices in rounds; with `batches`, reconstruct after each round and return the block's
+        outputs on them after the last."""
         mats = groups.get(ref.name, [])
         if not mats:
-            return
-        entries = []
+            return None
+        entries, outputs = [], None
         for k in range(settings.steps):
             prune_round(mats, k, collect_inputs(mats, method.collector, run) if scores else None)
             entry = {"round": k + 1, "sparsity": sparsity_of(mats)}
             if batches is not None:
-                entry.update(_reconstruct(ref.module, batches, _keep_masks(mats), settings))
+                result = reconstruct_block(
+                    ref.module, batches.inputs, batches.calls, batches.targets, _keep_masks(mats),
+                    settings.reconstruct_settings,
+                )
+                entry.update(loss_before=result.before, loss_after=result.after, trained_weights_kept=result.kept)
+                outputs = result.outputs
             entries.append(entry)
         rounds[ref.name] = entries
+        return outputs
 
     def visit(ref: BlockRef, run: Callable[[], object]) -> None:
         if not settings.reconstruct:
             prune_in_rounds(ref, run, None)
 
-    def recover(ref: BlockRef, batches: Batches) -> None:  # reconstruction needs the dense targets: prune here
-        prune_in_rounds(ref, lambda: batches.outputs(ref.module), batches)
+    def recover(ref: BlockRef, batches: Batches) -> list[torch.Tensor] | None:  # needs the dense targets: prune here
+        return prune_in_rounds(ref, lambda: batches.outputs(ref.module), batches)
 
     stage = f"{settings.method} block by block" + (" + reconstruction" if settings.reconstruct else "")
     progress.start(stage, total_blocks(model))
     run_blocks(
-        model, windows, visit, lambda _ref: progress.advance(), recover=recover if settings.reconstruct else None
+        model, windows, visit, lambda _ref: progress.advance(), recover=recover if settings.reconstruct else None,
+        batch_tokens=settings.reconstruct_settings.batch_tokens if settings.reconstruct else None,
     )
     for m in matrices:
         if m.block_name is None:
@@ -206,23 +217,6 @@ def _prune_block_by_block(
             else:
                 _prune_by_magnitude(m, settings, targets[m.name])
     return rounds
-
-
-def _reconstruct(
-    block: nn.Module, batches: Batches, keep: dict[nn.Parameter, torch.Tensor], settings: PruneSettings
-) -> dict[str, Any]:
-    """Train the block's kept weights towards the dense targets; if that ends with a higher loss on the calibration
-    batches than it started with (Adam's first steps can overshoot weights SparseGPT or ADMM already solved), the
-    weights from before training are put back, so reconstruction never makes a block worse on its own data."""
-    before = {param: param.detach().clone() for param in keep}
-    result = reconstruct_block(
-        block, batches.inputs, batches.calls, batches.targets, keep, settings.reconstruct_settings
-    )
-    kept = result.after <= result.before
-    if not kept:
-        for param, value in before.items():
-            param.data.copy_(value)
-    return {"loss_before": result.before, "loss_after": result.after, "trained_weights_kept": kept}
 
 
 def _round_targets(target: float, steps: int) -> list[float]:

@@ -94,7 +94,7 @@ class PruneSettings(BaseModel):
     @classmethod
     def _lr_positive(cls, value: float) -> float:
         if not 0 < value < float("inf"):
-            raise SparselmError(f"--reconstruct-lr must be a positive learning rate such as 2e-4, got {value}")
+            raise SparselmError(f"--reconstruct-lr must be a positive learning rate such as 1e-3, got {value}")
         return value
 
     @field_validator("steps")
