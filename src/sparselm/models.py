@@ -32,7 +32,7 @@ def quiet_transformers() -> Iterator[None]:
         logging.set_verbosity(previous)
 
 
-def _model_class(head: Head, config: Any) -> Any:
+def model_class(head: Head, config: Any) -> Any:
     import transformers
 
     classes = {
@@ -80,7 +80,7 @@ def load_with_source(
     config = packed_config(path, manifest) if manifest else load_config(path, name_or_path, trust_remote_code)
     for key, value in model_kwargs.pop("config_overrides", {}).items():
         setattr(config, key, value)
-    cls = _model_class(head, config)
+    cls = model_class(head, config)
     try:
         if manifest:
             model = model_from_packed(path, manifest, cls, config, dtype, **model_kwargs)
@@ -92,6 +92,17 @@ def load_with_source(
         raise SparselmError(_weights_error(name_or_path, exc)) from exc
     model.eval()
     return model, source
+
+
+def empty_model(cls: Any, config: Any, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """An instance of `cls` (a model class or Auto class) whose parameters are on the meta device (no memory);
+    buffers the model builds itself (rotary tables) are real. In eval mode, as `load` returns models."""
+    from accelerate import init_empty_weights
+
+    build = cls._from_config if hasattr(cls, "_from_config") else cls.from_config
+    with init_empty_weights(include_buffers=False):
+        model = build(config, dtype=dtype)
+    return model.eval()
 
 
 def load_config(path: Path, name: str, trust_remote_code: bool = False) -> Any:
