@@ -145,3 +145,29 @@ def load_tokenizer(name_or_path: str | Path, *, required: bool = True) -> Any:
         raise SparselmError(
             f"the tokenizer of '{name_or_path}' cannot be loaded ({first}); re-save it with tokenizer.save_pretrained"
         ) from None
+
+
+DEVICE_HELP = "cpu, cuda, or auto (cuda when a GPU is available, else cpu)."
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a --device value: cpu, cuda (an error without a GPU) or auto (cuda when available)."""
+    if name not in ("cpu", "cuda", "auto"):
+        raise SparselmError(f"--device '{name}' is not one of cpu, cuda, auto")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SparselmError("--device cuda but no GPU is visible to torch; use --device cpu or auto")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def offload_kwargs(max_memory: int, device: torch.device, folder: Path) -> dict[str, Any]:
+    """`from_pretrained` arguments for accelerate's big-model inference: the weights that do not fit in
+    `max_memory` bytes (on the GPU, then the CPU, for cuda) are offloaded to `folder` and streamed in per forward."""
+    budget: dict[int | str, int] = {"cpu": max_memory}
+    if device.type == "cuda":
+        budget = {device.index or 0: max_memory, "cpu": max_memory}
+    return {"device_map": "auto", "max_memory": budget, "offload_folder": str(folder)}
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: its first parameter in memory (offloaded ones sit on the meta device), else CPU."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
