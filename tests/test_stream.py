@@ -1,4 +1,4 @@
-"""Pruning block by block from disk (`prune --max-memory`) and evaluation with offloaded weights (`eval --max-memory`)."""
+"""Pruning block by block from disk (`prune --max-memory`), evaluation with offloaded weights (`eval --max-memory`)."""
 
 from __future__ import annotations
 

@@ -156,7 +156,10 @@ def windows_per_batch(seqlen: int) -> int:
 
 
 def capture(
-    model: nn.Module, stack: BlockList, windows: torch.Tensor, previous: tuple[nn.Module, list[torch.Tensor]] | None = None
+    model: nn.Module,
+    stack: BlockList,
+    windows: torch.Tensor,
+    previous: tuple[nn.Module, list[torch.Tensor]] | None = None,
 ) -> Captured:
     """Run the model on batches of windows and record every block's call arguments up to the stack's last block.
 

@@ -3,8 +3,11 @@ place by `storage`), embedded aliases and hub ids (found by `sources`), and thei
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +17,7 @@ from .errors import SparselmError
 from .facts import has_tokenizer
 from .sources import ModelSource, read_provenance, resolve
 from .storage import MANIFEST, is_packed, model_from_packed, packed_config, read_manifest
+from .storage.loading import GENERATION_CONFIG, heap_trimmer, place
 
 Head = Literal["auto", "base", "causal-lm", "masked-lm", "seq2seq-lm", "sequence-classification"]
 
@@ -171,3 +175,72 @@ def offload_kwargs(max_memory: int, device: torch.device, folder: Path) -> dict[
 def input_device(model: torch.nn.Module) -> torch.device:
     """Where a model's inputs go: its first parameter in memory (offloaded ones sit on the meta device), else CPU."""
     return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The safetensors shards of a plain model directory: which file holds each tensor, and its shape and dtype."""
+
+    files: dict[str, Path]
+    shapes: dict[str, tuple[int, ...]]
+
+    @staticmethod
+    def present(path: Path) -> bool:
+        """Whether `path` is a plain directory with safetensors weights (what streaming and offloading read)."""
+        return not is_packed(path) and ((path / INDEX).is_file() or (path / SINGLE).is_file())
+
+    @classmethod
+    def open(cls, path: Path, shown: str) -> Checkpoint:
+        from safetensors import safe_open
+
+        if is_packed(path):
+            raise SparselmError(f"'{shown}' is packed; --max-memory streams plain safetensors, unpack it first")
+        index = path / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {name: path / file for name, file in weight_map.items()}
+        elif (path / SINGLE).is_file():
+            with safe_open(path / SINGLE, "pt") as fh:
+                files = {name: path / SINGLE for name in fh.keys()}
+        else:
+            raise SparselmError(f"'{shown}' has no safetensors weights; --max-memory streams only safetensors shards")
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in sorted(set(files.values())):
+            with safe_open(file, "pt") as fh:
+                shapes.update({name: tuple(fh.get_slice(name).get_shape()) for name in fh.keys()})
+        return cls(files, shapes)
+
+    def read(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """The named tensors, floating ones as float32 (as `sparselm.load` gives them), on `device`."""
+        from safetensors import safe_open
+
+        found: dict[str, torch.Tensor] = {}
+        for file in sorted({self.files[n] for n in names}):
+            with safe_open(file, "pt") as fh:
+                for name in (n for n in names if self.files[n] == file):
+                    tensor = fh.get_tensor(name)
+                    found[name] = (tensor.float() if tensor.is_floating_point() else tensor).to(device)
+        return found
+
+    def float_bytes(self, names: list[str]) -> int:
+        return sum(4 * math.prod(self.shapes[n]) for n in names)
+
+
+def put_tensor(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put a tensor in place of the (meta) parameter or buffer `name` of `module`, as a Parameter where it is one."""
+    owner, _, attr = name.rpartition(".")
+    old = module.get_submodule(owner)._parameters.get(attr)
+    place(module, name, torch.nn.Parameter(tensor, requires_grad=old.requires_grad) if old is not None else tensor)
+
+
+def has_generation_config(path: Path) -> bool:
+    return (path / GENERATION_CONFIG).is_file()
+
+
+def free_heap() -> None:
+    """Hand freed memory back to the OS (glibc), so a streamed run's peak stays at what it holds."""
+    heap_trimmer()(0)

@@ -11,7 +11,7 @@ import torch
 
 from ..data import joined_text, normalise_split, parse_source
 from ..errors import SparselmError
-from ..models import offload_kwargs
+from ..models import Checkpoint, offload_kwargs
 from ..progress import SILENT, Progress
 from ..sources import resolve
 from ..weights import select_matrices, sparsity_of
@@ -168,8 +168,6 @@ def _evaluate_classification(
 
 def _sparsity(model: torch.nn.Module, model_or_dir: str) -> float:
     """The sparsity of an offloaded model's matrices (on the meta device in the model), read from its weight files."""
-    from ..pruning.stream import Checkpoint
-
     matrices = select_matrices(model)
     checkpoint = Checkpoint.open(resolve(model_or_dir).path, model_or_dir)
     zeros = total = 0

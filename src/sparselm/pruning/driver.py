@@ -102,7 +102,8 @@ def prune(
 
     def record(ref: BlockRef) -> None:  # a streamed block's rows are taken before it is unloaded
         if stream is not None:
-            rows.update({m.name: matrix_row(m, targets[m.name], settings.parsed_pattern) for m in groups.get(ref.name, [])})
+            mats = groups.get(ref.name, [])
+            rows.update({m.name: matrix_row(m, targets[m.name], settings.parsed_pattern) for m in mats})
 
     rounds: Rounds | None = None
     if settings.scope == "global" and settings.reconstruct:

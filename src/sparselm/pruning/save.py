@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -14,24 +12,9 @@ from ..models import load_tokenizer, load_with_source
 from ..progress import SILENT, Progress
 from ..sources import write_provenance
 from .driver import prune
-from .report import PruneReport
+from .report import PrunedModel
 from .settings import PruneSettings
-
-
-@dataclass(frozen=True)
-class PrunedModel:
-    """A pruned directory written by `prune_to_dir`; `to_json()` is the content of its sparsity.json."""
-
-    model: str
-    out: Path
-    report: PruneReport
-
-    @property
-    def achieved_sparsity(self) -> float:
-        return self.report.achieved_sparsity
-
-    def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, **self.report.to_json()}
+from .stream import needs_streaming, prune_streamed
 
 
 def prune_to_dir(
@@ -48,8 +31,6 @@ def prune_to_dir(
     `out_dir` is replaced only when sparselm wrote it (or it is empty) unless `force`. With `max_memory` (bytes), or
     when the weights would not fit in the available memory, the model is pruned block by block from disk
     (`stream.py`)."""
-    from .stream import needs_streaming, prune_streamed
-
     notes: tuple[str, ...] = ()
     too_big = needs_streaming(model_name_or_path) if max_memory is None else None
     if too_big is not None:

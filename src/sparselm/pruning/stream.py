@@ -14,10 +14,9 @@ and the index; `io.atomic_dir` makes it all-or-nothing.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -27,72 +26,20 @@ from ..errors import SparselmError
 from ..facts import SPARSITY_JSON, format_size
 from ..io import atomic_dir, atomic_write_json
 from ..masks import NM, Block, prune_count
-from ..models import empty_model, load_config, load_tokenizer, model_class
+from ..models import (
+    INDEX, Checkpoint, empty_model, free_heap, has_generation_config, load_config, load_tokenizer, model_class,
+    put_tensor,
+)
 from ..progress import SILENT, Progress
 from ..sources import ModelSource, resolve, write_provenance
-from ..storage import is_packed
-from ..storage.loading import GENERATION_CONFIG, heap_trimmer, place
 from ..weights import Matrix, find_block_lists
 from ..windows import activation_bytes, available_memory, choose_seqlen
 from .driver import prune
 from .magnitude import _abs_into, apply_cut, global_cut, prune_global
-from .save import PrunedModel
+from .report import PrunedModel
 from .settings import PruneSettings
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-WORK_BYTES = 64 * 10**6  # the interpreter's own growth while pruning: allocator slack, one batch's temporaries
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """The safetensors shards of a plain model directory: which file holds each tensor, and its shape and dtype."""
-
-    files: dict[str, Path]
-    shapes: dict[str, tuple[int, ...]]
-
-    @classmethod
-    def open(cls, path: Path, shown: str) -> Checkpoint:
-        from safetensors import safe_open
-
-        if is_packed(path):
-            raise SparselmError(f"'{shown}' is packed; --max-memory streams plain safetensors, unpack it first")
-        index = path / INDEX
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {name: path / file for name, file in weight_map.items()}
-        elif (path / SINGLE).is_file():
-            with safe_open(path / SINGLE, "pt") as fh:
-                files = {name: path / SINGLE for name in fh.keys()}
-        else:
-            raise SparselmError(f"'{shown}' has no safetensors weights; --max-memory streams only safetensors shards")
-        shapes: dict[str, tuple[int, ...]] = {}
-        for file in sorted(set(files.values())):
-            with safe_open(file, "pt") as fh:
-                shapes.update({name: tuple(fh.get_slice(name).get_shape()) for name in fh.keys()})
-        return cls(files, shapes)
-
-    def read(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """The named tensors, floating ones as float32 (as `sparselm.load` gives them), on `device`."""
-        from safetensors import safe_open
-
-        found: dict[str, torch.Tensor] = {}
-        for file in sorted({self.files[n] for n in names}):
-            with safe_open(file, "pt") as fh:
-                for name in (n for n in names if self.files[n] == file):
-                    tensor = fh.get_tensor(name)
-                    found[name] = (tensor.float() if tensor.is_floating_point() else tensor).to(device)
-        return found
-
-    def float_bytes(self, names: list[str]) -> int:
-        return sum(4 * _numel(self.shapes[n]) for n in names)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+WORK_BYTES = 32 * 10**6  # the interpreter's own growth while pruning: allocator slack, one batch's temporaries
 
 
 @dataclass(frozen=True)
@@ -147,16 +94,16 @@ class ShardStream:
         names = list(block.state_dict())
         tensors = self.checkpoint.read([f"{ref.name}.{n}" for n in names], self.device)
         for n in names:
-            place(block, n, _as_slot(block, n, tensors[f"{ref.name}.{n}"]))
+            put_tensor(block, n, tensors[f"{ref.name}.{n}"])
         for n, buffer in self.buffers.get(id(block), {}).items():
-            place(block, n, buffer.to(self.device))
+            put_tensor(block, n, buffer.to(self.device))
 
     def unload(self, ref: BlockRef) -> None:
         if self.out is not None:
             state = {f"{ref.name}.{n}": t for n, t in ref.module.state_dict().items()}
             self._write(state, self._shard_number(ref))
         ref.module.to("meta")
-        heap_trimmer()(0)
+        free_heap()
 
     def _shard_number(self, ref: BlockRef) -> int:
         number = 1
@@ -191,7 +138,8 @@ class ShardStream:
             groups.setdefault(m.block_name, []).append(i)
         if isinstance(pattern, NM):  # a per-group rule: nothing to rank across matrices
             def by_group(ref: BlockRef) -> None:
-                prune_global([matrices[i].weight() for i in groups.get(ref.name, [])], settings.target_sparsity, pattern)
+                weights = [matrices[i].weight() for i in groups.get(ref.name, [])]
+                prune_global(weights, settings.target_sparsity, pattern)
 
             each_block(by_group)
             prune_global([matrices[i].weight() for i in groups.get(None, [])], settings.target_sparsity, pattern)
@@ -232,11 +180,6 @@ def _keep_buffers(block: nn.Module) -> dict[str, torch.Tensor]:
     return kept
 
 
-def _as_slot(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    old = module.get_parameter(name) if name in dict(module.named_parameters()) else None
-    return nn.Parameter(tensor, requires_grad=old.requires_grad) if old is not None else tensor
-
-
 def memory_plan(model: nn.Module, checkpoint: Checkpoint, settings: PruneSettings, resident: list[str]) -> MemoryPlan:
     """The bytes a streamed run of `settings` holds at once (the smallest --max-memory that works)."""
     blocks = [(s.path, i, b) for s in find_block_lists(model) for i, b in enumerate(s.blocks)]
@@ -262,7 +205,7 @@ def weights_bytes(path: Path, shown: str) -> int:
 def needs_streaming(model_name_or_path: str) -> tuple[int, int] | None:
     """(weights, available) bytes when a plain safetensors model would not fit in the available memory, else None."""
     path = resolve(model_name_or_path).path
-    if is_packed(path) or not ((path / INDEX).is_file() or (path / SINGLE).is_file()):
+    if not Checkpoint.present(path):
         return None
     weights, available = weights_bytes(path, model_name_or_path), available_memory()
     return (weights, available) if weights > available else None
@@ -289,7 +232,7 @@ def prune_streamed(
     memory_plan(model, checkpoint, settings, resident).check(max_memory)
     tokenizer = load_tokenizer(source.path, required=False)
     for name, tensor in checkpoint.read(resident, device).items():
-        place(model, name, _as_slot(model, name, tensor))
+        put_tensor(model, name, tensor)
     model.tie_weights()
     with atomic_dir(Path(out_dir), force) as tmp:
         stream = ShardStream(model, checkpoint, tmp, device)
@@ -299,7 +242,7 @@ def prune_streamed(
         report.notes[:0] = list(notes)
         stream.finish(resident)
         model.config.save_pretrained(tmp)
-        if model.can_generate() and (source.path / GENERATION_CONFIG).is_file():
+        if model.can_generate() and has_generation_config(source.path):
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
