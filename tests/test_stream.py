@@ -187,3 +187,30 @@ def test_streamed_prune_on_gpu_matches_cpu_sparsity(sharded, calib, tmp_path):
     cpu = prune_to_dir(str(model), settings, tmp_path / "cpu", max_memory=10**9)
     gpu = prune_to_dir(str(model), settings, tmp_path / "gpu", max_memory=10**9, device=torch.device("cuda"))
     assert [r["zeros"] for r in gpu.report.matrices] == [r["zeros"] for r in cpu.report.matrices]
+
+
+def test_a_model_bigger_than_available_memory_is_streamed_with_a_note(tmp_path, monkeypatch):
+    import transformers
+
+    from sparselm.pruning import stream
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, vocab_size=96,
+    )
+    path = tmp_path / "eight-blocks"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path, max_shard_size="20KB")
+    weights = stream.weights_bytes(path, str(path))
+    monkeypatch.setattr(stream, "available_memory", lambda: weights - 1)
+    monkeypatch.setattr(stream, "WORK_BYTES", 0)
+    settings = settings_from(method="magnitude", sparsity=0.5)
+    streamed = prune_to_dir(str(path), settings, tmp_path / "auto")
+    assert streamed.report.notes[0].startswith("the model's weights (")
+    assert "pruned block by block from disk" in streamed.report.notes[0]
+    assert (tmp_path / "auto" / "model.safetensors.index.json").is_file()
+    monkeypatch.setattr(stream, "available_memory", lambda: weights)
+    memory = prune_to_dir(str(path), settings, tmp_path / "memory")
+    assert memory.report.notes == [] and not (tmp_path / "memory" / "model.safetensors.index.json").exists()
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "auto")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)

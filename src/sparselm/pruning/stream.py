@@ -44,17 +44,19 @@ WORK_BYTES = 32 * 10**6  # the interpreter's own growth while pruning: allocator
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """What a streamed run holds at once: resident weights, a block twice (loaded and being written), the held
-    calibration activations and the method's per-block statistics."""
+    """What a streamed run holds at once: resident weights, one block, two temporaries the size of its largest
+    matrix (scores and mask while pruning), the held calibration activations and the method's per-block
+    statistics. Writing a block to its shard copies nothing."""
 
     resident: int
     block: int
+    matrix: int
     activations: int
     statistics: int
 
     @property
     def needed(self) -> int:
-        return self.resident + 2 * self.block + self.activations + self.statistics + WORK_BYTES
+        return self.resident + self.block + 2 * self.matrix + self.activations + self.statistics + WORK_BYTES
 
     def check(self, limit: int) -> None:
         if limit < self.needed:
@@ -183,7 +185,9 @@ def _keep_buffers(block: nn.Module) -> dict[str, torch.Tensor]:
 def memory_plan(model: nn.Module, checkpoint: Checkpoint, settings: PruneSettings, resident: list[str]) -> MemoryPlan:
     """The bytes a streamed run of `settings` holds at once (the smallest --max-memory that works)."""
     blocks = [(s.path, i, b) for s in find_block_lists(model) for i, b in enumerate(s.blocks)]
+    names = [f"{p}.{i}.{n}" for p, i, b in blocks for n in b.state_dict()]
     block = max(checkpoint.float_bytes([f"{p}.{i}.{n}" for n in b.state_dict()]) for p, i, b in blocks)
+    matrix = max(checkpoint.float_bytes([n]) for n in names if len(checkpoint.shapes[n]) == 2)
     activations = statistics = 0
     if settings.needs_calibration:
         seqlen = choose_seqlen(model, settings.calib_samples, settings.calib_seqlen, lambda _m: None)
@@ -193,7 +197,7 @@ def memory_plan(model: nn.Module, checkpoint: Checkpoint, settings: PruneSetting
         _, _, first = blocks[0]
         statistics = sum(12 * m.in_features ** 2 for m in first.modules() if isinstance(m, nn.Linear))
         statistics += sum(12 * m.weight.shape[0] ** 2 for m in first.modules() if type(m).__name__ == "Conv1D")
-    return MemoryPlan(checkpoint.float_bytes(resident), block, activations, statistics)
+    return MemoryPlan(checkpoint.float_bytes(resident), block, matrix, activations, statistics)
 
 
 def weights_bytes(path: Path, shown: str) -> int:
