@@ -106,7 +106,6 @@ def empty_model(cls: Any, config: Any, dtype: torch.dtype = torch.float32) -> to
     build = cls._from_config if hasattr(cls, "_from_config") else cls.from_config
     with init_empty_weights(include_buffers=False):
         model = build(config, dtype=dtype)
-    free_heap()  # each parameter was allocated before it moved to meta: give that memory back
     return model.eval()
 
 
