@@ -16,6 +16,12 @@ pruned, so a decoder's cross-attention reads the dense encoder there) and the pr
 still-dense block on the dense stream first (its outputs are the block's targets and the dense stream's next
 inputs), then the visitor prunes, then `recover` gets the pruned stream's batches with those targets (block
 reconstruction trains the kept weights towards them), and only then is the pruned stream advanced.
+
+With a `BlockStream` (models bigger than memory, `pruning/stream.py`) the blocks not in use live on the meta device:
+the driver asks the stream to load a block before capturing or visiting it and to unload it when done. Capture
+forwards run unloaded blocks on meta tensors (only the arguments recorded for them matter); an argument a block
+receives from an unloaded block (T5's position bias, passed on unchanged) takes the value the previous block got,
+and a decoder's capture reads the already-pruned encoder stack's output through its last block.
 """
 
 from __future__ import annotations
@@ -82,6 +88,14 @@ Recover = Callable[[BlockRef, Batches], "list[torch.Tensor] | None"]
 next inputs), which saves the driver running the block again."""
 
 
+class BlockStream(Protocol):
+    """Loads a block's weights before the driver uses it and frees them when it is done (`pruning/stream.py`)."""
+
+    def load(self, ref: BlockRef) -> None: ...
+
+    def unload(self, ref: BlockRef) -> None: ...
+
+
 class Collector(Protocol):
     """A running statistic of one matrix's inputs (Wanda's column norms, SparseGPT's Hessian)."""
 
@@ -143,35 +157,112 @@ def windows_per_batch(seqlen: int, tokens: int | None = None) -> int:
     return max(1, (tokens or BATCH_TOKENS) // seqlen)
 
 
-def capture(model: nn.Module, stack: BlockList, windows: torch.Tensor, batch_tokens: int | None = None) -> Captured:
-    """Run the model on batches of windows and record every block's call arguments up to the stack's last block."""
+def capture(
+    model: nn.Module,
+    stack: BlockList,
+    windows: torch.Tensor,
+    previous: tuple[nn.Module, list[torch.Tensor]] | None = None,
+    batch_tokens: int | None = None,
+) -> Captured:
+    """Run the model on batches of windows and record every block's call arguments up to the stack's last block.
+
+    Blocks on the meta device (streaming) run on meta copies of their inputs; `previous` (a finished stack's last
+    block and its outputs per batch) replaces that block's meta output so what follows it reads real values."""
     blocks = list(stack.blocks)
     captured = Captured(hidden=[], extra=[[] for _ in blocks])
 
     def recorder(index: int) -> Callable[..., Any]:
-        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             hidden, rest_args, rest_kwargs = _split_hidden(args, kwargs)
             if index == 0:
                 captured.hidden.append(hidden.detach())
             captured.extra[index].append((rest_args, rest_kwargs))
             if index == len(blocks) - 1:
                 raise StopForward
+            return _on_meta(args, kwargs) if _unloaded(module) else None
 
         return hook
 
     inputs = _model_inputs(model)
-    with module_hooks({b: recorder(i) for i, b in enumerate(blocks)}, pre=True):
+    hooks = {b: _meta_inputs for s in find_block_lists(model) for b in s.blocks if _unloaded(b)}
+    hooks.update({b: recorder(i) for i, b in enumerate(blocks)})
+    with module_hooks(hooks, pre=True), _replaced_outputs(previous):
         for batch in windows.split(windows_per_batch(windows.shape[1], batch_tokens)):
             try:
                 model(**inputs(batch.to(_device(model))))
             except StopForward:
                 continue
             raise SparselmError(f"the forward pass never reached the last block of {stack.path}; cannot calibrate it")
+    if any(_unloaded(b) for b in blocks):
+        _fill_from_previous(captured.extra, stack.path)
     return captured
 
 
+def _unloaded(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
+
+
+def _meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to("meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _meta(v) for k, v in value.items()}
+    return value
+
+
+def _on_meta(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return _meta(args), _meta(kwargs)
+
+
+def _meta_inputs(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return _on_meta(args, kwargs)
+
+
+@contextmanager
+def _replaced_outputs(previous: tuple[nn.Module, list[torch.Tensor]] | None) -> Iterator[None]:
+    """Make a finished stack's unloaded last block return its recorded outputs, batch after batch."""
+    if previous is None or not _unloaded(previous[0]):
+        yield
+        return
+    block, outputs = previous
+    batches = iter(outputs)
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        real = next(batches)
+        return (real, *output[1:]) if isinstance(output, (tuple, list)) else real
+
+    with module_hooks({block: hook}):
+        yield
+
+
+def _fill_from_previous(extra: list[list[Call]], path: str) -> None:
+    """Replace meta tensors in a block's recorded arguments by the previous block's real ones at the same place."""
+    for index in range(1, len(extra)):
+        for batch, (args, kwargs) in enumerate(extra[index]):
+            before_args, before_kwargs = extra[index - 1][batch]
+            args = tuple(_real(v, before_args[i] if i < len(before_args) else None, path) for i, v in enumerate(args))
+            kwargs = {k: _real(v, before_kwargs.get(k), path) for k, v in kwargs.items()}
+            extra[index][batch] = (args, kwargs)
+
+
+def _real(value: Any, before: Any, path: str) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        if not isinstance(before, torch.Tensor) or before.is_meta or before.shape != value.shape:
+            raise SparselmError(
+                f"the blocks of {path} pass each other values that change from block to block; "
+                "this model cannot be pruned block by block from disk, prune it without --max-memory"
+            )
+        return before
+    if isinstance(value, (tuple, list)):
+        befores = before if isinstance(before, (tuple, list)) and len(before) == len(value) else [None] * len(value)
+        return type(value)(_real(v, b, path) for v, b in zip(value, befores))
+    return value
+
+
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return next(p for p in model.parameters() if not p.is_meta).device
 
 
 def _model_inputs(model: nn.Module) -> Callable[[torch.Tensor], dict[str, Any]]:
@@ -200,6 +291,7 @@ def run_blocks(
     read_only: bool = False,
     recover: Recover | None = None,
     batch_tokens: int | None = None,
+    stream: BlockStream | None = None,
 ) -> None:
     """Visit every transformer block in forward order, feeding each the previous block's (pruned) outputs.
 
@@ -207,21 +299,33 @@ def run_blocks(
     and each block runs once instead of twice. `recover` (called after `visit`) makes the driver carry the dense
     stream as well and hands each block's batches with their dense targets to it (module docstring). `batch_tokens`
     sets how many tokens go through a block per call (`windows_per_batch`); reconstruction takes one optimiser step
-    per batch.
+    per batch. A `stream` loads each block before it is used and unloads it after `on_block_done`.
     """
     check_vocab(model, windows)
     with torch.no_grad(), no_cache(model):
         stacks = find_block_lists(model)
-        dense = [capture(model, stack, windows, batch_tokens) for stack in stacks] if recover is not None else None
+        if stream is not None and recover is not None and len(stacks) > 1:
+            raise SparselmError(
+                "block reconstruction of an encoder-decoder model needs the whole dense model; "
+                "drop --max-memory or --reconstruct"
+            )
+        load = stream.load if stream is not None else lambda _ref: None
+        load(BlockRef(stacks[0], 0, stacks[0].blocks[0]))
+        dense = None
+        if recover is not None:
+            dense = [capture(model, stack, windows, batch_tokens=batch_tokens) for stack in stacks]
+        previous = None
         for position, stack in enumerate(stacks):
             if dense is not None and position == 0:  # nothing is pruned yet: the pruned stream starts as the dense
                 captured = Captured(hidden=list(dense[0].hidden), extra=dense[0].extra)
             else:
-                captured = capture(model, stack, windows, batch_tokens)
+                load(BlockRef(stack, 0, stack.blocks[0]))
+                captured = capture(model, stack, windows, previous, batch_tokens)
             hidden = captured.hidden
             for index, block in enumerate(stack.blocks):
                 calls = list(zip(hidden, captured.extra[index]))
                 ref = BlockRef(stack, index, block)
+                load(ref)
                 targets = None
                 if dense is not None:
                     dense_hidden = dense[position].hidden
@@ -243,8 +347,11 @@ def run_blocks(
                     hidden[:] = outputs if read_only and outputs else _forward_all(block, calls)
                 if on_block_done is not None:
                     on_block_done(ref)
+                if stream is not None:
+                    stream.unload(ref)
             if dense is not None:
                 dense[position] = Captured(hidden=[], extra=[])  # this stack's dense stream is no longer needed
+            previous = (stack.blocks[-1], hidden) if stream is not None else None
             del captured, hidden
 
 

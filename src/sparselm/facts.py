@@ -7,6 +7,7 @@ file names sparselm writes into model directories are constants here too.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,3 +134,23 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
             yield model
     finally:
         model.train(was_training)
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, option: str = "--max-memory") -> int:
+    """Bytes of a size such as 200MB, 1.5GB, 2GiB or 512000 (decimal units; KiB/MiB/GiB binary)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in SIZE_UNITS or float(match.group(1)) <= 0:
+        raise SparselmError(f"{option} '{text}' is not a size; give a positive number with a unit, e.g. 200MB or 2GB")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+def format_size(n: int) -> str:
+    """A byte count the way --max-memory reads it (MB below 10 GB, else GB), rounded up so it always suffices."""
+    if n < 10 * 10**9:
+        return f"{-(-n // 10**6)}MB"
+    return f"{-(-n // 10**8) / 10:g}GB"

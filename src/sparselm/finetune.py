@@ -237,6 +237,7 @@ def finetune(
     distillation: Distillation | None = None,
     max_tokens: int | None = None,
     force: bool = False,
+    device: torch.device | None = None,
 ) -> FinetuneReport:
     """Fine-tune on `task`'s train split keeping every pruned weight at zero; write the model to `out_dir` (replaced
     only when sparselm wrote it, or it is empty, unless `force`).
@@ -267,7 +268,8 @@ def finetune(
     if distillation is not None:
         make_trainer = distillation_trainer(load_teacher(distillation, model), distillation)
     run = _train(
-        model, dataset, collator, opt, masks, epochs, steps_cap, batch_size, seed, progress, make_trainer, budget
+        model, dataset, collator, opt, masks, epochs, steps_cap, batch_size, seed, progress, make_trainer, budget,
+        use_cpu=device.type == "cpu" if device is not None else not torch.accelerator.is_available(),
     )
     settings = {
         "epochs": epochs, "lr": lr, "max_steps": max_steps, "batch_size": batch_size, "max_examples": max_examples,
@@ -348,6 +350,7 @@ def _train(
     model: nn.Module, dataset: list[dict[str, Any]], collator: Any, optimizer: torch.optim.Optimizer,
     masks: SparsityCallback, epochs: float, max_steps: int | None, batch_size: int, seed: int,
     progress: Progress, make_trainer: Callable[..., Trainer] = Trainer, budget: Sequence[TrainerCallback] = (),
+    use_cpu: bool = True,
 ) -> TrainingRun:
     callbacks: list[TrainerCallback] = [masks, *budget, _ProgressCallback(progress)]
     with tempfile.TemporaryDirectory(prefix="sparselm-finetune-") as scratch:
@@ -358,7 +361,7 @@ def _train(
             remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False,
             # said explicitly on a machine without an accelerator, so that processes started by torchrun train as
             # one data-parallel job (gloo) with ranks, instead of as independent copies that all believe they are rank 0
-            use_cpu=not torch.accelerator.is_available(), include_num_input_tokens_seen="all",
+            use_cpu=use_cpu, include_num_input_tokens_seen="all",
         )
         trainer = make_trainer(
             model=model, args=args, train_dataset=dataset, data_collator=collator, optimizers=(optimizer, None),

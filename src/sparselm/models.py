@@ -3,8 +3,11 @@ place by `storage`), embedded aliases and hub ids (found by `sources`), and thei
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +17,7 @@ from .errors import SparselmError
 from .facts import has_tokenizer
 from .sources import ModelSource, read_provenance, resolve
 from .storage import MANIFEST, is_packed, model_from_packed, packed_config, read_manifest
+from .storage.loading import GENERATION_CONFIG, heap_trimmer, place
 
 Head = Literal["auto", "base", "causal-lm", "masked-lm", "seq2seq-lm", "sequence-classification"]
 
@@ -32,7 +36,7 @@ def quiet_transformers() -> Iterator[None]:
         logging.set_verbosity(previous)
 
 
-def _model_class(head: Head, config: Any) -> Any:
+def model_class(head: Head, config: Any) -> Any:
     import transformers
 
     classes = {
@@ -80,7 +84,7 @@ def load_with_source(
     config = packed_config(path, manifest) if manifest else load_config(path, name_or_path, trust_remote_code)
     for key, value in model_kwargs.pop("config_overrides", {}).items():
         setattr(config, key, value)
-    cls = _model_class(head, config)
+    cls = model_class(head, config)
     try:
         if manifest:
             model = model_from_packed(path, manifest, cls, config, dtype, **model_kwargs)
@@ -92,6 +96,17 @@ def load_with_source(
         raise SparselmError(_weights_error(name_or_path, exc)) from exc
     model.eval()
     return model, source
+
+
+def empty_model(cls: Any, config: Any, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """An instance of `cls` (a model class or Auto class) whose parameters are on the meta device (no memory);
+    buffers the model builds itself (rotary tables) are real. In eval mode, as `load` returns models."""
+    from accelerate import init_empty_weights
+
+    build = cls._from_config if hasattr(cls, "_from_config") else cls.from_config
+    with init_empty_weights(include_buffers=False):
+        model = build(config, dtype=dtype)
+    return model.eval()
 
 
 def load_config(path: Path, name: str, trust_remote_code: bool = False) -> Any:
@@ -134,3 +149,98 @@ def load_tokenizer(name_or_path: str | Path, *, required: bool = True) -> Any:
         raise SparselmError(
             f"the tokenizer of '{name_or_path}' cannot be loaded ({first}); re-save it with tokenizer.save_pretrained"
         ) from None
+
+
+DEVICE_HELP = "cpu, cuda, or auto (cuda when a GPU is available, else cpu)."
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a --device value: cpu, cuda (an error without a GPU) or auto (cuda when available)."""
+    if name not in ("cpu", "cuda", "auto"):
+        raise SparselmError(f"--device '{name}' is not one of cpu, cuda, auto")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SparselmError("--device cuda but no GPU is visible to torch; use --device cpu or auto")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def offload_kwargs(max_memory: int, device: torch.device, folder: Path) -> dict[str, Any]:
+    """`from_pretrained` arguments for accelerate's big-model inference: the weights that do not fit in
+    `max_memory` bytes (on the GPU, then the CPU, for cuda) are offloaded to `folder` and streamed in per forward."""
+    budget: dict[int | str, int] = {"cpu": max_memory}
+    if device.type == "cuda":
+        budget = {device.index or 0: max_memory, "cpu": max_memory}
+    return {"device_map": "auto", "max_memory": budget, "offload_folder": str(folder)}
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: its first parameter in memory (offloaded ones sit on the meta device), else CPU."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The safetensors shards of a plain model directory: which file holds each tensor, and its shape and dtype."""
+
+    files: dict[str, Path]
+    shapes: dict[str, tuple[int, ...]]
+
+    @staticmethod
+    def present(path: Path) -> bool:
+        """Whether `path` is a plain directory with safetensors weights (what streaming and offloading read)."""
+        return not is_packed(path) and ((path / INDEX).is_file() or (path / SINGLE).is_file())
+
+    @classmethod
+    def open(cls, path: Path, shown: str) -> Checkpoint:
+        from safetensors import safe_open
+
+        if is_packed(path):
+            raise SparselmError(f"'{shown}' is packed; --max-memory streams plain safetensors, unpack it first")
+        index = path / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {name: path / file for name, file in weight_map.items()}
+        elif (path / SINGLE).is_file():
+            with safe_open(path / SINGLE, "pt") as fh:
+                files = {name: path / SINGLE for name in fh.keys()}
+        else:
+            raise SparselmError(f"'{shown}' has no safetensors weights; --max-memory streams only safetensors shards")
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in sorted(set(files.values())):
+            with safe_open(file, "pt") as fh:
+                shapes.update({name: tuple(fh.get_slice(name).get_shape()) for name in fh.keys()})
+        return cls(files, shapes)
+
+    def read(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """The named tensors, floating ones as float32 (as `sparselm.load` gives them), on `device`."""
+        from safetensors import safe_open
+
+        found: dict[str, torch.Tensor] = {}
+        for file in sorted({self.files[n] for n in names}):
+            with safe_open(file, "pt") as fh:
+                for name in (n for n in names if self.files[n] == file):
+                    tensor = fh.get_tensor(name)
+                    found[name] = (tensor.float() if tensor.is_floating_point() else tensor).to(device)
+        return found
+
+    def float_bytes(self, names: list[str]) -> int:
+        return sum(4 * math.prod(self.shapes[n]) for n in names)
+
+
+def put_tensor(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put a tensor in place of the (meta) parameter or buffer `name` of `module`, as a Parameter where it is one."""
+    owner, _, attr = name.rpartition(".")
+    old = module.get_submodule(owner)._parameters.get(attr)
+    place(module, name, torch.nn.Parameter(tensor, requires_grad=old.requires_grad) if old is not None else tensor)
+
+
+def has_generation_config(path: Path) -> bool:
+    return (path / GENERATION_CONFIG).is_file()
+
+
+def free_heap() -> None:
+    """Hand freed memory back to the OS (glibc), so a streamed run's peak stays at what it holds."""
+    heap_trimmer()(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
+from ..models import resolve_device
 from ..errors import SparselmError
 from ..runtime import POLICIES, BenchResult, SpeedRow, bench, generate
 from ..runtime.accelerate import check_settings
@@ -28,9 +29,12 @@ def bench_command(
     ),
     no_size: bool = typer.Option(False, "--no-size", help="Skip the packed-size measurement."),
     remeasure: bool = typer.Option(False, "--remeasure", help=REMEASURE_HELP),
+    device: str = typer.Option("cpu", "--device", help="cpu (the sparse runtime runs on the CPU; cuda is refused)."),
     json_out: bool = typer.Option(False, "--json", help="Print all results as JSON on stdout."),
 ) -> None:
     """File size and prefill/decode speed, dense vs accelerated, with the kernel chosen for each layer."""
+    if resolve_device(device).type != "cpu":
+        raise SparselmError("bench measures sparselm's CPU sparse runtime; use --device cpu")
     counts = parse_int_list(tokens, "--tokens")
     if not counts or min(counts) < 1:
         raise SparselmError(f"--tokens needs positive integers, got '{tokens}'")

@@ -9,6 +9,8 @@ from rich.markup import escape
 
 from ..evaluation import ClassificationEvaluation, Evaluation, MaskedPerplexity, evaluate
 from ..evaluation.tasks import task_names
+from ..facts import parse_size
+from ..models import DEVICE_HELP, resolve_device
 from ._app import app
 from ._common import handles_errors, out_console, print_json, progress_bar
 
@@ -26,14 +28,22 @@ def eval_command(
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Local WikiText-2 or GLUE MRPC files."),
     max_examples: int | None = typer.Option(None, "--max-examples", help="Classify only the first N examples."),
     seed: int = typer.Option(0, "--seed", help="Masking seed (mlm) and seed of an untrained classification head."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    max_memory: str | None = typer.Option(
+        None, "--max-memory", help="Perplexity of a model bigger than memory: keep at most this much of its weights "
+        "in memory (e.g. 2GB), the rest offloaded to disk by accelerate and read per forward; same numbers.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Evaluate a model: token_ppl (SparseGPT/Wanda protocol) with word_ppl, byte_ppl and bits_per_byte
     (lm-evaluation-harness) in one pass, masked-LM perplexity, or accuracy and F1 on a classification task."""
+    limit = parse_size(max_memory) if max_memory is not None else None
+    torch_device = resolve_device(device)
     with progress_bar() as progress:
         result = evaluate(
             model, task, split=split, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
             objective=objective, data_dir=data_dir, max_examples=max_examples, seed=seed, progress=progress,
+            device=torch_device, max_memory=limit,
         )
     if json_out:
         print_json(result.to_json())

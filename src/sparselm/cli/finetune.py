@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from ..models import DEVICE_HELP, resolve_device
 from ..distill import DEFAULT_TEMPERATURE, Distillation, check_distillation, check_token_budget
 from ..errors import SparselmError
 from ..evaluation.tasks import check_task, is_classification, task_names
@@ -46,6 +47,7 @@ def finetune_command(
         None, "--max-tokens", help="Causal LM: stop after N training tokens (overrides --epochs).",
     ),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Fine-tune on the task's train split; pruned weights, their gradients and optimizer state stay exactly zero."""
@@ -64,6 +66,7 @@ def finetune_command(
             model, task, out, epochs=epochs, lr=lr, max_steps=max_steps, batch_size=batch_size,
             max_examples=max_examples, seed=seed, optimizer=optimizer, seqlen=seqlen, data_dir=data_dir,
             progress=progress, distillation=distillation, max_tokens=max_tokens, force=force,
+            device=resolve_device(device),
         )
     if json_out:
         print_json(report.to_json())

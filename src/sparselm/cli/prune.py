@@ -8,7 +8,9 @@ import typer
 from rich.markup import escape
 
 from ..errors import SparselmError
+from ..facts import parse_size
 from ..io import check_output_dir
+from ..models import DEVICE_HELP, resolve_device
 from ..pruning import PrunedModel, PruneSettings, prune_to_dir, registered_methods, settings_from
 from ._app import app
 from ._common import (
@@ -63,6 +65,11 @@ def prune_command(
     include_embeddings: bool = typer.Option(
         False, "--include-embeddings", help="Also prune embeddings and untied heads (by magnitude)."
     ),
+    max_memory: str = typer.Option(
+        None, "--max-memory", help="Prune block by block from the safetensors shards within this much memory "
+        "(e.g. 200MB, 2GB); also chosen, with a note, when the weights do not fit in the available memory.",
+    ),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
@@ -86,6 +93,8 @@ def prune_command(
         )
         for value in values
     ]
+    limit = parse_size(max_memory) if max_memory is not None else None
+    torch_device = resolve_device(device)
     inputs = model_inputs([model]) + text_inputs(calib)
     targets = output_dirs(out, values)
     for target in targets:
@@ -94,7 +103,9 @@ def prune_command(
     with progress_bar(quiet=json_out) as progress:
         for settings, target in zip(runs, targets):
             label = f"{settings.method} s={settings.target_sparsity:g}"
-            results.append(prune_to_dir(model, settings, target, progress.labelled(label), force=force))
+            results.append(prune_to_dir(
+                model, settings, target, progress.labelled(label), force=force, max_memory=limit, device=torch_device
+            ))
     if json_out:
         summaries = [summary(r) for r in results]
         print_json(summaries[0] if len(summaries) == 1 else summaries)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from ..models import input_device
 from ..errors import SparselmError
 from ..models import load, quiet_transformers
 from ..progress import SILENT, Progress
@@ -197,7 +198,7 @@ def classify(
         raise SparselmError("the task has no examples for this split; choose another --split")
     collate = DataCollatorWithPadding(tokenizer)
     rows = encode(tokenizer, examples, max_length, uses_segment_ids(model))
-    device = next(model.parameters()).device
+    device = input_device(model)
     predictions: list[int] = []
     for batch in forward_batches(model, len(rows), batch_size, f"classifying {len(rows)} examples", progress):
         inputs = collate([{k: v for k, v in r.items() if k != "labels"} for r in rows[batch]])

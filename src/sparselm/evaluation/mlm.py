@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import input_device
 from ..errors import SparselmError
 from ..progress import SILENT, Progress
 from .loop import forward_batches
@@ -94,7 +95,7 @@ def masked_perplexity(
     seqlen = resolve_seqlen(model, seqlen)
     inputs, labels, available = masked_windows(tokenizer, text, seqlen, max_windows, seed)
     micro = window_logits_batch(seqlen, model.get_output_embeddings().weight.shape[0], batch_size)
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     stage = f"masked-LM perplexity ({len(inputs)}×{seqlen})"
     for batch in forward_batches(model, len(inputs), micro, stage, progress):

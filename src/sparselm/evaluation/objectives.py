@@ -38,8 +38,12 @@ class LanguageModel:
     notes: list[str] = field(default_factory=list)
 
 
-def load_language_model(model_or_dir: str, objective: Objective = "clm") -> LanguageModel:
-    """The model with the head that scores `objective` for its family, its tokenizer, and notes for the reader."""
+def load_language_model(
+    model_or_dir: str, objective: Objective = "clm", offload: dict[str, Any] | None = None
+) -> LanguageModel:
+    """The model with the head that scores `objective` for its family, its tokenizer, and notes for the reader.
+
+    `offload` (`models.offload_kwargs`) loads it for accelerate's big-model inference (weights offloaded)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -77,10 +81,12 @@ def load_language_model(model_or_dir: str, objective: Objective = "clm") -> Lang
         if not any(a.endswith(CAUSAL_HEAD_SUFFIXES) for a in archs) and family != "encoder-only":
             notes.append("the checkpoint has no LM head weights of its own: the head is newly initialised or tied")
     if family == "encoder-decoder" and not any(a.endswith("ForCausalLM") for a in archs):
+        if offload:
+            raise SparselmError("--max-memory evaluates decoder-only and encoder models; drop it for this model")
         seq2seq, source = load_with_source(model_or_dir, head="seq2seq-lm")
         model = decoder_as_causal_lm(seq2seq)
     else:
-        model, source = load_with_source(model_or_dir, head=head, config_overrides=overrides)
+        model, source = load_with_source(model_or_dir, head=head, config_overrides=overrides, **(offload or {}))
     tokenizer = load_text_tokenizer(model_or_dir)
     return LanguageModel(model, tokenizer, family, head, source.quantized_from, notes)
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import input_device
 from ..errors import SparselmError
 from ..facts import context_length as model_context  # run.py and finetune.py read it under this name
 from ..facts import evaluating
@@ -152,7 +153,7 @@ def perplexity(
     if available == 0:
         raise SparselmError(f"the text has {n} tokens, fewer than one window of {seqlen}; use a smaller --seqlen")
     windows = available if max_windows is None else min(available, max_windows)
-    device = next(model.parameters()).device
+    device = input_device(model)
     with evaluating(model):
         nll, micro = _window_nll(model, stream.ids, seqlen, windows, batch_size, device, progress)
         token_nll = nll[:, : seqlen - 1].double().mean(dim=1)

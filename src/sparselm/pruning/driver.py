@@ -17,22 +17,25 @@ forward, no extra model passes — so round k scores the block as round k − 1 
 pruning. Each round's mask is chosen afresh by the method: under magnitude and Wanda earlier zeros stay pruned (a
 zero scores lowest); SparseGPT's and ADMM's updates may give a weight pruned in an earlier round a value again.
 The last round hits the target exactly, as one-shot pruning does.
+
+With a `StreamedBlocks` (`stream.py`: a model whose blocks stay on disk until used) the same paths run with each
+block loaded before and unloaded after its turn, and each matrix's report row taken before its block is freed.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ..calibration import Batches, BlockRef, collect_inputs, run_blocks, total_blocks
+from ..calibration import Batches, BlockRef, BlockStream, collect_inputs, run_blocks, total_blocks
 from ..errors import SparselmError
 from ..masks import apply_keep, check_shape
 from ..recovery import cubic_schedule, reconstruct_block
-from ..weights import Matrix, by_block, select_matrices, sparsity_of
+from ..weights import Matrix, by_block, find_block_lists, select_matrices, sparsity_of
 from ..windows import CALIBRATION_SPLIT, calibration_windows
 from .magnitude import prune_by_magnitude
 from .owl import OwlAllocation, block_pattern, owl_allocation
@@ -42,6 +45,17 @@ from .settings import PruneSettings, settings_from
 
 Note = Callable[[str], None]
 Rounds = dict[str, list[dict[str, Any]]]  # per block: one entry per round (sparsity, losses when reconstructing)
+Rows = dict[str, dict[str, Any]]  # the report row of each matrix, by name
+
+
+class StreamedBlocks(BlockStream, Protocol):
+    """A model streamed from disk block by block: the driver's per-block load/unload, a read-only view of it (for
+    OWL's pass over the dense model), and the global magnitude cut, which needs every block's weights."""
+
+    def reading(self) -> BlockStream: ...
+
+    def prune_together(self, matrices: list[Matrix], settings: PruneSettings, each_block: Callable[..., None]) -> None:
+        ...
 
 
 def prune(
@@ -51,6 +65,7 @@ def prune(
     progress: Progress = SILENT,
     windows: torch.Tensor | None = None,
     owl: OwlAllocation | None = None,
+    stream: StreamedBlocks | None = None,
     **fields: Any,
 ) -> PruneReport:
     """Prune `model` in place. Pass a PruneSettings or its fields (`method=`, `sparsity=`, …).
@@ -74,27 +89,45 @@ def prune(
     if settings.needs_calibration:
         windows, calibration = _windows(model, settings, tokenizer, windows, note, progress)
     calibrated_at = time.perf_counter()
-    allocation = (owl or owl_allocation(model, settings, windows, progress)) if settings.allocation == "owl" else None
+    allocation = None
+    if settings.allocation == "owl":
+        reader = stream.reading() if stream is not None else None
+        allocation = owl or owl_allocation(model, settings, windows, progress, reader)
     targets = {
         m.name: allocation.target(m.block_name, settings.target_sparsity) if allocation else settings.target_sparsity
         for m in matrices
     }
+    rows: Rows = {}
+    groups = by_block(matrices)
+
+    def record(ref: BlockRef) -> None:  # a streamed block's rows are taken before it is unloaded
+        if stream is not None:
+            mats = groups.get(ref.name, [])
+            rows.update({m.name: matrix_row(m, targets[m.name], settings.parsed_pattern) for m in mats})
+
     rounds: Rounds | None = None
     if settings.scope == "global" and settings.reconstruct:
+        if stream is not None:
+            raise SparselmError("--scope global with --reconstruct needs the whole model in memory; drop --max-memory")
         keep = _global_keep(matrices, settings)
         rounds = _prune_block_by_block(model, matrices, settings, targets, windows, note, progress, keep)
     elif settings.scope == "global":
         progress.start(f"global {settings.method}", 1)
-        settings.pruner.prune_together(matrices, settings.target_sparsity, settings.parsed_pattern)
+        if stream is not None:
+            stream.prune_together(matrices, settings, lambda visit: _each_block(model, stream, visit, record))
+        else:
+            settings.pruner.prune_together(matrices, settings.target_sparsity, settings.parsed_pattern)
         progress.advance()
     elif settings.pruner.needs_calibration or settings.reconstruct:
-        rounds = _prune_block_by_block(model, matrices, settings, targets, windows, note, progress)
+        rounds = _prune_block_by_block(
+            model, matrices, settings, targets, windows, note, progress, stream=stream, record=record
+        )
     else:
-        _prune_each(matrices, settings, targets, progress)
+        _prune_each(matrices, settings, targets, progress, model, stream, record)
     return PruneReport(
         settings=settings,
         target_sparsity=settings.target_sparsity,
-        matrices=[matrix_row(m, targets[m.name], settings.parsed_pattern) for m in matrices],
+        matrices=[rows.get(m.name) or matrix_row(m, targets[m.name], settings.parsed_pattern) for m in matrices],
         calibration=calibration,
         block_sparsity=allocation.block_sparsity if allocation else None,
         outlier_ratio=allocation.outlier_ratio if allocation else None,
@@ -130,11 +163,36 @@ def _prune_one(m: Matrix, settings: PruneSettings, sparsity: float, stats: Any =
     settings.pruner.prune_matrix(m, stats, block_pattern(settings.parsed_pattern, sparsity), sparsity, settings)
 
 
-def _prune_each(matrices: list[Matrix], settings: PruneSettings, targets: dict[str, float], progress: Progress) -> None:
+def _prune_each(
+    matrices: list[Matrix], settings: PruneSettings, targets: dict[str, float], progress: Progress,
+    model: nn.Module, stream: BlockStream | None = None, record: Callable[[BlockRef], None] = lambda _ref: None,
+) -> None:
     progress.start(f"{settings.method} per matrix", len(matrices))
-    for m in matrices:
-        _prune_one(m, settings, targets[m.name])
-        progress.advance()
+
+    def prune_all(mats: list[Matrix]) -> None:
+        for m in mats:
+            _prune_one(m, settings, targets[m.name])
+            progress.advance()
+
+    if stream is None:
+        prune_all(matrices)
+        return
+    groups = by_block(matrices)
+    _each_block(model, stream, lambda ref: prune_all(groups.get(ref.name, [])), record)
+    prune_all([m for m in matrices if m.block_name is None])
+
+
+def _each_block(
+    model: nn.Module, stream: BlockStream, visit: Callable[[BlockRef], None], record: Callable[[BlockRef], None]
+) -> None:
+    """Visit every block of a streamed model without calibration: load, visit, record its rows, unload."""
+    for stack in find_block_lists(model):
+        for index, block in enumerate(stack.blocks):
+            ref = BlockRef(stack, index, block)
+            stream.load(ref)
+            visit(ref)
+            record(ref)
+            stream.unload(ref)
 
 
 def _prune_by_magnitude(m: Matrix, settings: PruneSettings, sparsity: float) -> None:
@@ -150,6 +208,8 @@ def _prune_block_by_block(
     note: Note,
     progress: Progress,
     fixed: dict[str, torch.Tensor] | None = None,
+    stream: BlockStream | None = None,
+    record: Callable[[BlockRef], None] = lambda _ref: None,
 ) -> Rounds:
     """Prune (and recover) block by block in `settings.steps` rounds (module docstring); matrices outside blocks
     (embeddings, heads) fall back to magnitude. `fixed` holds keep-masks chosen beforehand (a global ranking), which
@@ -206,9 +266,13 @@ def _prune_block_by_block(
 
     stage = f"{settings.method} block by block" + (" + reconstruction" if settings.reconstruct else "")
     progress.start(stage, total_blocks(model))
+    def done(ref: BlockRef) -> None:
+        record(ref)
+        progress.advance()
+
     run_blocks(
-        model, windows, visit, lambda _ref: progress.advance(), recover=recover if settings.reconstruct else None,
-        batch_tokens=settings.reconstruct_settings.batch_tokens if settings.reconstruct else None,
+        model, windows, visit, done, recover=recover if settings.reconstruct else None,
+        batch_tokens=settings.reconstruct_settings.batch_tokens if settings.reconstruct else None, stream=stream,
     )
     for m in matrices:
         if m.block_name is None:

@@ -173,11 +173,18 @@ def prune_global(weights: list[torch.Tensor], sparsity: float, pattern: Pattern)
     total = sum(w.numel() for w in weights)
     cut = global_cut(source, total, prune_count(total, sparsity), sampler)
     for w, equal, ties in zip(weights, cut.equal_per_source, cut.prune_plan()):
-        if w.dtype == torch.float32 and ties in (0, equal):
-            _shrink(w, cut.threshold, prune_equal=ties == equal)
-        else:
-            scores = _abs_into(buffer[: w.numel()], w)
-            apply_keep(w, keep_after_cut(scores, cut.threshold, equal, ties, out=keep_buffer[: w.numel()]).view(w.shape))
+        apply_cut(w, cut.threshold, equal, ties, buffer, keep_buffer)
+
+
+def apply_cut(
+    w: torch.Tensor, threshold: float, equal: int, ties: int, buffer: torch.Tensor, keep_buffer: torch.Tensor
+) -> None:
+    """Prune one matrix at a global cut: below `threshold`, and the first `ties` of its `equal` scores at it."""
+    if w.dtype == torch.float32 and ties in (0, equal):
+        _shrink(w, threshold, prune_equal=ties == equal)
+    else:
+        scores = _abs_into(buffer[: w.numel()], w)
+        apply_keep(w, keep_after_cut(scores, threshold, equal, ties, out=keep_buffer[: w.numel()]).view(w.shape))
 
 
 def _shrink(weight: torch.Tensor, threshold: float, prune_equal: bool) -> None:

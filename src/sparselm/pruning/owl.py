@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..calibration import BlockRef, collect_inputs, run_blocks, total_blocks
+from ..calibration import BlockRef, BlockStream, collect_inputs, run_blocks, total_blocks
 from ..masks import NM, Pattern
 from ..weights import by_block, select_matrices
 from ..progress import SILENT, Progress
@@ -78,7 +78,8 @@ class OwlAllocation:
 
 
 def owl_allocation(
-    model: nn.Module, settings: PruneSettings, windows: torch.Tensor, progress: Progress = SILENT
+    model: nn.Module, settings: PruneSettings, windows: torch.Tensor, progress: Progress = SILENT,
+    stream: BlockStream | None = None,
 ) -> OwlAllocation:
     """Per-block sparsities from the dense model's Wanda-score outlier ratios (one read-only calibration pass)."""
     groups = by_block(select_matrices(model, settings.include_embeddings))
@@ -95,7 +96,7 @@ def owl_allocation(
         sizes[ref.name] = sum(m.numel for m in mats)
 
     progress.start("OWL outlier ratios", total_blocks(model))
-    run_blocks(model, windows, visit, lambda _ref: progress.advance(), read_only=True)
+    run_blocks(model, windows, visit, lambda _ref: progress.advance(), read_only=True, stream=stream)
     names = list(ratios)
     spars = owl_sparsities(
         [ratios[n] for n in names], [sizes[n] for n in names], settings.target_sparsity, settings.owl_lambda

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..masks import NM, Pattern
@@ -92,3 +93,19 @@ def sparselm_version() -> str:
         return version("sparselm")
     except PackageNotFoundError:
         return "unknown"
+
+
+@dataclass(frozen=True)
+class PrunedModel:
+    """A pruned directory written by `prune_to_dir`; `to_json()` is the content of its sparsity.json."""
+
+    model: str
+    out: Path
+    report: PruneReport
+
+    @property
+    def achieved_sparsity(self) -> float:
+        return self.report.achieved_sparsity
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, **self.report.to_json()}

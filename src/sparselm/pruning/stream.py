@@ -1,0 +1,272 @@
+"""Pruning models bigger than memory: the model's skeleton on the meta device, its blocks read one at a time from the
+safetensors shards, pruned and written to the output's shards, then freed.
+
+The skeleton is built with `accelerate.init_empty_weights`; the tensors outside blocks (embeddings, final norms,
+heads) are read once and stay. Everything else is the in-memory code path: `driver.prune` with a `ShardStream`,
+whose `load`/`unload` the one calibration driver (`calibration.run_blocks`) calls around each block, so streamed
+and in-memory pruning give bit-identical weights. Global magnitude ranks by a first pass over the shards (the exact
+cut of `magnitude.global_cut`, matrix by matrix from disk), then applies the cut block by block. The calibration
+hidden states stay in memory: a limit they do not fit under is refused with the smallest limit that works.
+
+The output is a Hugging Face directory with one shard per block (written as the block is freed), one for the rest,
+and the index; `io.atomic_dir` makes it all-or-nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..calibration import BlockRef, BlockStream
+from ..errors import SparselmError
+from ..facts import SPARSITY_JSON, format_size
+from ..io import atomic_dir, atomic_write_json
+from ..masks import NM, Block, prune_count
+from ..models import (
+    INDEX, Checkpoint, empty_model, free_heap, has_generation_config, load_config, load_tokenizer, model_class,
+    put_tensor,
+)
+from ..progress import SILENT, Progress
+from ..sources import ModelSource, resolve, write_provenance
+from ..weights import Matrix, find_block_lists
+from ..windows import activation_bytes, available_memory, choose_seqlen
+from .driver import prune
+from .magnitude import _abs_into, apply_cut, global_cut, prune_global
+from .report import PrunedModel
+from .settings import PruneSettings
+
+WORK_BYTES = 32 * 10**6  # the interpreter's own growth while pruning: allocator slack, one batch's temporaries
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a streamed run holds at once: resident weights, one block, two temporaries the size of its largest
+    matrix (scores and mask while pruning), the held calibration activations and the method's per-block
+    statistics. Writing a block to its shard copies nothing."""
+
+    resident: int
+    block: int
+    matrix: int
+    activations: int
+    statistics: int
+
+    @property
+    def needed(self) -> int:
+        return self.resident + self.block + 2 * self.matrix + self.activations + self.statistics + WORK_BYTES
+
+    def check(self, limit: int) -> None:
+        if limit < self.needed:
+            raise SparselmError(
+                f"--max-memory {format_size(limit)} is below what pruning one block at a time needs: at least "
+                f"{format_size(self.needed)} (resident weights {format_size(self.resident)}, one block "
+                f"{format_size(self.block)}, calibration activations {format_size(self.activations)}); "
+                f"use --max-memory {format_size(self.needed)} or more, or fewer --calib-samples"
+            )
+
+
+class ShardStream:
+    """Loads a block's tensors from the checkpoint into the skeleton and, once pruned, writes them to the output
+    shard of that block and puts the block back on the meta device."""
+
+    def __init__(
+        self, model: nn.Module, checkpoint: Checkpoint, out: Path | None, device: torch.device,
+        buffers: dict[int, dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        self.model = model
+        self.checkpoint = checkpoint
+        self.out = out
+        self.device = device
+        self.shards = sum(len(s.blocks) for s in find_block_lists(model)) + 1
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0
+        blocks = [b for s in find_block_lists(model) for b in s.blocks]
+        self.buffers = buffers if buffers is not None else {id(b): _keep_buffers(b) for b in blocks}
+
+    def reading(self) -> BlockStream:
+        return ShardStream(self.model, self.checkpoint, None, self.device, self.buffers)
+
+    def load(self, ref: BlockRef) -> None:
+        block = ref.module
+        if not any(p.is_meta for p in block.parameters()):
+            return
+        names = list(block.state_dict())
+        tensors = self.checkpoint.read([f"{ref.name}.{n}" for n in names], self.device)
+        for n in names:
+            put_tensor(block, n, tensors[f"{ref.name}.{n}"])
+        for n, buffer in self.buffers.get(id(block), {}).items():
+            put_tensor(block, n, buffer.to(self.device))
+
+    def unload(self, ref: BlockRef) -> None:
+        if self.out is not None:
+            state = {f"{ref.name}.{n}": t for n, t in ref.module.state_dict().items()}
+            self._write(state, self._shard_number(ref))
+        ref.module.to("meta")
+        free_heap()
+
+    def _shard_number(self, ref: BlockRef) -> int:
+        number = 1
+        for stack in find_block_lists(self.model):
+            if stack.path == ref.stack.path:
+                return number + ref.index
+            number += len(stack.blocks)
+        raise AssertionError(ref.name)
+
+    def _write(self, state: dict[str, torch.Tensor], number: int) -> None:
+        from safetensors.torch import save_file
+
+        assert self.out is not None
+        file = f"model-{number:05d}-of-{self.shards:05d}.safetensors"
+        kept = {n: t.detach().to("cpu").contiguous() for n, t in state.items() if n in self.checkpoint.files}
+        save_file(kept, self.out / file, metadata={"format": "pt"})
+        self.weight_map.update({n: file for n in kept})
+        self.total_bytes += sum(t.numel() * t.element_size() for t in kept.values())
+
+    def finish(self, resident: list[str]) -> None:
+        """Write the tensors outside blocks to the last shard, then the index."""
+        state = self.model.state_dict()
+        self._write({n: state[n] for n in resident}, self.shards)
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
+        atomic_write_json(self.out / INDEX, index)  # type: ignore[operator]
+
+    def prune_together(self, matrices: list[Matrix], settings: PruneSettings, each_block: Callable[..., None]) -> None:
+        """Global magnitude: the exact cut over every matrix read from the shards, then applied block by block."""
+        pattern = settings.parsed_pattern
+        groups: dict[str | None, list[int]] = {}
+        for i, m in enumerate(matrices):
+            groups.setdefault(m.block_name, []).append(i)
+        if isinstance(pattern, NM):  # a per-group rule: nothing to rank across matrices
+            def by_group(ref: BlockRef) -> None:
+                weights = [matrices[i].weight() for i in groups.get(ref.name, [])]
+                prune_global(weights, settings.target_sparsity, pattern)
+
+            each_block(by_group)
+            prune_global([matrices[i].weight() for i in groups.get(None, [])], settings.target_sparsity, pattern)
+            return
+        if isinstance(pattern, Block):
+            raise SparselmError("--scope global with block patterns needs the whole model in memory; drop --max-memory")
+        largest = max(m.numel for m in matrices)
+        buffer, keep_buffer = torch.empty(largest), torch.empty(largest, dtype=torch.bool)
+        total = sum(m.numel for m in matrices)
+        cut = global_cut(
+            lambda: (_abs_into(buffer[: m.numel], self._weight(m)) for m in matrices),
+            total, prune_count(total, settings.target_sparsity),
+            lambda stride: (self._weight(m).reshape(-1)[::stride].abs() for m in matrices),
+        )
+        plan = list(zip(cut.equal_per_source, cut.prune_plan()))
+
+        def apply(indices: list[int]) -> None:
+            for i in indices:
+                apply_cut(matrices[i].weight(), cut.threshold, *plan[i], buffer, keep_buffer)
+
+        each_block(lambda ref: apply(groups.get(ref.name, [])))
+        apply(groups.get(None, []))
+
+    def _weight(self, m: Matrix) -> torch.Tensor:
+        """A matrix as out × in: from the model when resident, else read from the shards."""
+        if not m.parameter.is_meta:
+            return m.weight()
+        w = self.checkpoint.read([m.name], torch.device("cpu"))[m.name]
+        return w.t() if m.transposed else w
+
+
+def _keep_buffers(block: nn.Module) -> dict[str, torch.Tensor]:
+    """A block's buffers that no checkpoint holds (built by the skeleton, e.g. rotary tables), kept while it is
+    unloaded; the block itself goes to the meta device."""
+    persistent = set(block.state_dict())
+    kept = {n: b for n, b in block.named_buffers() if n not in persistent}
+    block.to("meta")
+    return kept
+
+
+def memory_plan(model: nn.Module, checkpoint: Checkpoint, settings: PruneSettings, resident: list[str]) -> MemoryPlan:
+    """The bytes a streamed run of `settings` holds at once (the smallest --max-memory that works)."""
+    blocks = [(s.path, i, b) for s in find_block_lists(model) for i, b in enumerate(s.blocks)]
+    names = [f"{p}.{i}.{n}" for p, i, b in blocks for n in b.state_dict()]
+    block = max(checkpoint.float_bytes([f"{p}.{i}.{n}" for n in b.state_dict()]) for p, i, b in blocks)
+    matrix = max(checkpoint.float_bytes([n]) for n in names if len(checkpoint.shapes[n]) == 2)
+    activations = statistics = 0
+    if settings.needs_calibration:
+        seqlen = choose_seqlen(model, settings.calib_samples, settings.calib_seqlen, lambda _m: None)
+        streams = 3 if settings.reconstruct else 1  # reconstruction also holds the dense stream and its targets
+        activations = streams * activation_bytes(model, settings.calib_samples, seqlen)
+    if settings.method in ("sparsegpt", "admm"):  # a Hessian per matrix of the block (float32, inverted in float64)
+        _, _, first = blocks[0]
+        statistics = sum(12 * m.in_features ** 2 for m in first.modules() if isinstance(m, nn.Linear))
+        statistics += sum(12 * m.weight.shape[0] ** 2 for m in first.modules() if type(m).__name__ == "Conv1D")
+    return MemoryPlan(checkpoint.float_bytes(resident), block, matrix, activations, statistics)
+
+
+def weights_bytes(path: Path, shown: str) -> int:
+    """The float32 bytes of a plain directory's weights (what loading it in memory takes)."""
+    checkpoint = Checkpoint.open(path, shown)
+    return checkpoint.float_bytes(list(checkpoint.files))
+
+
+def needs_streaming(model_name_or_path: str) -> tuple[int, int] | None:
+    """(weights, available) bytes when a plain safetensors model would not fit in the available memory, else None."""
+    path = resolve(model_name_or_path).path
+    if not Checkpoint.present(path):
+        return None
+    weights, available = weights_bytes(path, model_name_or_path), available_memory()
+    return (weights, available) if weights > available else None
+
+
+def prune_streamed(
+    model_name_or_path: str,
+    settings: PruneSettings,
+    out_dir: Path,
+    max_memory: int,
+    progress: Progress = SILENT,
+    force: bool = False,
+    device: torch.device | None = None,
+    notes: tuple[str, ...] = (),
+) -> PrunedModel:
+    """`save.prune_to_dir` one block at a time under `max_memory` bytes: refused before any work (nothing written)
+    when the limit is below what one block needs."""
+    device = device or torch.device("cpu")
+    source: ModelSource = resolve(model_name_or_path)
+    checkpoint = Checkpoint.open(source.path, model_name_or_path)
+    config = load_config(source.path, model_name_or_path)
+    model = empty_model(model_class("auto", config), config)
+    resident = _resident_names(model, checkpoint, model_name_or_path)
+    memory_plan(model, checkpoint, settings, resident).check(max_memory)
+    tokenizer = load_tokenizer(source.path, required=False)
+    for name, tensor in checkpoint.read(resident, device).items():
+        put_tensor(model, name, tensor)
+    model.tie_weights()
+    with atomic_dir(Path(out_dir), force) as tmp:
+        stream = ShardStream(model, checkpoint, tmp, device)
+        for message in notes:
+            progress.note(message)
+        report = prune(model, settings, tokenizer, progress, stream=stream)
+        report.notes[:0] = list(notes)
+        stream.finish(resident)
+        model.config.save_pretrained(tmp)
+        if model.can_generate() and has_generation_config(source.path):
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        result = PrunedModel(model_name_or_path, Path(out_dir), report)
+        atomic_write_json(tmp / SPARSITY_JSON, result.to_json())
+        write_provenance(tmp, source, pruned={"method": settings.method, "sparsity": report.target_sparsity})
+    return result
+
+
+def _resident_names(model: nn.Module, checkpoint: Checkpoint, shown: str) -> list[str]:
+    """Checkpoint tensors outside blocks; refuses a checkpoint whose names are not the model's own."""
+    state = model.state_dict()
+    unknown = [n for n in checkpoint.files if n not in state]
+    if unknown:
+        raise SparselmError(
+            f"'{shown}' names its tensors differently from the model ('{unknown[0]}'); "
+            "it cannot be pruned block by block, drop --max-memory"
+        )
+    prefixes = tuple(f"{s.path}." for s in find_block_lists(model))
+    missing = [n for n in state if n.startswith(prefixes) and n not in checkpoint.files]
+    if missing:
+        raise SparselmError(f"'{shown}' lacks the block tensor '{missing[0]}'; copy the model again")
+    return [n for n in checkpoint.files if not n.startswith(prefixes)]

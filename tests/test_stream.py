@@ -1,0 +1,216 @@
+"""Pruning block by block from disk (`prune --max-memory`), evaluation with offloaded weights (`eval --max-memory`)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import tiny_model
+from sparselm.cli import app
+from sparselm.errors import SparselmError
+from sparselm.evaluation import evaluate
+from sparselm.facts import SPARSITY_JSON, format_size, parse_size
+from sparselm.pruning import prune_to_dir, settings_from
+from sparselm.pruning.stream import ShardStream
+from test_cli_prune import TEXT, char_tokenizer
+
+TIMINGS = ("seconds", "calibration_seconds")
+
+
+@pytest.fixture
+def sharded(tmp_path: Path):
+    """A tiny model of a family with a tokenizer, saved in several safetensors shards."""
+
+    def make(family: str) -> Path:
+        path = tmp_path / f"sharded-{family}"
+        tiny_model(family).save_pretrained(path, max_shard_size="20KB")
+        char_tokenizer().save_pretrained(path)
+        assert len(list(path.glob("*.safetensors"))) > 2
+        return path
+
+    return make
+
+
+@pytest.fixture
+def calib(tmp_path: Path) -> str:
+    path = tmp_path / "calib.txt"
+    path.write_text(TEXT)
+    return f"text:{path}"
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        found.update(load_file(file))
+    return found
+
+
+def without_timings(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k not in TIMINGS}
+
+
+CASES = [
+    ("llama", dict(method="magnitude")),
+    ("gpt2", dict(method="magnitude", scope="global")),
+    ("t5", dict(method="magnitude", scope="global")),
+    ("bert", dict(method="wanda")),
+    ("gpt2", dict(method="wanda", pattern="2:4")),
+    ("opt", dict(method="sparsegpt")),
+    ("bart", dict(method="sparsegpt")),
+    ("t5", dict(method="wanda", pattern="2:4")),
+    ("llama", dict(method="wanda", allocation="owl")),
+    ("llama", dict(method="magnitude", reconstruct=True, reconstruct_epochs=1)),
+]
+
+
+@pytest.mark.parametrize(("family", "fields"), CASES, ids=[f"{f}-{'-'.join(map(str, d.values()))}" for f, d in CASES])
+def test_streamed_prune_is_bit_identical_to_in_memory(sharded, calib, tmp_path, family, fields):
+    model = sharded(family)
+    settings = settings_from(sparsity=0.5, calib=calib, calib_samples=4, calib_seqlen=16, **fields)
+    memory = prune_to_dir(str(model), settings, tmp_path / "memory")
+    streamed = prune_to_dir(str(model), settings, tmp_path / "streamed", max_memory=10**9)
+    dense, a, b = tensors(model), tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert set(b) == set(dense)  # the checkpoint's own names, tied heads not duplicated
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    pruned = [n for n in a if not torch.equal(a[n], dense[n].float())]
+    assert pruned and all(".0." in n or ".1." in n for n in pruned)  # only block matrices were pruned
+    assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
+    on_disk = json.loads((tmp_path / "streamed" / SPARSITY_JSON).read_text())
+    assert without_timings(on_disk) == without_timings(memory.to_json())
+    assert without_timings(streamed.to_json()) == without_timings(memory.to_json())
+
+
+def test_too_small_limit_names_the_smallest_that_works(sharded, calib, tmp_path):
+    model = sharded("llama")
+    out = tmp_path / "out"
+    args = ["prune", str(model), "--out", str(out), "--method", "wanda", "--calib", calib, "--calib-samples", "4",
+            "--calib-seqlen", "16"]
+    result = CliRunner().invoke(app, [*args, "--max-memory", "1MB"])
+    assert result.exit_code != 0
+    message = result.output.strip()
+    assert len(message.splitlines()) == 1 and "--max-memory 1MB" in message
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", model.name]
+    smallest = re.search(r"use --max-memory (\S+) or more", message).group(1)
+    ok = CliRunner().invoke(app, [*args, "--max-memory", smallest, "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert (out / "model.safetensors.index.json").is_file()
+
+
+def test_a_run_killed_mid_way_leaves_nothing(sharded, tmp_path, monkeypatch):
+    model = sharded("llama")
+    unload = ShardStream.unload
+    seen: list[str] = []
+
+    def fail_on_second(self, ref):
+        seen.append(ref.name)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        unload(self, ref)
+
+    monkeypatch.setattr(ShardStream, "unload", fail_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        prune_to_dir(str(model), settings_from(method="magnitude", sparsity=0.5), tmp_path / "out", max_memory=10**9)
+    assert seen == ["model.layers.0", "model.layers.1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model.name]
+
+
+def test_packed_or_renamed_checkpoints_are_refused_before_work(tmp_path):
+    with pytest.raises(SparselmError, match="no safetensors weights"):
+        (tmp_path / "m").mkdir()
+        tiny_model("llama").config.save_pretrained(tmp_path / "m")
+        prune_to_dir(str(tmp_path / "m"), settings_from(method="magnitude"), tmp_path / "out", max_memory=10**9)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("200MB", 200 * 10**6), ("1.5GB", 1_500_000_000), ("2GiB", 2 * 2**30), ("512000", 512000), ("64 kb", 64000),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "MB", "-1GB", "2XB", "0"])
+def test_parse_size_refuses_non_sizes(text):
+    with pytest.raises(SparselmError, match="--max-memory"):
+        parse_size(text)
+
+
+def test_format_size_rounds_up():
+    assert format_size(1) == "1MB" and format_size(10**6) == "1MB" and format_size(10**6 + 1) == "2MB"
+    assert format_size(12_340_000_001) == "12.4GB"
+
+
+def test_eval_with_offloaded_weights_matches_in_memory(sharded, tmp_path):
+    model = sharded("llama")
+    text = tmp_path / "eval.txt"
+    text.write_text(TEXT)
+    memory = evaluate(str(model), f"text:{text}", seqlen=32, device=torch.device("cpu"))
+    offloaded = evaluate(str(model), f"text:{text}", seqlen=32, device=torch.device("cpu"), max_memory=20_000)
+    assert offloaded.metrics.token_ppl == pytest.approx(memory.metrics.token_ppl, rel=1e-5)
+    assert offloaded.metrics.word_ppl == pytest.approx(memory.metrics.word_ppl, rel=1e-5)
+    assert offloaded.sparsity == pytest.approx(memory.sparsity)
+
+
+def test_eval_max_memory_cli(sharded, tmp_path):
+    model = sharded("llama")
+    text = tmp_path / "eval.txt"
+    text.write_text(TEXT)
+    base = ["eval", str(model), "--task", f"text:{text}", "--seqlen", "32", "--device", "cpu", "--json"]
+    memory = CliRunner().invoke(app, base)
+    offloaded = CliRunner().invoke(app, [*base, "--max-memory", "20KB"])
+    assert memory.exit_code == 0 and offloaded.exit_code == 0, offloaded.output
+    a, b = json.loads(memory.stdout), json.loads(offloaded.stdout)
+    assert b["token_ppl"] == pytest.approx(a["token_ppl"], rel=1e-5)
+
+
+def test_device_cuda_without_gpu_is_one_clear_error(sharded, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = CliRunner().invoke(app, ["prune", str(sharded("llama")), "--out", str(tmp_path / "o"), "--device", "cuda"])
+    assert result.exit_code != 0 and "--device cuda" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_streamed_prune_on_gpu_matches_cpu_sparsity(sharded, calib, tmp_path):
+    model = sharded("llama")
+    settings = settings_from(method="wanda", sparsity=0.5, calib=calib, calib_samples=4, calib_seqlen=16)
+    cpu = prune_to_dir(str(model), settings, tmp_path / "cpu", max_memory=10**9)
+    gpu = prune_to_dir(str(model), settings, tmp_path / "gpu", max_memory=10**9, device=torch.device("cuda"))
+    assert [r["zeros"] for r in gpu.report.matrices] == [r["zeros"] for r in cpu.report.matrices]
+
+
+def test_a_model_bigger_than_available_memory_is_streamed_with_a_note(tmp_path, monkeypatch):
+    import transformers
+
+    from sparselm.pruning import stream
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, vocab_size=96,
+    )
+    path = tmp_path / "eight-blocks"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path, max_shard_size="20KB")
+    weights = stream.weights_bytes(path, str(path))
+    monkeypatch.setattr(stream, "available_memory", lambda: weights - 1)
+    monkeypatch.setattr(stream, "WORK_BYTES", 0)
+    settings = settings_from(method="magnitude", sparsity=0.5)
+    streamed = prune_to_dir(str(path), settings, tmp_path / "auto")
+    assert streamed.report.notes[0].startswith("the model's weights (")
+    assert "pruned block by block from disk" in streamed.report.notes[0]
+    assert (tmp_path / "auto" / "model.safetensors.index.json").is_file()
+    monkeypatch.setattr(stream, "available_memory", lambda: weights)
+    memory = prune_to_dir(str(path), settings, tmp_path / "memory")
+    assert memory.report.notes == [] and not (tmp_path / "memory" / "model.safetensors.index.json").exists()
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "auto")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
