@@ -243,7 +243,7 @@ class MethodSpec(Strict):
         defaults = _prune_settings()
         detail = []
         if self.reconstruct_epochs != defaults.reconstruct_epochs:
-            detail.append(f"{self.reconstruct_epochs} epochs")
+            detail.append(f"{self.reconstruct_epochs} epoch{'s' * (self.reconstruct_epochs != 1)}")
         if self.reconstruct_lr != defaults.reconstruct_lr:
             detail.append(f"lr {self.reconstruct_lr:g}")
         return f"({', '.join(detail)})" if detail else ""

@@ -15,7 +15,7 @@ LINE_STYLES = {
     "solid": {"marker": "o"},
     "dashed": {"marker": "o", "ls": "--", "alpha": 0.8},
     "points": {"marker": "o", "ls": "none"},
-    "front": {"color": "black", "lw": 1.5, "alpha": 0.6},
+    "front": {"color": "black", "lw": 1.5, "alpha": 0.6, "marker": "o", "ms": 12, "mfc": "none"},
 }
 REFERENCE_STYLES = {
     "dense": {"color": "black", "ls": "--", "lw": 1},
