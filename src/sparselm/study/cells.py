@@ -63,7 +63,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        what = "dense" if self.method == DENSE else f"{self.method} s={self.sparsity:g}"
+        what = "dense" if self.method == DENSE else f"{method_spec(self).label} s={self.sparsity:g}"
         return f"{model_slug(self.model)} {what} {self.task}"
 
     def to_json(self) -> dict[str, Any]:

@@ -52,7 +52,7 @@ class Point:
 @dataclass(frozen=True)
 class Line:
     """A series of points; `style`: solid or dashed line through them, `points` unconnected, or `front` (a Pareto
-    front: a plain line, no markers); lines with the same `colour` (an index into the colour cycle) share it."""
+    front: a black line ringing its points); lines with the same `colour` (an index into the colour cycle) share it."""
 
     label: str
     points: list[Point]
@@ -376,11 +376,21 @@ def _recovery_section(slug: str, rows: list[Row], prunes: list[Row]) -> Section:
         f"{slug}: one-shot vs recovered perplexity",
         "Each recovered variant (block reconstruction towards the dense model's outputs on the calibration text, or "
         "gradual pruning in rounds) beside the same method pruned in one shot: same colour, the one-shot line dashed. "
-        "Recovery never sees the evaluation text. Prune seconds are the prune cells' wall times on this machine "
-        "(shared, noisy). Settings of the recovered models: see the pruning table.",
+        "Recovery never sees the evaluation text. Prune seconds are the prune cells' wall times in this run (one "
+        f"measurement each: a rough cost, not a benchmark). Recovery settings: {_recovery_settings(recovered)}.",
         [FigureData(f"{slug}-recovery.png", f"{slug}: token perplexity vs sparsity, one-shot (dashed) vs recovered (solid), log y", panels)],
         [Table("one-shot vs recovered", header, table)],
     )
+
+
+def _recovery_settings(rows: list[Row]) -> str:
+    """`sparsegpt +reconstruct: reconstruct_epochs=2, reconstruct_lr=0.0002` for each recovered variant."""
+    settings = {}
+    for r in rows:
+        spec = method_of(r)
+        added = {k: v for k, v in spec.options().items() if k not in spec.one_shot.options() and k != "reconstruct"}
+        settings[method_label(r)] = ", ".join(f"{k}={v}" for k, v in added.items())
+    return "; ".join(f"{label}: {text}" for label, text in settings.items())
 
 
 def _seconds_text(seconds: float | None) -> str:
