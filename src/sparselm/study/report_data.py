@@ -355,7 +355,9 @@ def _recovery_section(slug: str, rows: list[Row], prunes: list[Row]) -> Section:
     panels = []
     for task in dict.fromkeys(r.task for r in rows):
         lines, refs = sweep([r for r in rows if r.task == task], lambda r: r.metrics.get("token_ppl"), "dense")
-        shown = [Line(line.label, line.points, styles[line.label], colours[line.label]) for line in lines if line.label in styles]
+        shown = [
+            Line(line.label, line.points, styles[line.label], colours[line.label]) for line in lines if line.label in styles
+        ]
         panels.append(Panel(f"{slug} on {task_title(task)}", "token perplexity (log scale)", shown, refs, log_y=True))
     header = [
         "recovered variant", "one-shot method", "sparsity", "task", "one-shot ppl", "recovered ppl",
@@ -378,7 +380,10 @@ def _recovery_section(slug: str, rows: list[Row], prunes: list[Row]) -> Section:
         "gradual pruning in rounds) beside the same method pruned in one shot: same colour, the one-shot line dashed. "
         "Recovery never sees the evaluation text. Prune seconds are the prune cells' wall times in this run (one "
         f"measurement each: a rough cost, not a benchmark). Recovery settings: {_recovery_settings(recovered)}.",
-        [FigureData(f"{slug}-recovery.png", f"{slug}: token perplexity vs sparsity, one-shot (dashed) vs recovered (solid), log y", panels)],
+        [FigureData(
+            f"{slug}-recovery.png", f"{slug}: token perplexity vs sparsity, one-shot (dashed) vs recovered (solid), log y",
+            panels,
+        )],
         [Table("one-shot vs recovered", header, table)],
     )
 
@@ -491,11 +496,14 @@ def _frontier_section(slug: str, frontier: dict[str, dict[str, list[FrontierPoin
         f"{slug}: quality vs speed",
         "Every model with a latency measurement: its token perplexity as a ratio to the dense model's on the same task "
         "(1.0 = as good as dense) against its measured speed-up over dense (median over rounds, bars: "
-        "min–max), the dense model at (1, 1) with the spread of its timing against itself (relative to its median). The black line "
-        "joins the Pareto front (ringed): the models no other model beats on both speed and quality. A speed-up *within noise* "
-        "counts as 1.0× when the front is chosen, since its rounds do not show it is faster. The models worth using sit right of 1.0× and "
-        "near the dense line.",
-        [FigureData(f"{slug}-frontier.png", f"{slug}: perplexity / dense vs speed-up per model (labels: sparsity; line: Pareto front)", panels, columns=len(shapes))],
+        "min–max), the dense model at (1, 1) with the spread of its timing against itself (relative to its median). "
+        "The black line joins the Pareto front (ringed): the models no other model beats on both speed and quality. A "
+        "speed-up *within noise* counts as 1.0× when the front is chosen, since its rounds do not show it is faster. "
+        "The models worth using sit right of 1.0× and near the dense line.",
+        [FigureData(
+            f"{slug}-frontier.png", f"{slug}: perplexity / dense vs speed-up per model (labels: sparsity; line: Pareto front)",
+            panels, columns=len(shapes),
+        )],
         [Table("quality vs speed", header, table)],
     )
 
