@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ from sparselm.sources import reference_kind
 from sparselm.pruning import registered_methods
 from sparselm.pruning.settings import settings_from
 from sparselm.storage import FORMATS
-from sparselm.study.cells import RUNNERS, Cell, plan
+from sparselm.study.cells import RUNNERS, Cell, method_spec, model_dir, plan, prune_settings
 from sparselm.study.config import CellKind, MethodSpec, StudyConfig, default_config_text, load_config, parse_config
+from sparselm.study.store import canonical
 
 
 def test_default_config_is_the_seed_study() -> None:
@@ -23,8 +25,12 @@ def test_default_config_is_the_seed_study() -> None:
     assert [m.name for m in config.models] == ["smollm2-135m", "minilm-l6"]
     assert config.sparsities == [0.0, 0.1, 0.5, 0.9, 0.95, 0.99]
     assert [(m.method, m.scope) for m in config.methods] == [
-        ("magnitude", "global"), ("wanda", "layer"), ("sparsegpt", "layer"),
+        ("magnitude", "global"), ("wanda", "layer"), ("sparsegpt", "layer"), ("sparsegpt", "layer"),
     ]
+    # One-shot methods at every sparsity; SparseGPT + block reconstruction beside them at 0.5 and 0.9 only.
+    assert [m.label for m in config.methods] == ["magnitude (global)", "wanda", "sparsegpt", "sparsegpt +reconstruct"]
+    assert [m.sparsities for m in config.methods] == [None, None, None, [0.5, 0.9]]
+    assert config.methods[3].one_shot == config.methods[2]
     decoder, encoder = config.models
     assert decoder.tasks == ["ptb", "wiki"] and encoder.tasks == ["wiki-pair"]
     assert load_config(None, "full").models[0].tasks == ["ptb", "wiki", "wiki-pair"]  # the decoder fine-tuned too
@@ -33,7 +39,9 @@ def test_default_config_is_the_seed_study() -> None:
     assert (config.runtime.rounds, config.runtime.steps, config.runtime.sparsities) == (7, 16, [0.0, 0.9, 0.95])
     assert load_config(None, "full").runtime.sparsities is None
     timed = [c for c in plan(config) if c.kind == CellKind.BENCH]
-    assert len(timed) == 2 * (1 + 3 * 2)  # per model: the dense model and three methods at 0.9 and 0.95
+    # per model: the dense model, three one-shot methods at 0.9 and 0.95, and the recovered variant at 0.9
+    assert len(timed) == 2 * (1 + 3 * 2 + 1)
+    assert {c.sparsity for c in timed if c.options == canonical(config.methods[3].options())} == {0.9}
     # The shipped file is readable YAML a user can copy (comments included).
     assert "# The default sparselm study" in default_config_text()
 
@@ -210,3 +218,99 @@ def test_runtime_sparsities_choose_the_timed_models() -> None:
     assert timed == {("dense", 0.0), ("magnitude", 0.9)}  # 2:4 is at 0.5, which is not timed
     packed = {(c.method, c.sparsity) for c in plan(config) if c.kind == CellKind.PACK}
     assert packed == {("dense", 0.0), ("magnitude", 0.5), ("magnitude", 0.9), ("wanda", 0.5)}
+
+
+RECOVERED = """\
+models:
+  - name: minilm-l6
+sparsities: [0, 0.5, 0.9]
+methods:
+  - method: sparsegpt
+  - method: sparsegpt
+    reconstruct: true
+    sparsities: [0.9]
+  - {method: sparsegpt, reconstruct: true, reconstruct_epochs: 3, reconstruct_lr: 1.0e-4}
+  - {method: sparsegpt, steps: 4}
+  - {method: wanda, reconstruct: true, steps: 2}
+"""
+
+
+def test_recovered_variants_are_methods_of_their_own() -> None:
+    config = parse_config(RECOVERED, "r.yaml", Path("."))
+    one_shot, recovered, tuned, gradual, wanda = config.methods
+    assert [m.label for m in config.methods] == [
+        "sparsegpt", "sparsegpt +reconstruct", "sparsegpt +reconstruct(3 epochs, lr 0.0001)", "sparsegpt +4 steps",
+        "wanda +reconstruct +2 steps",
+    ]
+    assert len({m.slug for m in config.methods}) == len({canonical(m.options()) for m in config.methods}) == 5
+    # Reconstruction's epochs and learning rate are stated in the identity even when left at prune's defaults.
+    defaults = settings_from()
+    assert recovered.options() == {**one_shot.options(), "reconstruct": True,
+                                   "reconstruct_epochs": defaults.reconstruct_epochs, "reconstruct_lr": defaults.reconstruct_lr}
+    assert gradual.options() == {**one_shot.options(), "steps": 4}
+    assert [m.recovered for m in config.methods] == [False, True, True, True, True]
+    assert {m.one_shot for m in config.methods[:4]} == {one_shot} and wanda.one_shot == MethodSpec(method="wanda")
+    # Each prune cell's settings are what `sparselm prune --reconstruct --reconstruct-epochs 3 ...` runs.
+    prunes = {(method_spec(c).label, c.sparsity): prune_settings(c, config) for c in plan(config) if c.task == "prune"}
+    assert set(prunes) == {(m.label, s) for m in config.methods for s in ((0.9,) if m is recovered else (0.5, 0.9))}
+    tuned_settings = prunes[(tuned.label, 0.5)]
+    assert (tuned_settings.reconstruct, tuned_settings.reconstruct_epochs, tuned_settings.reconstruct_lr) == (True, 3, 1e-4)
+    assert (prunes[(gradual.label, 0.9)].steps, prunes[(gradual.label, 0.9)].reconstruct) == (4, False)
+    assert not prunes[("sparsegpt", 0.5)].reconstruct and prunes[("sparsegpt", 0.5)].steps == 1
+    # Every prune cell has its own model directory and key; one key per measurement, no two methods sharing one.
+    cells = plan(config)
+    assert len({c.key for c in cells}) == len(cells)
+    dirs = {model_dir(Path("/s"), c) for c in cells if c.task == "prune"}
+    assert len(dirs) == len(prunes)
+
+
+def test_one_shot_methods_keep_the_identity_they_had_before_recovery() -> None:
+    """A config without recovered variants hashes, keys and names its models exactly as before recovery options
+    existed, so earlier results stores and model directories stay valid."""
+    config = StudyConfig.model_validate({
+        "models": [{"name": "smollm2-135m", "tasks": ["ptb"]}], "methods": [{"method": "sparsegpt"}, {"method": "magnitude"}],
+        "sparsities": [0, 0.5],
+    })
+    assert config.hash == "3f1fb7fb469b905a"  # the hash sparselm gave this config before recovered variants existed
+    assert [set(m) for m in config.hashed_json()["methods"]] == [
+        {"method", "scope", "pattern", "allocation", "include_embeddings"}] * 2
+    assert MethodSpec(method="sparsegpt").slug == "sparsegpt-layer-unstructured-uniform"
+    with_recovery = StudyConfig.model_validate({**config.hashed_json(), "methods": [
+        *config.hashed_json()["methods"], {"method": "sparsegpt", "reconstruct": True}]})
+    assert with_recovery.hash != config.hash
+    # A store written before is reopened by the same config; the recovered variant's is another study.
+    assert StudyConfig.model_validate(config.model_dump(mode="json")).hash == config.hash
+
+
+@pytest.mark.parametrize(("method", "expected"), [
+    ({"method": "wanda", "reconstruct_epochs": 3}, "methods.0: reconstruct_epochs and reconstruct_lr tune the reconstruction: add `reconstruct: true`"),
+    ({"method": "sparsegpt", "reconstruct": True, "reconstruct_epochs": 0}, "methods.0.reconstruct_epochs: --reconstruct-epochs must be at least 1, got 0"),
+    ({"method": "sparsegpt", "reconstruct": True, "reconstruct_lr": -1}, "methods.0.reconstruct_lr: --reconstruct-lr must be a positive learning rate"),
+    ({"method": "sparsegpt", "steps": 0}, "methods.0: --steps must be at least 1"),
+    ({"method": "magnitude", "scope": "layer", "steps": 3}, "methods.0: --steps needs a recovery between rounds, and magnitude does not update"),
+    ({"method": "magnitude", "steps": 3, "reconstruct": True}, "methods.0: --steps prunes each block in rounds, but --scope global"),
+    ({"method": "wanda", "pattern": "2:4", "sparsities": [0.5]}, "methods.0: pattern 2:4 fixes the sparsity at 0.5; drop `sparsities`"),
+    ({"method": "wanda", "sparsities": [0, 0.5]}, "methods.0.sparsities: list each sparsity once, without 0"),
+    ({"method": "wanda", "sparsities": [0.7]}, "methods: method 0 (wanda) lists sparsities 0.7 that the study does not have (0, 0.5)"),
+    ({"method": "wanda", "reconstruct": "maybe"}, "methods.0.reconstruct: Input should be a valid boolean"),
+])
+def test_bad_recovered_variants_are_refused_with_their_line(method: dict, expected: str) -> None:
+    raw = study(methods=[method], sparsities=[0, 0.5])
+    message = problems(raw)
+    assert expected in message and "(1 problem)" in message, message
+    lines = yaml.safe_dump(raw).splitlines()  # the text `problems` validates
+    number, path = re.search(r"s\.yaml:(\d+): (methods[.\w]*):", message).groups()
+    named = lines[int(number) - 1]
+    key = path.split(".")[-1]
+    if key == "methods":
+        assert named.startswith("methods:")
+    elif key == "0":
+        assert named.startswith("- ")  # the method's own entry
+    else:
+        assert named.lstrip("- ").startswith(f"{key}:"), (named, path)
+
+
+def test_the_same_recovered_variant_twice_is_refused() -> None:
+    twice = [{"method": "sparsegpt", "reconstruct": True}, {"method": "sparsegpt", "reconstruct": True, "reconstruct_epochs": 2}]
+    assert "a method with the same options is listed twice" in problems(study(methods=twice))
+    assert problems(study(methods=[twice[0], {"method": "sparsegpt", "reconstruct": True, "reconstruct_epochs": 3}])) == ""

@@ -15,14 +15,16 @@ import matplotlib.image
 import numpy as np
 import pytest
 from matplotlib.container import ErrorbarContainer
-from study_helpers import reference_study
+from study_helpers import reference_study, tiny_study_yaml
 from typer.testing import CliRunner
 
 from sparselm.analysis.figures import save_figure
 from sparselm.cli import app
 from sparselm.study import report_figures
-from sparselm.study.config import StudyConfig
+from sparselm.study.config import StudyConfig, load_config
 from sparselm.study.report import write_report
+from sparselm.study.report_data import pareto_front
+from sparselm.study.run import run_study
 from sparselm.study.store import ResultStore, Row
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -173,3 +175,148 @@ def test_every_speedup_is_shown_with_its_spread_and_noise_verdict(tmp_path: Path
     assert extents == [pytest.approx((0.97, 1.05)), pytest.approx((1.80, 1.93)), pytest.approx((3.12, 3.12))]
     (band,) = [p for p in prefill.patches if p.get_alpha() == 0.15]  # the dense model's spread as a band
     assert (band.get_y(), band.get_y() + band.get_height()) == pytest.approx((0.97, 1.05))
+
+
+def naive_front(points: list[tuple[float, float]]) -> set[int]:
+    """The Pareto front by a sweep (fastest first, keeping each point better than every faster one): an independent
+    computation of what `pareto_front` finds pairwise."""
+    front, best = set(), float("inf")
+    by_speed = sorted(range(len(points)), key=lambda i: -points[i][0])
+    for speed in dict.fromkeys(points[i][0] for i in by_speed):
+        same = [i for i in by_speed if points[i][0] == speed]
+        lowest = min(points[i][1] for i in same)
+        if lowest < best:
+            front |= {i for i in same if points[i][1] == lowest}
+            best = lowest
+    return front
+
+
+def test_pareto_front_keeps_exactly_the_unbeaten_points() -> None:
+    points = [(1.0, 1.0), (1.5, 1.2), (1.4, 1.5), (2.0, 3.0), (2.0, 5.0), (0.9, 0.95), (1.5, 1.2), (1.0, 1.1)]
+    # (1.4, 1.5) loses to (1.5, 1.2); (2.0, 5.0) to (2.0, 3.0); (1.0, 1.1) to (1.0, 1.0); equal points both stay.
+    assert pareto_front(points) == [0, 1, 3, 5, 6]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        count = int(rng.integers(1, 12))
+        sampled = [(float(rng.choice([0.8, 1.0, 1.5, 2.0, 3.0])), float(rng.choice([1.0, 1.3, 2.0, 9.0]))) for _ in range(count)]
+        assert set(pareto_front(sampled)) == naive_front(sampled), sampled
+
+
+def study_row(method: str, options: dict, sparsity: float, task: str, kind: str, metrics: dict, seconds: float = 1.0) -> Row:
+    return Row("smollm2-135m", method, options, sparsity, task, kind, "ok", metrics, {}, {}, None, 0.0, seconds)
+
+
+def bench_metrics(prefill: dict, decode: dict) -> dict:
+    return {"prefill": [{"tokens": 128, **prefill}], "decode": decode}
+
+
+def test_recovery_and_frontier_sections_on_synthetic_rows(tmp_path: Path, monkeypatch) -> None:
+    methods = [{"method": "magnitude"}, {"method": "sparsegpt"}, {"method": "sparsegpt", "reconstruct": True, "sparsities": [0.9]}]
+    config = StudyConfig.model_validate(
+        {"models": [{"name": "smollm2-135m", "tasks": ["ptb"]}], "methods": methods, "sparsities": [0, 0.5, 0.9]}
+    )
+    magnitude, sparsegpt, recovered = (m.options() for m in config.methods)
+    store = ResultStore.open_for(tmp_path, config)
+    store.record(study_row("dense", {}, 0.0, "ptb", "perplexity", {"token_ppl": 50.0}))
+    store.record(study_row("dense", {}, 0.0, "bench", "bench", bench_metrics(spread(1.01, 0.97, 1.04, True), spread(0.99, 0.96, 1.03, True))))
+    measured = [("magnitude", magnitude, 0.5, 90.0), ("magnitude", magnitude, 0.9, 5000.0), ("sparsegpt", sparsegpt, 0.5, 70.0),
+                ("sparsegpt", sparsegpt, 0.9, 800.0), ("sparsegpt", recovered, 0.9, 200.0)]
+    for method, options, sparsity, ppl in measured:
+        store.record(study_row(method, options, sparsity, "ptb", "perplexity", {"token_ppl": ppl}))
+        store.record(study_row(method, options, sparsity, "prune", "prune", {}, seconds=12.5 if options is recovered else 4.0))
+    store.record(study_row("magnitude", magnitude, 0.9, "bench", "bench", bench_metrics(spread(2.0, 1.9, 2.1, False), spread(1.3, 1.2, 1.4, False))))
+    store.record(study_row("sparsegpt", sparsegpt, 0.9, "bench", "bench", bench_metrics(spread(1.9, 1.8, 2.0, False), spread(1.35, 1.25, 1.45, False))))
+    store.record(study_row("sparsegpt", recovered, 0.9, "bench", "bench", bench_metrics(spread(1.95, 1.85, 2.05, False), spread(1.02, 0.95, 1.1, True))))
+    drawn = {}
+    monkeypatch.setattr(report_figures, "save_figure", lambda fig, path, dpi: drawn.setdefault(path.name, fig) and save_figure(fig, path, dpi))
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+
+    # One-shot vs recovered: 200 / 800 and 200 / 50, with both prune cells' seconds.
+    assert "| sparsegpt +reconstruct | sparsegpt | 0.9 | ptb | 800 | 200 | 0.250× | 4.00× | 4.0 → 12.5 |" in md
+    (axes,) = drawn["smollm2-135m-recovery.png"].axes
+    lines = {line.get_label(): line for line in axes.get_lines() if not line.get_label().startswith("_")}
+    assert set(lines) == {"sparsegpt", "sparsegpt +reconstruct", "dense 50"}  # magnitude has no recovered variant
+    assert list(lines["sparsegpt"].get_ydata()) == [50.0, 70.0, 800.0] and lines["sparsegpt"].get_linestyle() == "--"
+    assert list(lines["sparsegpt +reconstruct"].get_ydata()) == [50.0, 200.0]
+    assert lines["sparsegpt"].get_color() == lines["sparsegpt +reconstruct"].get_color()
+
+    # Quality vs speed: ratio to dense 50; the decode speed-up of the recovered model is within noise, so it counts
+    # as 1.0× and the dense model beats it; magnitude is the fastest at prefill, so it is on that front.
+    header = "| method | sparsity | task | token ppl / dense | prefill 128 tokens speedup | decode speedup | on the Pareto front of |"
+    assert header in md
+    for row in [
+        # dense against itself at 1.0×, with its rounds' spread relative to their median: 0.97/1.01–1.04/1.01, ...
+        "| dense | 0 | ptb | 1.00× | 1.00× (0.96–1.03), within noise | 1.00× (0.97–1.04), within noise | prefill 128 tokens, decode |",
+        "| magnitude (global) | 0.9 | ptb | 100× | 2.00× (1.90–2.10) | 1.30× (1.20–1.40) | prefill 128 tokens |",
+        "| sparsegpt | 0.9 | ptb | 16.0× | 1.90× (1.80–2.00) | 1.35× (1.25–1.45) | decode |",
+        "| sparsegpt +reconstruct | 0.9 | ptb | 4.00× | 1.95× (1.85–2.05) | 1.02× (0.95–1.10), within noise | prefill 128 tokens |",
+    ]:
+        assert row in md, row
+    assert "| magnitude (global) | 0.5 | ptb | 1.80× |" not in md  # no latency measured: not on the frontier
+    prefill, decode = drawn["smollm2-135m-frontier.png"].axes
+    assert prefill.get_xlabel() == "prefill 128 tokens speedup over dense (×)" and prefill.get_yscale() == "log"
+    for ax, front in ((prefill, [(1.0, 1.0), (1.95, 4.0), (2.0, 100.0)]), (decode, [(1.0, 1.0), (1.35, 16.0)])):
+        (line,) = [l for l in ax.get_lines() if l.get_label() == "Pareto front"]
+        assert list(line.get_xdata()) == pytest.approx([x for x, _ in front])
+        assert list(line.get_ydata()) == pytest.approx([y for _, y in front])
+        notes = sorted((a.get_text(), a.xy) for a in ax.texts)
+        assert [n for n, _ in notes] == ["0.9", "0.9", "0.9", "dense"]
+        assert dict((xy, n) for n, xy in notes)[(1.0, 1.0)] == "dense"  # the dense model at (1, 1)
+    bars = {c.get_label(): c for c in prefill.containers if isinstance(c, ErrorbarContainer)}
+    (xbars,) = bars["sparsegpt +reconstruct"].lines[2]
+    assert [tuple(seg[:, 0]) for seg in xbars.get_segments()] == [pytest.approx((1.85, 2.05))]  # min–max over rounds
+    html = (tmp_path / "report.html").read_text()
+    assert "<td>sparsegpt +reconstruct</td><td>0.9</td><td>ptb</td><td>4.00×</td>" in html
+
+
+@pytest.fixture(scope="module")
+def recovered_study(tmp_path_factory) -> Path:
+    """A tiny study with SparseGPT in one shot and with block reconstruction (at 0.9 only), every model timed."""
+    root = tmp_path_factory.getbasetemp() / "study-tiny"
+    config = load_config(tiny_study_yaml(
+        root, "recovered", analyze="false", sparsities="[0, 0.5, 0.9]", encoder_tasks="[]", size="{enabled: false}",
+        methods="[{method: sparsegpt}, {method: sparsegpt, reconstruct: true, reconstruct_epochs: 1, sparsities: [0.9]}]",
+        runtime="{enabled: true, tokens: [8], threads: 1, rounds: 3, steps: 2, sparsities: [0, 0.9]}",
+    ))
+    out = root / "recovered"
+    summary = run_study(config, out)
+    assert not summary.failed, summary.failed
+    return out
+
+
+def test_a_study_with_a_recovered_variant_reports_it_beside_its_one_shot_method(recovered_study: Path) -> None:
+    rows = ResultStore.open_existing(recovered_study).rows()
+    decoder = [r for r in rows if "llama" in r.model]
+    measured = {(r.method, json.dumps(r.options, sort_keys=True), r.sparsity, r.task): r for r in decoder}
+    one_shot_options, recovered_options = (json.dumps(m.options(), sort_keys=True) for m in load_config(recovered_study / "config.yaml").methods)
+    task = next(r.task for r in decoder if r.kind == "perplexity")
+    prune = measured[("sparsegpt", recovered_options, 0.9, "prune")]
+    assert prune.settings["reconstruct"] is True and prune.settings["reconstruct_epochs"] == 1
+    assert measured[("sparsegpt", one_shot_options, 0.9, "prune")].settings["reconstruct"] is False
+    assert {r.sparsity for r in decoder if json.dumps(r.options, sort_keys=True) == recovered_options} == {0.9}
+    ppl = {key[0:3]: r.metrics["token_ppl"] for key, r in measured.items() if r.kind == "perplexity"}
+    dense, base, rec = ppl[("dense", "{}", 0.0)], ppl[("sparsegpt", one_shot_options, 0.9)], ppl[("sparsegpt", recovered_options, 0.9)]
+    assert rec != base  # the reconstruction changed the model
+
+    figs = {p.name for p in (recovered_study / "figs").iterdir()}
+    assert {"tiny-llama-recovery.png", "tiny-llama-frontier.png", "tiny-bert-frontier.png"} - figs == {"tiny-bert-frontier.png"}
+    md = (recovered_study / "report.md").read_text()
+    assert "(figs/tiny-llama-recovery.png)" in md and "(figs/tiny-llama-frontier.png)" in md
+    # The one-shot vs recovered table, from the measured perplexities.
+    assert f"| sparsegpt +reconstruct(1 epoch) | sparsegpt | 0.9 | {task} | {base:.4g} | {rec:.4g} | {rec / base:#.3g}× |" in md
+    # The frontier table: every timed model's ratio to dense and its measured speed-ups (median and spread).
+    assert ("sparsegpt", one_shot_options, 0.5, "bench") not in measured  # not timed, so not on the frontier
+    assert f"| sparsegpt | 0.5 | {task} | {ppl[('sparsegpt', one_shot_options, 0.5)] / dense:#.3g}× |" not in md
+    for method, options, sparsity in (("sparsegpt", one_shot_options, 0.9), ("sparsegpt", recovered_options, 0.9)):
+        bench = measured[(method, options, sparsity, "bench")].metrics
+        ratio = ppl[(method, options, sparsity)] / dense
+        prefill, decode = bench["prefill"][0], bench["decode"]
+        label = "sparsegpt" if options == one_shot_options else "sparsegpt +reconstruct(1 epoch)"
+        cells = [label, f"{sparsity:g}", task, f"{ratio:,.0f}×" if ratio >= 100 else f"{ratio:#.3g}×",
+                 *[f"{s['speedup']:.2f}× ({s['speedup_low']:.2f}–{s['speedup_high']:.2f})" + ", within noise" * s["within_noise"]
+                   for s in (prefill, decode)]]
+        assert "| " + " | ".join(cells) in md, cells
+    html = (recovered_study / "report.html").read_text()
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == len(figs)
+    assert "quality vs speed" in html and "one-shot vs recovered perplexity" in html

@@ -63,7 +63,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        what = "dense" if self.method == DENSE else f"{self.method} s={self.sparsity:g}"
+        what = "dense" if self.method == DENSE else f"{method_spec(self).label} s={self.sparsity:g}"
         return f"{model_slug(self.model)} {what} {self.task}"
 
     def to_json(self) -> dict[str, Any]:
@@ -84,11 +84,18 @@ def plan(config: StudyConfig) -> list[Cell]:
             cells += [Cell(spec.name, DENSE, "{}", 0.0, task) for task in _measures(spec, config, 0.0)]
         for method in config.methods:
             options = canonical(method.options())
-            sparsities = [method.fixed_sparsity] if method.fixed_sparsity else [s for s in config.sparsities if s > 0]
+            sparsities = method_sparsities(method, config)
             for sparsity in sparsities:
                 cells.append(Cell(spec.name, method.method, options, sparsity, CellKind.PRUNE.value))
                 cells += [Cell(spec.name, method.method, options, sparsity, task) for task in _measures(spec, config, sparsity)]
     return cells
+
+
+def method_sparsities(method: MethodSpec, config: StudyConfig) -> list[float]:
+    """The sparsities a method is pruned to: the one its N:M pattern fixes, its own list, or all of the study's."""
+    if method.fixed_sparsity:
+        return [method.fixed_sparsity]
+    return method.sparsities or [s for s in config.sparsities if s > 0]
 
 
 def _measures(spec: ModelSpec, config: StudyConfig, sparsity: float) -> list[str]:
@@ -271,6 +278,7 @@ def prune_settings(cell: Cell, config: StudyConfig) -> Any:
         calib_seqlen=cal.seqlen,
         seed=cal.seed,
         include_embeddings=spec.include_embeddings,
+        **spec.recovery(),
     )
 
 

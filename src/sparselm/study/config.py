@@ -20,10 +20,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     create_model,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -118,30 +120,74 @@ def _is_text_task(task: str) -> bool:
     return task.startswith("text:") and len(task) > 5
 
 
+# The recovery options of a method and the values that mean "one-shot": left out of the method's serialised form (and
+# so of its key, its directory name and the config hash), so a one-shot method is identified exactly as before recovery
+# options existed, and the stores of earlier studies stay valid. `sparsities` is the study's, not pruning's, option.
+ONE_SHOT = {"reconstruct": False, "reconstruct_epochs": None, "reconstruct_lr": None, "steps": 1}
+STUDY_ONLY = {"sparsities": None}
+UNSTATED = {**ONE_SHOT, **STUDY_ONLY}  # options left out of the serialised form when they have these values
+
+
 class MethodSpec(Strict):
     """A pruning method and its options: PruneSettings fields (other than sparsity and calibration), checked by
-    PruneSettings itself, so the study accepts exactly the methods, scopes, patterns and allocations `prune` does."""
+    PruneSettings itself, so the study accepts exactly the methods, scopes, patterns, allocations and recoveries
+    `prune` does.
+
+    A recovered variant (`reconstruct: true`, gradual `steps: K`) is a method of its own: its own label, key and
+    directory. When reconstructing, the epochs and learning rate are always part of its identity (filled in from
+    `prune`'s defaults when not given), so a later change of those defaults never passes old results off as new ones.
+    """
 
     method: str
     scope: str | None = Field(None, description="default: global for magnitude, else layer")
     pattern: str = "unstructured"
     allocation: str = "uniform"
     include_embeddings: bool = False
+    reconstruct: bool = Field(False, description="train each block's kept weights towards the dense block (prune --reconstruct)")
+    reconstruct_epochs: int | None = Field(None, description="passes over the calibration batches per block (default: prune's)")
+    reconstruct_lr: float | None = Field(None, description="Adam learning rate of the reconstruction (default: prune's)")
+    steps: int = Field(1, description="gradual pruning in this many rounds (prune --steps; 1 = one shot)")
+    sparsities: list[Sparsity] | None = Field(
+        None, min_length=1, description="prune this method at these of the study's sparsities only (None: all of them)"
+    )
 
-    @field_validator("method", "scope", "pattern", "allocation", "include_embeddings")
+    @field_validator("method", "scope", "pattern", "allocation", "include_embeddings", "reconstruct_epochs", "reconstruct_lr")
     @classmethod
     def _valid_prune_setting(cls, value: Any, info: ValidationInfo) -> Any:
-        """Each option on its own, as PruneSettings reads it (patterns come back normalised: `2:4`)."""
+        """Each option on its own, as PruneSettings reads it (patterns come back normalised: `2:4`); `steps` depends on
+        the method, so the combination check below judges it."""
         if value is None:
             return value
         return getattr(_prune_settings(**{info.field_name: value}), info.field_name)
+
+    @field_validator("sparsities")
+    @classmethod
+    def _distinct_positive(cls, values: list[float] | None) -> list[float] | None:
+        if values is None:
+            return None
+        if len(set(values)) != len(values) or 0.0 in values:
+            raise ValueError("list each sparsity once, without 0 (the dense model is measured once per model)")
+        return sorted(values)
 
     @model_validator(mode="after")
     def _default_scope_and_check(self) -> MethodSpec:
         if self.scope is None:
             object.__setattr__(self, "scope", "global" if self.method == "magnitude" else "layer")
+        if not self.reconstruct and (self.reconstruct_epochs is not None or self.reconstruct_lr is not None):
+            raise ValueError("reconstruct_epochs and reconstruct_lr tune the reconstruction: add `reconstruct: true` or drop them")
+        if self.reconstruct:
+            defaults = _prune_settings()
+            for name in ("reconstruct_epochs", "reconstruct_lr"):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, getattr(defaults, name))
+        if self.sparsities is not None and self.fixed_sparsity is not None:
+            raise ValueError(f"pattern {self.pattern} fixes the sparsity at {self.fixed_sparsity:g}; drop `sparsities`")
         _prune_settings(method=self.method, **self.options())  # the combination, as the pruning engine judges it
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_one_shot_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if k not in UNSTATED or v != UNSTATED[k]}
 
     @property
     def fixed_sparsity(self) -> float | None:
@@ -153,11 +199,30 @@ class MethodSpec(Strict):
 
     def options(self) -> dict[str, Any]:
         """The options that, with the method, identify a pruned model (part of every result's key)."""
-        return self.model_dump(exclude={"method"})
+        return self.model_dump(exclude={"method", *STUDY_ONLY})
+
+    def recovery(self) -> dict[str, Any]:
+        """The PruneSettings fields of this method's recovery, stated in full (one-shot too, so a change of `prune`'s
+        defaults never turns a one-shot method into a recovered one)."""
+        fields = {"reconstruct": self.reconstruct, "steps": self.steps}
+        if self.reconstruct:
+            fields.update(reconstruct_epochs=self.reconstruct_epochs, reconstruct_lr=self.reconstruct_lr)
+        return fields
+
+    @property
+    def recovered(self) -> bool:
+        """Whether the pruned model recovers towards the dense one (reconstruction, or gradual rounds)."""
+        return self.reconstruct or self.steps > 1
+
+    @property
+    def one_shot(self) -> MethodSpec:
+        """The same method and options without recovery: what a recovered variant is compared with."""
+        kept = {k: v for k, v in self.options().items() if k not in ONE_SHOT}
+        return MethodSpec(method=self.method, **kept)
 
     @property
     def label(self) -> str:
-        """A short human name: `magnitude (global)`, `wanda 2:4`, `sparsegpt +owl`."""
+        """A short human name: `magnitude (global)`, `wanda 2:4`, `sparsegpt +owl`, `sparsegpt +reconstruct`."""
         parts = [self.method]
         if self.method == "magnitude" or self.scope != "layer":
             parts.append(f"({self.scope})")
@@ -167,12 +232,30 @@ class MethodSpec(Strict):
             parts.append(f"+{self.allocation}")
         if self.include_embeddings:
             parts.append("+emb")
+        if self.reconstruct:
+            parts.append("+reconstruct" + self._reconstruct_detail())
+        if self.steps > 1:
+            parts.append(f"+{self.steps} steps")
         return " ".join(parts)
+
+    def _reconstruct_detail(self) -> str:
+        """`(3 epochs, lr 0.0001)` for the settings that differ from `prune`'s defaults, else nothing."""
+        defaults = _prune_settings()
+        detail = []
+        if self.reconstruct_epochs != defaults.reconstruct_epochs:
+            detail.append(f"{self.reconstruct_epochs} epoch{'s' * (self.reconstruct_epochs != 1)}")
+        if self.reconstruct_lr != defaults.reconstruct_lr:
+            detail.append(f"lr {self.reconstruct_lr:g}")
+        return f"({', '.join(detail)})" if detail else ""
 
     @property
     def slug(self) -> str:
-        """A directory-safe name that differs whenever the options differ."""
+        """A directory-safe name that differs whenever the options differ (one-shot methods' names predate recovery)."""
         text = f"{self.method}-{self.scope}-{self.pattern}-{self.allocation}" + ("-emb" if self.include_embeddings else "")
+        if self.reconstruct:
+            text += f"-rec{self.reconstruct_epochs}x{self.reconstruct_lr:g}"
+        if self.steps > 1:
+            text += f"-steps{self.steps}"
         return "".join(c if c.isalnum() or c in "-." else "_" for c in text)
 
 
@@ -277,8 +360,8 @@ class StudyConfig(Strict):
     name: str = "study"
     seed: int = 0
     models: list[ModelSpec] = Field(min_length=1)
+    sparsities: list[Sparsity] = Field(min_length=1)  # before methods, whose own sparsities are checked against it
     methods: list[MethodSpec] = Field(min_length=1)
-    sparsities: list[Sparsity] = Field(min_length=1)
     analyze: bool = Field(True, description="weight-distribution figures of every dense model")
     calibration: Calibration = Calibration()
     perplexity: Perplexity = Perplexity()
@@ -299,9 +382,17 @@ class StudyConfig(Strict):
 
     @field_validator("methods")
     @classmethod
-    def _distinct_methods(cls, methods: list[MethodSpec]) -> list[MethodSpec]:
+    def _distinct_methods(cls, methods: list[MethodSpec], info: ValidationInfo) -> list[MethodSpec]:
         if len({m.slug for m in methods}) != len(methods):
             raise ValueError("a method with the same options is listed twice")
+        study = info.data.get("sparsities")  # absent when the study's own list is invalid (reported there)
+        for i, method in enumerate(methods):
+            extra = [s for s in method.sparsities or [] if study is not None and s not in study]
+            if extra:
+                raise ValueError(
+                    f"method {i} ({method.label}) lists sparsities {', '.join(f'{s:g}' for s in extra)} that the study "
+                    f"does not have ({', '.join(f'{s:g}' for s in study)}); add them to `sparsities` or drop them here"
+                )
         return methods
 
     @field_validator("models")

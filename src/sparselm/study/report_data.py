@@ -18,7 +18,7 @@ from typing import Any
 from ..sources import model_slug
 from .cells import ANALYSIS_DIR, DENSE
 from .config import CellKind, MethodSpec
-from .store import Row
+from .store import Row, canonical
 
 MB = 1e6
 DISTRIBUTION_FIGURES = {
@@ -37,18 +37,27 @@ class Table:
 
 @dataclass(frozen=True)
 class Point:
-    """One measured value; `low`/`high` bound its spread when it has one (drawn as an error bar)."""
+    """One measured value; `low`/`high` bound its spread when it has one (drawn as an error bar), `x_low`/`x_high`
+    the spread of x (a measured speed-up); `note` is written next to the point."""
 
     x: float
     y: float
     low: float | None = None
     high: float | None = None
+    x_low: float | None = None
+    x_high: float | None = None
+    note: str = ""
 
 
 @dataclass(frozen=True)
 class Line:
+    """A series of points; `style`: solid or dashed line through them, `points` unconnected, or `front` (a Pareto
+    front: a black line ringing its points); lines with the same `colour` (an index into the colour cycle) share it."""
+
     label: str
     points: list[Point]
+    style: str = "solid"  # solid | dashed | points | front
+    colour: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class Reference:
     style: str = "dense"  # dense | file | unity
     low: float | None = None
     high: float | None = None
+    vertical: bool = False  # a vertical line at x = value instead
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,7 @@ class Panel:
     references: list[Reference] = field(default_factory=list)
     log_y: bool = False
     y_range: tuple[float | None, float | None] = (None, None)
+    xlabel: str = "sparsity"
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,7 @@ class FigureData:
     caption: str
     panels: list[Panel] = field(default_factory=list)
     source: Path | None = None
+    columns: int | None = None  # panels per row (None: all in one row)
 
 
 @dataclass(frozen=True)
@@ -123,7 +135,21 @@ class MeasuredSpeedup:
 
 
 def method_label(row: Row) -> str:
-    return "dense" if row.method == DENSE else MethodSpec(method=row.method, **row.options).label
+    return "dense" if row.method == DENSE else method_of(row).label
+
+
+def method_of(row: Row) -> MethodSpec:
+    """The method (with its options) that pruned the row's model; not for the dense model's rows."""
+    return MethodSpec(method=row.method, **row.options)
+
+
+def is_recovered(row: Row) -> bool:
+    return row.method != DENSE and method_of(row).recovered
+
+
+def one_shot_key(row: Row) -> tuple[str, str, str, float, str]:
+    """The key of the same measurement of the recovered row's model pruned in one shot, without recovery."""
+    return (row.model, row.method, canonical(method_of(row).one_shot.options()), row.sparsity, row.task)
 
 
 def report_data(meta: dict[str, str], rows: list[Row], out: Path) -> ReportData:
@@ -168,6 +194,11 @@ def _model_sections(model: str, rows: list[Row], out: Path) -> list[Section]:
     if speed:
         sections.append(_speed_section(slug, speed))
     prunes = [r for r in rows if r.kind == CellKind.PRUNE]
+    if any(is_recovered(r) for r in ppl):
+        sections.append(_recovery_section(slug, ppl, prunes))
+    frontier = frontier_points(ppl, speed)
+    if frontier:
+        sections.append(_frontier_section(slug, frontier))
     if prunes:
         sections.append(_prune_section(slug, prunes))
     return sections
@@ -225,7 +256,7 @@ def _perplexity_section(slug: str, rows: list[Row]) -> Section:
     panels = []
     for task in dict.fromkeys(r.task for r in rows):
         lines, refs = sweep([r for r in rows if r.task == task], lambda r: r.metrics.get("token_ppl"), "dense")
-        panels.append(Panel(f"{slug} on {task}", "token perplexity (log scale)", lines, refs, log_y=True))
+        panels.append(Panel(f"{slug} on {task_title(task)}", "token perplexity (log scale)", lines, refs, log_y=True))
     header = ["method", "sparsity", "task", "token ppl", "word ppl", "bits/byte", "windows × seqlen"]
     table = [
         [method_label(r), f"{r.sparsity:g}", r.task, fmt(r.metrics.get("token_ppl")), fmt(r.metrics.get("word_ppl")),
@@ -308,6 +339,198 @@ def _speed_section(slug: str, rows: list[Row]) -> Section:
         [FigureData(f"{slug}-speedup.png", f"{slug}: speedup of the accelerated model over dense vs sparsity (bars: min–max over rounds)", panels)],
         [Table("speedup", header, table)],
     )
+
+
+def _recovery_section(slug: str, rows: list[Row], prunes: list[Row]) -> Section:
+    """Each recovered variant's perplexity beside its one-shot method's: one colour per pair, the one-shot dashed."""
+    by_key = {r.key: r for r in rows}
+    seconds = {r.key[:4]: r.seconds for r in prunes}
+    recovered = [r for r in ordered(rows) if is_recovered(r)]
+    pairs = dict.fromkeys((method_label(r), method_of(r).one_shot.label) for r in recovered)
+    colours: dict[str, int] = {}
+    for n, (label, one_shot) in enumerate(pairs):
+        colours[label] = n
+        colours.setdefault(one_shot, n)  # a one-shot method takes the colour of its first recovered variant
+    styles = {label: "solid" for label, _ in pairs} | {one_shot: "dashed" for _, one_shot in pairs}
+    panels = []
+    for task in dict.fromkeys(r.task for r in rows):
+        lines, refs = sweep([r for r in rows if r.task == task], lambda r: r.metrics.get("token_ppl"), "dense")
+        shown = [
+            Line(line.label, line.points, styles[line.label], colours[line.label]) for line in lines if line.label in styles
+        ]
+        panels.append(Panel(f"{slug} on {task_title(task)}", "token perplexity (log scale)", shown, refs, log_y=True))
+    header = [
+        "recovered variant", "one-shot method", "sparsity", "task", "one-shot ppl", "recovered ppl",
+        "recovered / one-shot", "recovered / dense", "prune seconds (one-shot → recovered)",
+    ]
+    table = []
+    for r in recovered:
+        base = by_key.get(one_shot_key(r))
+        dense = by_key.get((r.model, DENSE, "{}", 0.0, r.task))
+        ppl, base_ppl = r.metrics.get("token_ppl"), base and base.metrics.get("token_ppl")
+        dense_ppl = dense and dense.metrics.get("token_ppl")
+        table.append([
+            method_label(r), method_of(r).one_shot.label, f"{r.sparsity:g}", r.task, fmt(base_ppl), fmt(ppl),
+            _ratio_text(ppl, base_ppl), _ratio_text(ppl, dense_ppl),
+            f"{_seconds_text(seconds.get(one_shot_key(r)[:4]))} → {_seconds_text(seconds.get(r.key[:4]))}",
+        ])
+    return Section(
+        f"{slug}: one-shot vs recovered perplexity",
+        "Each recovered variant (block reconstruction towards the dense model's outputs on the calibration text, or "
+        "gradual pruning in rounds) beside the same method pruned in one shot: same colour, the one-shot line dashed. "
+        "Recovery never sees the evaluation text. Prune seconds are the prune cells' wall times in this run (one "
+        f"measurement each: a rough cost, not a benchmark). Recovery settings: {_recovery_settings(recovered)}.",
+        [FigureData(
+            f"{slug}-recovery.png", f"{slug}: token perplexity vs sparsity, one-shot (dashed) vs recovered (solid), log y",
+            panels,
+        )],
+        [Table("one-shot vs recovered", header, table)],
+    )
+
+
+def _recovery_settings(rows: list[Row]) -> str:
+    """`sparsegpt +reconstruct: reconstruct_epochs=2, reconstruct_lr=0.0002` for each recovered variant."""
+    settings = {}
+    for r in rows:
+        spec = method_of(r)
+        added = {k: v for k, v in spec.options().items() if k not in spec.one_shot.options() and k != "reconstruct"}
+        settings[method_label(r)] = ", ".join(f"{k}={v}" for k, v in added.items())
+    return "; ".join(f"{label}: {text}" for label, text in settings.items())
+
+
+def _seconds_text(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds:.1f}"
+
+
+def _ratio_text(value: float | None, reference: float | None) -> str:
+    return ratio_text(value / reference) if value is not None and reference else ""
+
+
+def ratio_text(ratio: float) -> str:
+    """`1.00×`, `16.0×`, `2,345×`: three significant digits below 100, whole numbers above, never an exponent."""
+    return f"{ratio:,.0f}×" if ratio >= 100 else f"{ratio:#.3g}×"
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """A model's quality and speed: its perplexity over the dense model's on one task, and a measured speed-up."""
+
+    label: str
+    sparsity: float
+    ratio: float
+    speedup: MeasuredSpeedup
+
+    @property
+    def credited_speedup(self) -> float:
+        """The speed-up the front credits: 1.0× when the rounds do not agree which side is faster (noise is no gain)."""
+        return 1.0 if self.speedup.within_noise else self.speedup.median
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (speed-up, perplexity ratio) points no other point beats: none is at least as fast and at least
+    as good while strictly better in one of the two. Equal points are all on the front."""
+    return [
+        i for i, (speed, ratio) in enumerate(points)
+        if not any(s >= speed and r <= ratio and (s > speed or r < ratio) for s, r in points)
+    ]
+
+
+def frontier_points(ppl: list[Row], bench: list[Row]) -> dict[str, dict[str, list[FrontierPoint]]]:
+    """Per perplexity task and timed shape, the frontier points: the dense model at (1, 1) (with the spread of its
+    timing against itself) and every pruned model that has both a perplexity and a latency measurement."""
+    timed = {r.key[:4]: speedups(r.metrics) for r in bench}
+    shapes = list(dict.fromkeys(label for found in timed.values() for label in found))
+    out: dict[str, dict[str, list[FrontierPoint]]] = {}
+    for task in dict.fromkeys(r.task for r in ppl):
+        rows = [r for r in ordered(ppl) if r.task == task and r.metrics.get("token_ppl")]
+        dense = next((r.metrics["token_ppl"] for r in rows if r.method == DENSE), None)
+        if dense is None:
+            continue
+        for shape in shapes:
+            points = []
+            for r in rows:
+                speedup = timed.get(r.key[:4], {}).get(shape)
+                if r.method == DENSE:
+                    speedup = _dense_speedup(speedup)
+                if speedup is not None:
+                    points.append(FrontierPoint(method_label(r), r.sparsity, r.metrics["token_ppl"] / dense, speedup))
+            if len(points) > 1:
+                out.setdefault(task, {})[shape] = points
+    return out
+
+
+def _dense_speedup(measured: MeasuredSpeedup | None) -> MeasuredSpeedup:
+    """Dense against itself is 1.0× by definition; the spread of its timed rounds, relative to their median, shows
+    the timing noise around that point."""
+    if measured is None or measured.low is None or measured.high is None:
+        return MeasuredSpeedup(1.0, None, None, True)
+    return MeasuredSpeedup(1.0, measured.low / measured.median, measured.high / measured.median, True)
+
+
+def _frontier_section(slug: str, frontier: dict[str, dict[str, list[FrontierPoint]]]) -> Section:
+    """Quality against speed: perplexity over dense vs measured speed-up, per task (rows) and timed shape (columns)."""
+    shapes = list(dict.fromkeys(shape for per_shape in frontier.values() for shape in per_shape))
+    labels = dict.fromkeys(p.label for per_shape in frontier.values() for points in per_shape.values() for p in points)
+    colours = {label: i for i, label in enumerate(labels)}
+    panels, table = [], []
+    for task, per_shape in frontier.items():
+        measured: dict[tuple[str, float], dict[str, FrontierPoint]] = defaultdict(dict)  # model -> shape -> point
+        on_front: dict[tuple[str, float], list[str]] = defaultdict(list)
+        for shape in shapes:
+            points = per_shape.get(shape, [])
+            front = [points[i] for i in pareto_front([(p.credited_speedup, p.ratio) for p in points])]
+            for p in points:
+                measured[(p.label, p.sparsity)][shape] = p
+            for p in front:
+                on_front[(p.label, p.sparsity)].append(shape)
+            panels.append(_frontier_panel(f"{slug} on {task_title(task)}: {shape}", shape, points, front, colours))
+        for (label, sparsity), per_model in measured.items():
+            ratio = next(iter(per_model.values())).ratio
+            table.append([
+                label, f"{sparsity:g}", task, ratio_text(ratio),
+                *[_speedup_text(per_model[s].speedup if s in per_model else None) for s in shapes],
+                ", ".join(on_front[(label, sparsity)]) or "no",
+            ])
+    header = ["method", "sparsity", "task", "token ppl / dense", *[f"{s} speedup" for s in shapes], "on the Pareto front of"]
+    return Section(
+        f"{slug}: quality vs speed",
+        "Every model with a latency measurement: its token perplexity as a ratio to the dense model's on the same task "
+        "(1.0 = as good as dense) against its measured speed-up over dense (median over rounds, bars: "
+        "min–max), the dense model at (1, 1) with the spread of its timing against itself (relative to its median). "
+        "The black line joins the Pareto front (ringed): the models no other model beats on both speed and quality. A "
+        "speed-up *within noise* counts as 1.0× when the front is chosen, since its rounds do not show it is faster. "
+        "The models worth using sit right of 1.0× and near the dense line.",
+        [FigureData(
+            f"{slug}-frontier.png", f"{slug}: perplexity / dense vs speed-up per model (labels: sparsity; line: Pareto front)",
+            panels, columns=len(shapes),
+        )],
+        [Table("quality vs speed", header, table)],
+    )
+
+
+def _frontier_panel(
+    title: str, shape: str, points: list[FrontierPoint], front: list[FrontierPoint], colours: dict[str, int]
+) -> Panel:
+    lines = []
+    for label in dict.fromkeys(p.label for p in points):
+        marks = [
+            Point(p.speedup.median, p.ratio, x_low=p.speedup.low, x_high=p.speedup.high,
+                  note=DENSE if p.label == DENSE else f"{p.sparsity:g}")
+            for p in points if p.label == label
+        ]
+        lines.append(Line(label, marks, "points", colours[label]))
+    ordered_front = sorted(front, key=lambda p: (p.speedup.median, p.ratio))
+    lines.append(Line("Pareto front", [Point(p.speedup.median, p.ratio) for p in ordered_front], "front"))
+    references = [Reference("", 1.0, "unity"), Reference("", 1.0, "unity", vertical=True)]
+    ratios = [p.ratio for p in points]
+    log_y = max(ratios) / min(ratios) > 10  # a log axis only where the ratios span orders of magnitude
+    ylabel = "token perplexity / dense" + (" (log scale)" if log_y else "")
+    return Panel(title, ylabel, lines, references, log_y=log_y, xlabel=f"{shape} speedup over dense (×)")
+
+
+def task_title(task: str) -> str:
+    """A task as a figure title names it: `text:FILE` without the file's directories."""
+    return f"text:{Path(task[5:]).name}" if task.startswith("text:") else task
 
 
 def _speedup_text(speedup: MeasuredSpeedup | None) -> str:
