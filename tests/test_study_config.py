@@ -28,7 +28,7 @@ def test_default_config_is_the_seed_study() -> None:
         ("magnitude", "global"), ("wanda", "layer"), ("sparsegpt", "layer"), ("sparsegpt", "layer"),
     ]
     # One-shot methods at every sparsity; SparseGPT + block reconstruction beside them at 0.5 and 0.9 only.
-    assert [m.label for m in config.methods] == ["magnitude (global)", "wanda", "sparsegpt", "sparsegpt +reconstruct"]
+    assert [m.label for m in config.methods] == ["magnitude (global)", "wanda", "sparsegpt", "sparsegpt +reconstruct(4 epochs)"]
     assert [m.sparsities for m in config.methods] == [None, None, None, [0.5, 0.9]]
     assert config.methods[3].one_shot == config.methods[2]
     decoder, encoder = config.models
