@@ -146,6 +146,20 @@ def test_global_magnitude_sampled_bracket_path_is_exact(monkeypatch, dtype, spar
         assert not w.signbit()[w == 0].any()
 
 
+@pytest.mark.parametrize("chunk", [1, 777, 4096])
+def test_global_magnitude_is_exact_when_matrices_span_many_chunks(monkeypatch, chunk):
+    """The bracket split compares and counts in chunks (odd sizes leave a lone last score), and must still pin the
+    exact cut with ties broken in matrix, then flat-index order."""
+    monkeypatch.setattr(magnitude, "SAMPLE_SIZE", 2048)
+    monkeypatch.setattr(magnitude, "CHUNK", chunk)
+    monkeypatch.setattr(magnitude, "_exact_cut", None)
+    g = torch.Generator().manual_seed(6)
+    weights = [torch.round(torch.randn(r, c, generator=g) * 32) / 32 for r, c in ((97, 61), (64, 129), (5, 3))]
+    expected = _manual_global_keep(weights, 0.45)
+    prune_global(weights, 0.45, Unstructured())
+    assert [torch.equal(w.reshape(-1) != 0, k) for w, k in zip(weights, expected)] == [True] * 3
+
+
 def test_global_cut_bracket_and_exact_fallback_agree():
     g = torch.Generator().manual_seed(3)
     scores = [torch.rand(100, 70, generator=g), torch.rand(33, 10, generator=g)]

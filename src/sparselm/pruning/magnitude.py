@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .settings import PruneSettings
 
 SAMPLE_SIZE = 1 << 20
+CHUNK = 1 << 20  # scores compared and counted at a time (float32 counts are exact below 2**24)
 
 ScoreSource = Callable[[], Iterable[torch.Tensor]]
 Sampler = Callable[[int], Iterable[torch.Tensor]]
@@ -69,7 +70,7 @@ def global_cut(source: ScoreSource, total: int, n_prune: int, sampler: Sampler |
     lo, hi = _bracket(torch.cat(list(sampler(stride))), total, rank)
     below = 0
     inside: list[torch.Tensor] = []
-    scratch = MaskScratch()
+    scratch = MarkScratch()
     for s in source():
         count, values = _split_at_bracket(s.reshape(-1), lo, hi, scratch)
         below += count
@@ -82,35 +83,45 @@ def global_cut(source: ScoreSource, total: int, n_prune: int, sampler: Sampler |
     return Cut(float(t), n_prune - under, tuple(int(torch.count_nonzero(v == t)) for v in inside))
 
 
-class MaskScratch:
-    """Two reusable boolean buffers: allocating a fresh mask per matrix costs as much as computing it."""
+class MarkScratch:
+    """Two reusable float32 buffers of at most CHUNK marks: allocating them per matrix costs as much as filling them."""
 
     def __init__(self) -> None:
-        self._buffers = torch.empty(0, dtype=torch.bool), torch.empty(0, dtype=torch.bool)
+        self._buffers = torch.empty(0), torch.empty(0)
 
-    def pair(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._buffers[0].numel() < n:
-            self._buffers = torch.empty(n, dtype=torch.bool), torch.empty(n, dtype=torch.bool)
+    def pair(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = like.numel()
+        if self._buffers[0].numel() < n or self._buffers[0].device != like.device:
+            self._buffers = torch.empty(n, device=like.device), torch.empty(n, device=like.device)
         return self._buffers[0][:n], self._buffers[1][:n]
 
 
-def _split_at_bracket(flat: torch.Tensor, lo: float, hi: float, scratch: MaskScratch) -> tuple[int, torch.Tensor]:
+def _split_at_bracket(flat: torch.Tensor, lo: float, hi: float, scratch: MarkScratch) -> tuple[int, torch.Tensor]:
     """How many scores are < lo, and a copy of those within [lo, hi].
 
-    Few scores fall inside the bracket, so instead of a full-length nonzero scan (the slow part of boolean
-    indexing) the inside-mask is read as 64-bit words, eight scores each: only the words with a hit are gathered
-    and filtered again.
+    Comparisons are written as float 0/1 marks: torch vectorises a float-output comparison several times better than
+    a boolean one, and a float sum counts the marks (exactly, as a chunk holds fewer than 2²⁴ of them). Chunks keep
+    the marks in cache. Few scores fall inside the bracket, so they are found by reading the inside-marks as 64-bit
+    words, two marks each: only the words with a hit are gathered and filtered again.
     """
-    below_mask, inside_mask = scratch.pair(flat.numel())
-    torch.lt(flat, lo, out=below_mask)
-    torch.le(flat, hi, out=inside_mask)
-    inside_mask ^= below_mask
-    whole = flat.numel() - flat.numel() % 8
-    words = inside_mask[:whole].view(torch.int64)
-    candidates = flat[:whole].view(-1, 8)[torch.nonzero(words).squeeze(1)].reshape(-1)
-    candidates = torch.cat([candidates, flat[whole:]])
-    values = candidates[(candidates >= lo) & (candidates <= hi)]
-    return int(torch.count_nonzero(below_mask)), values
+    below, inside = 0, []
+    for part in flat.split(CHUNK):
+        lower, upper = scratch.pair(part)
+        torch.lt(part, lo, out=lower)
+        torch.le(part, hi, out=upper)
+        below += int(lower.sum())
+        upper -= lower
+        inside.append(_marked(part, upper, lo, hi))
+    return below, torch.cat(inside) if inside else flat.new_empty(0)
+
+
+def _marked(part: torch.Tensor, marks: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """The scores of `part` within [lo, hi], in order, given 1.0-marks on exactly those (found two marks a word)."""
+    whole = part.numel() - part.numel() % 2
+    words = marks[:whole].view(torch.int64)
+    candidates = part[:whole].view(-1, 2)[torch.nonzero(words).squeeze(1)].reshape(-1)
+    candidates = torch.cat([candidates, part[whole:]])
+    return candidates[(candidates >= lo) & (candidates <= hi)]
 
 
 def _bracket(sample: torch.Tensor, total: int, rank: int) -> tuple[float, float]:
