@@ -159,6 +159,7 @@ def _prune_block_by_block(
     scores = method.needs_calibration and fixed is None
     schedules = {m.name: _round_targets(targets[m.name], settings.steps) for m in matrices}
     rounds: Rounds = {}
+    recorded = settings.steps > 1 or settings.reconstruct  # one-shot rounds go nowhere (`_recovery_record`)
     unseen: set[str] = set()
 
     def prune_round(mats: list[Matrix], k: int, stats: dict[str, Any] | None) -> None:
@@ -181,7 +182,7 @@ def _prune_block_by_block(
         entries = []
         for k in range(settings.steps):
             prune_round(mats, k, collect_shared_inputs(mats, method.collector, run) if scores else None)
-            entry = {"round": k + 1, "sparsity": sparsity_of(mats)}
+            entry = {"round": k + 1, "sparsity": sparsity_of(mats)} if recorded else {}
             if batches is not None:
                 entry.update(_reconstruct(ref.module, batches, _keep_masks(mats), settings))
             entries.append(entry)
