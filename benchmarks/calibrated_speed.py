@@ -181,7 +181,7 @@ def reference_prune(model: nn.Module, windows: torch.Tensor, method: str, sparsi
 
             handles = [subset[name].register_forward_hook(add_batch(name)) for name in stats]
             for j in range(len(inps)):
-                outs[j] = layer(inps[j], **kwargs[j])[0]
+                outs[j] = _output(layer(inps[j], **kwargs[j]))
             for h in handles:
                 h.remove()
             if method == "wanda":
@@ -190,11 +190,12 @@ def reference_prune(model: nn.Module, windows: torch.Tensor, method: str, sparsi
                 for gpt in stats.values():
                     gpt.fasterprune(sparsity)
             for j in range(len(inps)):
-                outs[j] = layer(inps[j], **kwargs[j])[0]
+                outs[j] = _output(layer(inps[j], **kwargs[j]))
             inps, outs = outs, inps
 
 
 def _output(value: Any) -> torch.Tensor:
+    """A layer's hidden states: the reference indexes `[0]` of the tuple older transformers layers return."""
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
@@ -214,8 +215,6 @@ def run_side(side: str, method: str, windows: torch.Tensor) -> tuple[float, int,
     seconds, baseline, peak = peak_rss_during(step)
     keep = torch.cat([m.weight.detach().reshape(-1) != 0 for layer in model.model.layers
                       for m in linears(layer).values()])
-    del model
-    gc.collect()
     return seconds, peak - baseline, keep
 
 
@@ -231,7 +230,8 @@ def compare(method: str, windows: torch.Tensor, rounds: int) -> dict[str, Any]:
             seconds[side].append(s)
             memory[side].append(mem)
             keeps.setdefault(side, keep)
-            print(f"  {method} round {r + 1}: {side} {s:.2f} s, peak +{mem / 2**30:.3f} GB", file=sys.stderr, flush=True)
+            progress = f"  {method} round {r + 1}: {side} {s:.2f} s, peak +{mem / 2**30:.3f} GB"
+            print(progress, file=sys.stderr, flush=True)
     ratios = [o / t for o, t in zip(seconds["sparselm"], seconds["reference"])]
     agree = float((keeps["reference"] == keeps["sparselm"]).float().mean())
     return {
