@@ -68,15 +68,16 @@ def global_cut(source: ScoreSource, total: int, n_prune: int, sampler: Sampler |
     stride = max(1, total // SAMPLE_SIZE)
     sampler = sampler or (lambda k: (s.reshape(-1)[::k].clone() for s in source()))
     lo, hi = _bracket(torch.cat(list(sampler(stride))), total, rank)
-    below = 0
+    below, within = 0, 0
     inside: list[torch.Tensor] = []
     scratch = MarkScratch()
     for s in source():
-        count, values = _split_at_bracket(s.reshape(-1), lo, hi, scratch)
-        below += count
+        under_lo, values, count = _split_at_bracket(s.reshape(-1), lo, hi, scratch)
+        below += under_lo
+        within += count
         inside.append(values)
     middle = torch.cat(inside)
-    if not below <= rank < below + middle.numel():
+    if not below <= rank < below + within:
         return _exact_cut(source, rank, n_prune)
     t = middle.kthvalue(rank - below + 1).values
     under = below + int(torch.count_nonzero(middle < t))
@@ -96,32 +97,40 @@ class MarkScratch:
         return self._buffers[0][:n], self._buffers[1][:n]
 
 
-def _split_at_bracket(flat: torch.Tensor, lo: float, hi: float, scratch: MarkScratch) -> tuple[int, torch.Tensor]:
-    """How many scores are < lo, and a copy of those within [lo, hi].
+def _split_at_bracket(
+    flat: torch.Tensor, lo: float, hi: float, scratch: MarkScratch
+) -> tuple[int, torch.Tensor, int]:
+    """How many scores are < lo; the scores within [lo, hi], among NaN fillers (order statistics put NaN above every
+    score, and no comparison holds for it); how many scores are within [lo, hi].
 
     Comparisons are written as float 0/1 marks: torch vectorises a float-output comparison several times better than
     a boolean one, and a float sum counts the marks (exactly, as a chunk holds fewer than 2²⁴ of them). Chunks keep
-    the marks in cache. Few scores fall inside the bracket, so they are found by reading the inside-marks as 64-bit
-    words, two marks each: only the words with a hit are gathered and filtered again.
+    the marks in cache.
     """
-    below, inside = 0, []
+    below, within, inside = 0, 0, []
     for part in flat.split(CHUNK):
         lower, upper = scratch.pair(part)
         torch.lt(part, lo, out=lower)
         torch.le(part, hi, out=upper)
         below += int(lower.sum())
         upper -= lower
-        inside.append(_marked(part, upper, lo, hi))
-    return below, torch.cat(inside) if inside else flat.new_empty(0)
+        values, marks = _marked_words(part, upper)
+        within += int(marks.sum())
+        inside.append(values.masked_fill_(marks == 0, math.nan))
+    return below, torch.cat(inside) if inside else flat.new_empty(0), within
 
 
-def _marked(part: torch.Tensor, marks: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """The scores of `part` within [lo, hi], in order, given 1.0-marks on exactly those (found two marks a word)."""
+def _marked_words(part: torch.Tensor, marks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores and marks of every pair of neighbours holding a 1.0-mark (and of an odd last score).
+
+    Few scores are marked, so the marks are scanned as 64-bit words, two marks each, and only the words with a mark
+    are gathered (`index_select`, several times faster than advanced indexing).
+    """
     whole = part.numel() - part.numel() % 2
-    words = marks[:whole].view(torch.int64)
-    candidates = part[:whole].view(-1, 2)[torch.nonzero(words).squeeze(1)].reshape(-1)
-    candidates = torch.cat([candidates, part[whole:]])
-    return candidates[(candidates >= lo) & (candidates <= hi)]
+    words = torch.nonzero(marks[:whole].view(torch.int64)).squeeze(1)
+    values = torch.index_select(part[:whole].view(-1, 2), 0, words).reshape(-1)
+    picked = torch.index_select(marks[:whole].view(-1, 2), 0, words).reshape(-1)
+    return torch.cat([values, part[whole:]]), torch.cat([picked, marks[whole:]])
 
 
 def _bracket(sample: torch.Tensor, total: int, rank: int) -> tuple[float, float]:
