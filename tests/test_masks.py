@@ -7,7 +7,9 @@ import torch
 from mask_checks import is_block
 
 from sparselm.errors import SparselmError
+from sparselm import masks
 from sparselm.masks import (
+    count_zeros,
     apply_keep,
     NM,
     Block,
@@ -134,3 +136,19 @@ def test_apply_keep_writes_positive_zero_and_leaves_kept_bits(dtype):
     apply_keep(w.t().t(), keep)  # through a view, as weights are handed over
     assert torch.equal(w[keep], before[keep])
     assert not w[~keep].signbit().any() and not w[~keep].isnan().any() and bool((w[~keep] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_count_zeros_counts_both_signed_zeros_across_chunks(monkeypatch, dtype):
+    monkeypatch.setattr(masks, "ZERO_CHUNK", 100)  # several chunks and a short last one
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(37, 29, generator=g).to(dtype)
+    zero_at = [0, 99, 100, 101, 512, 1072]  # flat positions on both sides of chunk edges, and the last entry
+    negative_at = [7, 300]
+    flat = w.view(-1)
+    flat[zero_at] = 0.0
+    flat[negative_at] = -0.0
+    flat[5] = float("nan")  # not a zero
+    assert count_zeros(w) == len(zero_at) + len(negative_at)
+    assert count_zeros(w.t()) == len(zero_at) + len(negative_at)  # a transposed (Conv1D-like) view
+    assert count_zeros(torch.empty(0, 3)) == 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +15,9 @@ from torch import nn
 from sparselm.errors import SparselmError
 from sparselm.masks import NM, Block, Unstructured, is_n_of_m, keep_mask, parse_pattern, prune_count
 from sparselm.pruning import PruneSettings, owl_allocation, prune, registered_methods, settings_from
-from sparselm.pruning import magnitude, registry
+from sparselm.calibration import collect_inputs
+from sparselm.pruning import driver, magnitude, registry
+from sparselm.pruning.driver import collect_shared_inputs
 from sparselm.pruning.magnitude import _exact_cut, global_cut, prune_global
 from sparselm.pruning.owl import outlier_ratio, owl_sparsities
 from sparselm.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
@@ -144,6 +148,20 @@ def test_global_magnitude_sampled_bracket_path_is_exact(monkeypatch, dtype, spar
     for w, keep in zip(weights, expected):
         assert torch.equal(w.reshape(-1) != 0, keep)
         assert not w.signbit()[w == 0].any()
+
+
+@pytest.mark.parametrize("chunk", [1, 777, 4096])
+def test_global_magnitude_is_exact_when_matrices_span_many_chunks(monkeypatch, chunk):
+    """The bracket split compares and counts in chunks (odd sizes leave a lone last score), and must still pin the
+    exact cut with ties broken in matrix, then flat-index order."""
+    monkeypatch.setattr(magnitude, "SAMPLE_SIZE", 2048)
+    monkeypatch.setattr(magnitude, "CHUNK", chunk)
+    monkeypatch.setattr(magnitude, "_exact_cut", None)
+    g = torch.Generator().manual_seed(6)
+    weights = [torch.round(torch.randn(r, c, generator=g) * 32) / 32 for r, c in ((97, 61), (64, 129), (5, 3))]
+    expected = _manual_global_keep(weights, 0.45)
+    prune_global(weights, 0.45, Unstructured())
+    assert [torch.equal(w.reshape(-1) != 0, k) for w, k in zip(weights, expected)] == [True] * 3
 
 
 def test_global_cut_bracket_and_exact_fallback_agree():
@@ -512,3 +530,98 @@ def test_a_new_method_is_one_registered_class(monkeypatch):
     for m in select_matrices(model):
         assert not m.weight()[:, : m.shape[1] // 4].any() and bool(m.weight()[:, m.shape[1] // 4 :].all())
     assert report.achieved_sparsity == 0.25 and report.to_json()["method"] == "first-columns"
+
+
+def _block_matrices(model: nn.Module, block: int = 0) -> dict[str, object]:
+    return {m.name.split(".")[-2]: m for m in select_matrices(model) if m.block == block}
+
+
+def _full_forward(model: nn.Module) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            for batch in WINDOWS.split(2):  # two batches: sharing decided on the first is checked on the second
+                model(input_ids=batch, use_cache=False)
+
+    return run
+
+
+@pytest.mark.parametrize("collector", [HessianAccumulator, ColumnNorms])
+def test_matrices_reading_one_input_share_one_statistic(collector):
+    """q/k/v and gate/up read the same tensor: one collector each, equal to what each would collect alone."""
+    model = tiny_model("llama")
+    named = _block_matrices(model)
+    mats = list(named.values())
+    shared = collect_shared_inputs(mats, collector, _full_forward(model))
+    alone = collect_inputs(mats, collector, _full_forward(model))
+    by_name = {short: shared[m.name] for short, m in named.items()}
+    assert by_name["q_proj"] is by_name["k_proj"] is by_name["v_proj"]
+    assert by_name["gate_proj"] is by_name["up_proj"]
+    assert len({id(c) for c in by_name.values()}) == 4  # qkv, o, gate/up, down
+    for m in mats:
+        mine, own = shared[m.name], alone[m.name]
+        assert mine.tokens == own.tokens == WINDOWS.numel()
+        if collector is HessianAccumulator:
+            torch.testing.assert_close(mine.hessian, own.hessian, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(mine.sum_sq, own.sum_sq, rtol=0, atol=0)
+
+
+def test_qkv_pruned_with_a_shared_factor_equal_pruning_each_alone():
+    """SparseGPT through the driver (one Hessian and one inverse factor for q/k/v, one for gate/up) gives the weights
+    of pruning every matrix with its own Hessian and factor, block after block."""
+    original = HessianAccumulator.inverse_factor
+
+    def pruned(share: bool) -> tuple[nn.Module, list[HessianAccumulator]]:
+        model, used = tiny_model("llama"), []
+
+        def counted(self: HessianAccumulator, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+            used.append(self)  # kept alive, so ids stay distinct
+            return original(self, percdamp)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(HessianAccumulator, "inverse_factor", counted)
+            if not share:
+                mp.setattr(driver, "collect_shared_inputs", collect_inputs)  # one accumulator per matrix
+            prune(model, windows=WINDOWS, method="sparsegpt", sparsity=0.5)
+        return model, used
+
+    shared_model, shared_used = pruned(share=True)
+    alone_model, alone_used = pruned(share=False)
+    blocks = len({m.block for m in select_matrices(alone_model)})
+    assert len(alone_used) == len(shared_used) == 7 * blocks
+    assert len({id(a) for a in alone_used}) == 7 * blocks
+    assert len({id(a) for a in shared_used}) == 4 * blocks  # q/k/v, o, gate/up, down
+    for a, b in zip(select_matrices(shared_model), select_matrices(alone_model)):
+        torch.testing.assert_close(a.weight(), b.weight(), rtol=1e-5, atol=1e-5, msg=a.name)
+        assert torch.equal(a.weight() != 0, b.weight() != 0), a.name
+
+
+class _TwoReaders(nn.Module):
+    """Two matrices reading the same tensor on the first call and different (equal-valued) tensors afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.a(x) + self.b(x if self.calls == 1 else x * 2)
+
+
+def test_sharing_broken_on_a_later_batch_falls_back_to_one_statistic_per_matrix():
+    block = _TwoReaders()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(5, 8, generator=g) for _ in range(3)]
+    mats = [SimpleNamespace(name=n, module=getattr(block, n), shape=(4, 8)) for n in ("a", "b")]
+
+    def run() -> None:
+        block.calls = 0
+        for x in batches:
+            block(x)
+
+    stats = collect_shared_inputs(mats, HessianAccumulator, run)
+    assert stats["a"] is not stats["b"]
+    expected_b = sum(2 * (x * (1 if i == 0 else 2)).t() @ (x * (1 if i == 0 else 2)) for i, x in enumerate(batches))
+    torch.testing.assert_close(stats["b"].hessian, expected_b)
+    torch.testing.assert_close(stats["a"].hessian, sum(2 * x.t() @ x for x in batches))

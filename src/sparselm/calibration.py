@@ -5,7 +5,8 @@ For each stack of blocks (encoder stacks first) it runs the model once per calib
 pre-hooks that record what each block is called with — positional and keyword arguments alike (attention masks,
 rotary position embeddings, T5's position biases, the encoder output for cross-attention) — and stops the forward
 with `StopForward` at the last block. Only the first block's hidden states are kept; the other blocks keep just
-their extra arguments, which do not depend on the weights being pruned. Blocks are then visited in order: the
+their extra arguments, which do not depend on the weights being pruned (so only the first block computes: the later
+ones hand its output on, `_first_block_only`). Blocks are then visited in order: the
 visitor collects statistics (by calling `run()`, typically inside hooks) and prunes, after which the driver runs the
 block again so the next block is fed the already-pruned outputs. The hidden states are held once and overwritten in
 place. For encoder-decoder models the decoder stack is captured after the encoder is pruned, so cross-attention
@@ -186,7 +187,7 @@ def capture(
     inputs = _model_inputs(model)
     hooks = {b: _meta_inputs for s in find_block_lists(model) for b in s.blocks if _unloaded(b)}
     hooks.update({b: recorder(i) for i, b in enumerate(blocks)})
-    with module_hooks(hooks, pre=True), _replaced_outputs(previous):
+    with module_hooks(hooks, pre=True), _replaced_outputs(previous), _first_block_only(blocks):
         for batch in windows.split(windows_per_batch(windows.shape[1], batch_tokens)):
             try:
                 model(**inputs(batch.to(_device(model))))
@@ -259,6 +260,28 @@ def _real(value: Any, before: Any, path: str) -> Any:
         befores = before if isinstance(before, (tuple, list)) and len(before) == len(value) else [None] * len(value)
         return type(value)(_real(v, b, path) for v, b in zip(value, befores))
     return value
+
+
+@contextmanager
+def _first_block_only(blocks: list[nn.Module]) -> Iterator[None]:
+    """While capturing, only the first block computes: every later block returns the first block's output of the
+    same batch. Later blocks' hidden states are not kept, and what a block passes on besides them (T5's position
+    bias) is what the first block passes on, so the recorded arguments are those of a full forward — at the cost of
+    one block instead of all but one. A block whose `forward` is already replaced on the instance is left alone."""
+    stubbed = [b for b in blocks[1:-1] if "forward" not in vars(b)]
+    first: list[Any] = [None]
+
+    def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        first[0] = output
+
+    for b in stubbed:
+        b.forward = lambda *_args, **_kwargs: first[0]
+    try:
+        with module_hooks({blocks[0]: keep}):
+            yield
+    finally:
+        for b in stubbed:
+            del b.forward
 
 
 def _device(model: nn.Module) -> torch.device:

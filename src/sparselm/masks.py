@@ -183,3 +183,18 @@ def is_n_of_m(keep: torch.Tensor, n: int, m: int) -> bool:
 def sparsity(keep: torch.Tensor) -> float:
     """Fraction of pruned entries of a keep-mask."""
     return 1.0 - float(keep.sum()) / keep.numel() if keep.numel() else 0.0
+
+
+ZERO_CHUNK = 1 << 20  # entries compared at a time: float32 sums of 0/1 marks are exact below 2**24
+
+
+def count_zeros(tensor: torch.Tensor) -> int:
+    """How many entries are exactly zero (±0.0), at memory speed.
+
+    The comparison is written as float 0/1 marks into one chunk-sized buffer and summed: torch vectorises a
+    float-output comparison several times better than the boolean one behind `(t == 0).sum()`, and allocates nothing
+    per call but the buffer.
+    """
+    flat = tensor.detach().reshape(-1)
+    marks = torch.empty(min(flat.numel(), ZERO_CHUNK), device=flat.device)
+    return sum(int(torch.eq(part, 0, out=marks[: part.numel()]).sum()) for part in flat.split(ZERO_CHUNK))

@@ -31,7 +31,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..calibration import Batches, BlockRef, BlockStream, collect_inputs, run_blocks, total_blocks
+from ..calibration import (
+    Batches, BlockRef, BlockStream, Collector, collect_inputs, module_hooks, run_blocks, total_blocks,
+)
 from ..errors import SparselmError
 from ..masks import apply_keep, check_shape
 from ..recovery import cubic_schedule, reconstruct_block
@@ -219,6 +221,7 @@ def _prune_block_by_block(
     scores = method.needs_calibration and fixed is None
     schedules = {m.name: _round_targets(targets[m.name], settings.steps) for m in matrices}
     rounds: Rounds = {}
+    recorded = settings.steps > 1 or settings.reconstruct  # one-shot rounds go nowhere (`_recovery_record`)
     unseen: set[str] = set()
 
     def prune_round(mats: list[Matrix], k: int, stats: dict[str, Any] | None) -> None:
@@ -244,8 +247,8 @@ def _prune_block_by_block(
             return None
         entries, outputs = [], None
         for k in range(settings.steps):
-            prune_round(mats, k, collect_inputs(mats, method.collector, run) if scores else None)
-            entry = {"round": k + 1, "sparsity": sparsity_of(mats)}
+            prune_round(mats, k, collect_shared_inputs(mats, method.collector, run) if scores else None)
+            entry = {"round": k + 1, "sparsity": sparsity_of(mats)} if recorded else {}
             if batches is not None:
                 result = reconstruct_block(
                     ref.module, batches.inputs, batches.calls, batches.targets, _keep_masks(mats),
@@ -302,6 +305,64 @@ def _global_keep(matrices: list[Matrix], settings: PruneSettings) -> dict[str, t
     for m, weight in zip(matrices, dense):
         m.weight().copy_(weight)
     return keep
+
+
+class _SharedInputs:
+    """Forward hooks that give matrices called on the very same input tensor (q/k/v, gate/up) one collector.
+
+    A matrix's first call decides: if the tensor it gets is the one the previous call fed to a collector (same
+    object, unchanged since), it joins that collector; otherwise it starts its own. On every later call a joined
+    matrix only checks that it again reads what its collector was just fed; `consistent` turns False otherwise, or if
+    the matrices of a collector were called a different number of times."""
+
+    def __init__(self, make: Callable[[int], Collector]) -> None:
+        self._make = make
+        self.collectors: dict[str, Collector] = {}
+        self._leader: dict[str, bool] = {}
+        self._calls: dict[str, int] = {}
+        self._fed: dict[int, tuple[torch.Tensor, int]] = {}  # id(collector) → (tensor last added, its version)
+        self._latest: tuple[torch.Tensor, int, Collector] | None = None
+        self.consistent = True
+
+    def hook(self, name: str, in_features: int) -> Callable[..., None]:
+        def record(_module: nn.Module, inputs: tuple[Any, ...], _output: Any) -> None:
+            x = inputs[0]
+            self._calls[name] = self._calls.get(name, 0) + 1
+            if name not in self.collectors:
+                latest = self._latest
+                joins = latest is not None and latest[0] is x and latest[1] == x._version
+                self.collectors[name] = latest[2] if joins else self._make(in_features)
+                self._leader[name] = not joins
+            collector = self.collectors[name]
+            if self._leader[name]:
+                collector.add(x)
+                self._fed[id(collector)] = (x, x._version)
+                self._latest = (x, x._version, collector)
+            else:
+                fed = self._fed.get(id(collector))
+                self.consistent &= fed is not None and fed[0] is x and fed[1] == x._version
+
+        return record
+
+    def groups_called_alike(self) -> bool:
+        """Every matrix sharing a collector was called as often as the one that feeds it."""
+        feeds = {id(self.collectors[n]): self._calls[n] for n, lead in self._leader.items() if lead}
+        return all(self._calls[n] == feeds[id(self.collectors[n])] for n in self._leader)
+
+
+def collect_shared_inputs(
+    matrices: list[Matrix], make: Callable[[int], Collector], run: Callable[[], object]
+) -> dict[str, Collector]:
+    """`calibration.collect_inputs`, with one collector per distinct input instead of one per matrix: matrices that
+    read the same inputs share their statistic (and SparseGPT, through it, one inverse factor), which is what pruning
+    each with its own copy would compute. Should the block break that sharing on a later batch (the first batch
+    decides it), the statistics are collected again, one collector per matrix."""
+    shared = _SharedInputs(make)
+    with module_hooks({m.module: shared.hook(m.name, m.shape[1]) for m in matrices}):
+        run()
+    if not (shared.consistent and shared.groups_called_alike()):
+        return collect_inputs(matrices, make, run)
+    return {m.name: shared.collectors.get(m.name) or make(m.shape[1]) for m in matrices}  # uncalled: no tokens
 
 
 def _recovery_record(settings: PruneSettings, rounds: Rounds | None) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .settings import PruneSettings
 
 SAMPLE_SIZE = 1 << 20
+CHUNK = 1 << 20  # scores compared and counted at a time (float32 counts are exact below 2**24)
 
 ScoreSource = Callable[[], Iterable[torch.Tensor]]
 Sampler = Callable[[int], Iterable[torch.Tensor]]
@@ -67,50 +68,69 @@ def global_cut(source: ScoreSource, total: int, n_prune: int, sampler: Sampler |
     stride = max(1, total // SAMPLE_SIZE)
     sampler = sampler or (lambda k: (s.reshape(-1)[::k].clone() for s in source()))
     lo, hi = _bracket(torch.cat(list(sampler(stride))), total, rank)
-    below = 0
+    below, within = 0, 0
     inside: list[torch.Tensor] = []
-    scratch = MaskScratch()
+    scratch = MarkScratch()
     for s in source():
-        count, values = _split_at_bracket(s.reshape(-1), lo, hi, scratch)
-        below += count
+        under_lo, values, count = _split_at_bracket(s.reshape(-1), lo, hi, scratch)
+        below += under_lo
+        within += count
         inside.append(values)
     middle = torch.cat(inside)
-    if not below <= rank < below + middle.numel():
+    if not below <= rank < below + within:
         return _exact_cut(source, rank, n_prune)
     t = middle.kthvalue(rank - below + 1).values
     under = below + int(torch.count_nonzero(middle < t))
     return Cut(float(t), n_prune - under, tuple(int(torch.count_nonzero(v == t)) for v in inside))
 
 
-class MaskScratch:
-    """Two reusable boolean buffers: allocating a fresh mask per matrix costs as much as computing it."""
+class MarkScratch:
+    """Two reusable float32 buffers of at most CHUNK marks: allocating them per matrix costs as much as filling them."""
 
     def __init__(self) -> None:
-        self._buffers = torch.empty(0, dtype=torch.bool), torch.empty(0, dtype=torch.bool)
+        self._buffers = torch.empty(0), torch.empty(0)
 
-    def pair(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._buffers[0].numel() < n:
-            self._buffers = torch.empty(n, dtype=torch.bool), torch.empty(n, dtype=torch.bool)
+    def pair(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = like.numel()
+        if self._buffers[0].numel() < n or self._buffers[0].device != like.device:
+            self._buffers = torch.empty(n, device=like.device), torch.empty(n, device=like.device)
         return self._buffers[0][:n], self._buffers[1][:n]
 
 
-def _split_at_bracket(flat: torch.Tensor, lo: float, hi: float, scratch: MaskScratch) -> tuple[int, torch.Tensor]:
-    """How many scores are < lo, and a copy of those within [lo, hi].
+def _split_at_bracket(
+    flat: torch.Tensor, lo: float, hi: float, scratch: MarkScratch
+) -> tuple[int, torch.Tensor, int]:
+    """How many scores are < lo; the scores within [lo, hi], among NaN fillers (order statistics put NaN above every
+    score, and no comparison holds for it); how many scores are within [lo, hi].
 
-    Few scores fall inside the bracket, so instead of a full-length nonzero scan (the slow part of boolean
-    indexing) the inside-mask is read as 64-bit words, eight scores each: only the words with a hit are gathered
-    and filtered again.
+    Comparisons are written as float 0/1 marks: torch vectorises a float-output comparison several times better than
+    a boolean one, and a float sum counts the marks (exactly, as a chunk holds fewer than 2²⁴ of them). Chunks keep
+    the marks in cache.
     """
-    below_mask, inside_mask = scratch.pair(flat.numel())
-    torch.lt(flat, lo, out=below_mask)
-    torch.le(flat, hi, out=inside_mask)
-    inside_mask ^= below_mask
-    whole = flat.numel() - flat.numel() % 8
-    words = inside_mask[:whole].view(torch.int64)
-    candidates = flat[:whole].view(-1, 8)[torch.nonzero(words).squeeze(1)].reshape(-1)
-    candidates = torch.cat([candidates, flat[whole:]])
-    values = candidates[(candidates >= lo) & (candidates <= hi)]
-    return int(torch.count_nonzero(below_mask)), values
+    below, within, inside = 0, 0, []
+    for part in flat.split(CHUNK):
+        lower, upper = scratch.pair(part)
+        torch.lt(part, lo, out=lower)
+        torch.le(part, hi, out=upper)
+        below += int(lower.sum())
+        upper -= lower
+        values, marks = _marked_words(part, upper)
+        within += int(marks.sum())
+        inside.append(values.masked_fill_(marks == 0, math.nan))
+    return below, torch.cat(inside) if inside else flat.new_empty(0), within
+
+
+def _marked_words(part: torch.Tensor, marks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores and marks of every pair of neighbours holding a 1.0-mark (and of an odd last score).
+
+    Few scores are marked, so the marks are scanned as 64-bit words, two marks each, and only the words with a mark
+    are gathered (`index_select`, several times faster than advanced indexing).
+    """
+    whole = part.numel() - part.numel() % 2
+    words = torch.nonzero(marks[:whole].view(torch.int64)).squeeze(1)
+    values = torch.index_select(part[:whole].view(-1, 2), 0, words).reshape(-1)
+    picked = torch.index_select(marks[:whole].view(-1, 2), 0, words).reshape(-1)
+    return torch.cat([values, part[whole:]]), torch.cat([picked, marks[whole:]])
 
 
 def _bracket(sample: torch.Tensor, total: int, rank: int) -> tuple[float, float]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..masks import NM, Pattern
+from ..masks import NM, Pattern, count_zeros
 from ..weights import Matrix
 from .owl import block_pattern
 from .settings import PruneSettings
@@ -72,7 +72,7 @@ class PruneReport:
 
 def matrix_row(m: Matrix, target: float, pattern: Pattern) -> dict[str, Any]:
     """One matrix of the report: its target (N:M: the block's pattern's own sparsity) and the zeros it has now."""
-    zeros = int((m.weight() == 0).sum())
+    zeros = count_zeros(m.parameter)
     own = block_pattern(pattern, target)
     return {
         "name": m.name,

@@ -26,11 +26,13 @@ if TYPE_CHECKING:
 
 class HessianAccumulator:
     """Running 2·Σ x xᵀ over calibration tokens, in float32 as the reference accumulates it (float64 doubles the
-    cost of the largest matrix product of calibration); the inverse is taken in float64."""
+    cost of the largest matrix product of calibration): one in-place matrix product per batch. Matrices that read
+    the same inputs (q/k/v, gate/up) share one accumulator, and with it one inverse factor (`inverse_factor`)."""
 
     def __init__(self, in_features: int) -> None:
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32)
         self.tokens = 0
+        self._factors: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
@@ -38,24 +40,42 @@ class HessianAccumulator:
             self.hessian = self.hessian.to(x.device)
         self.hessian.addmm_(x.t(), x, alpha=2)
         self.tokens += x.shape[0]
+        self._factors.clear()
+
+    def inverse_factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`inverse_hessian_factor` of this Hessian, computed once per dampening for every matrix that shares it."""
+        if percdamp not in self._factors:
+            self._factors[percdamp] = inverse_hessian_factor(self.hessian, percdamp)
+        return self._factors[percdamp]
 
 
-def dampened_hessian(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float64 copy of H with dead inputs, those that never fired, given a unit diagonal and then `percdamp` × the
+def dampened_hessian(
+    hessian: torch.Tensor, percdamp: float, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(copy of H in `dtype` with dead inputs, those that never fired, given a unit diagonal and then `percdamp` × the
     mean diagonal added to every diagonal entry; mask of the dead inputs). ADMM conditions its problem the same way."""
-    h = hessian.to(torch.float64).clone()
+    h = hessian.to(dtype, copy=True)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    idx = torch.arange(h.shape[0])
-    h[idx, idx] += percdamp * torch.mean(torch.diag(h))
+    h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
     return h, dead
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(upper Cholesky factor of the dampened H⁻¹ as float32, mask of dead inputs that never fired)."""
-    h, dead = dampened_hessian(hessian, percdamp)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True).float(), dead
+    """(upper Cholesky factor of the dampened H⁻¹ as float32, mask of dead inputs that never fired).
+
+    Factorised in float32, as the reference does; only a Hessian that float32 cannot factorise (not positive definite
+    at that precision) is factorised again in float64.
+    """
+    for dtype in (torch.float32, torch.float64):
+        h, dead = dampened_hessian(hessian, percdamp, dtype)
+        lower, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0:
+                return upper.float(), dead
+    torch.linalg.cholesky(h)  # float64 failed too: raise torch's own error, which names the failing minor
+    raise AssertionError("unreachable: a failed Cholesky factorisation raises")
 
 
 def sparsegpt_prune(
@@ -65,10 +85,12 @@ def sparsegpt_prune(
     nm: NM | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pruned out × in weight (float32) and its keep-mask; `weight` itself is not modified."""
+    """The pruned out × in weight (float32) and its keep-mask; `weight` itself is not modified. `factor` is
+    `inverse_hessian_factor(hessian, percdamp)` when already computed (shared by matrices with one Hessian)."""
     w = weight.detach().clone().float()
-    hinv, dead = inverse_hessian_factor(hessian, percdamp)
+    hinv, dead = factor if factor is not None else inverse_hessian_factor(hessian, percdamp)
     w[:, dead] = 0
     cols = w.shape[1]
     if nm is not None:
@@ -119,7 +141,9 @@ class SparseGPT(Pruner[HessianAccumulator]):
         self, matrix: Matrix, stats: HessianAccumulator, pattern: Pattern, sparsity: float, settings: PruneSettings
     ) -> None:
         nm = pattern if isinstance(pattern, NM) else None
+        percdamp = settings.sparsegpt_percdamp
         pruned, _keep = sparsegpt_prune(
-            matrix.weight(), stats.hessian, sparsity, nm, settings.sparsegpt_blocksize, settings.sparsegpt_percdamp
+            matrix.weight(), stats.hessian, sparsity, nm, settings.sparsegpt_blocksize, percdamp,
+            stats.inverse_factor(percdamp),
         )
         matrix.set_weight(pruned)
