@@ -75,7 +75,10 @@ SPEED_ROW = [
 DECODE_ROW = [*SPEED_ROW, "steps", "prompt_tokens"]
 BENCH_LAYERS = ["replaced", "total", "choices", "fused_groups"]
 BENCH_SIZE = ["dense_bytes", "packed_bytes", "source"]
-ACCELERATE = ["policy", "threads", "torch", "tokens", "replaced", "layers_total", "choices", "fused_groups", "layers"]
+ACCELERATE = [
+    "policy", "threads", "torch", "tokens", "replaced", "layers_total", "choices", "fused_groups", "layers", "dtype",
+    "kernel_path", "notes",
+]
 LAYER = ["name", "shape", "sparsity", "structure", "choices", "microseconds", "speedups", "cached"]
 GENERATE = ["prompt", "completion", "report"]
 RUN_CLI = ["prompt", "completion", "replaced", "choices"]

@@ -143,12 +143,31 @@ def build_csr16_int8(weight: torch.Tensor) -> Csr16:
     return build_csr16(weight, int8=True)
 
 
+@dataclass(frozen=True)
+class DenseInt8:
+    """A (out × in) weight as int8 values with one fp32 scale per output row: weight-only int8, dense."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+
+def build_dense_int8(weight: torch.Tensor) -> DenseInt8:
+    values, scales = quantize_rows(weight)
+    return DenseInt8(values.contiguous(), scales)
+
+
+def dense_int8_mm(weight: DenseInt8, x2d: torch.Tensor) -> torch.Tensor:
+    """(tokens × in) → (tokens × out) with torch's weight-only int8 GEMM, token-major."""
+    return torch._weight_int8pack_mm(x2d.contiguous(), weight.values, weight.scales.to(x2d.dtype))
+
+
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
         Kernel("csr", 4, build_csr, feature_major_mm),  # an int32 column index per value
         Kernel("csr16", 2, build_csr16, csr16_mm),  # sparselm's C++ kernel: a 16-bit column index per value
         Kernel("csr16-int8", 2, build_csr16_int8, csr16_mm),  # the same with int8 values and a scale per row
+        Kernel("dense-int8", 0, build_dense_int8, dense_int8_mm),  # the dense baseline of weight-only int8
         *(Kernel(f"bsr{b}", 8 / b**2, bsr_builder(b), feature_major_mm) for b in BLOCK_SIZES),  # int64 per tile
         Kernel("semi-structured", 0.25, build_semi_structured, semi_structured_mm),  # 2-bit position per kept value
     )
@@ -185,8 +204,13 @@ def is_two_four(keep: torch.Tensor) -> bool:
 
 
 def cpu_candidates(blocks: list[int]) -> list[str]:
-    """CPU kernels worth measuring: CSR always, BSR at the block sizes the mask is made of (largest first)."""
+    """torch's CPU kernels worth measuring: CSR always, BSR at the block sizes the mask is made of (largest first)."""
     return ["csr", *(f"bsr{b}" for b in blocks)]
+
+
+def own_kernel_fits(weight: torch.Tensor) -> bool:
+    """Whether sparselm's C++ kernels are loaded and can hold this weight (16-bit column indices)."""
+    return extension.status().available and weight.shape[1] <= MAX_CSR16_COLUMNS
 
 
 def require_cuda(kernel: str) -> None:
