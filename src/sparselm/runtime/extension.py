@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import SparselmError
 from ..sources import cache_dir
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
@@ -103,12 +104,12 @@ def chosen_path() -> str:
     """The code path the kernels run: SPARSELM_KERNEL_PATH if set (checked against the CPU), else the best one."""
     forced = os.environ.get(PATH_ENV, "auto").lower()
     if forced not in PATHS:
-        raise ValueError(f"{PATH_ENV}={forced!r}: choose one of {', '.join(PATHS)}")
+        raise SparselmError(f"{PATH_ENV}={forced!r} is not a kernel path; choose one of: {', '.join(PATHS)}")
     if forced == "auto":
         best = int(torch.ops.sparselm_kernels.best_path())
         return next(name for name, code in PATHS.items() if code == best)
     if not torch.ops.sparselm_kernels.supports(PATHS[forced]):
-        raise ValueError(f"{PATH_ENV}={forced}: this CPU lacks the instructions that path needs")
+        raise SparselmError(f"{PATH_ENV}={forced}: this CPU lacks the instructions that path needs; unset it")
     return forced
 
 
