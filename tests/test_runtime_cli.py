@@ -75,8 +75,12 @@ def test_bench_prints_every_speedup_with_its_spread(tmp_path, monkeypatch):
     human = runner.invoke(app, args)
     assert human.exit_code == 0, human.output
     assert "medians of 3 alternating rounds" in one_line(human.output)
-    assert human.output.count("×") == 2  # prefill 8 and decode
-    assert human.output.count("–") == 2 * 3  # a range beside both milliseconds and the speed-up of each row
+    assert human.output.count("×") == 2 * 2  # prefill 8 and decode, each over dense fp32 and over dense bf16
+    assert human.output.count("–") == 2 * 5  # a range beside the three milliseconds and the two speed-ups of each row
+    for row in rows:
+        assert row["speedup_over_bf16_low"] <= row["speedup_over_bf16"] <= row["speedup_over_bf16_high"]
+        assert row["within_noise_over_bf16"] == (row["speedup_over_bf16_low"] <= 1.0 <= row["speedup_over_bf16_high"])
+        assert row["dense_bf16_ms_low"] <= row["dense_bf16_ms"] <= row["dense_bf16_ms_high"]
 
 
 def test_bench_remeasure_ignores_cached_decisions(tmp_path, monkeypatch):
