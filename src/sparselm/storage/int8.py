@@ -30,30 +30,38 @@ def dequantize_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     return rows.reshape(q.shape).to(dtype)
 
 
+INNER_CODECS = ("dense", "csr", "bitmask")
+
+
 @register
 class Int8Codec:
-    """Per-row int8 values stored as CSR, with their scales. Lossy against the float tensor it is given (that is the
-    quantisation); exact for the int8 values and scales it stores."""
+    """Per-output-channel int8 values, stored by the smallest of dense / csr / bitmask, plus their fp32 scales.
+
+    Lossy against the float tensor it is given (that is the quantisation); exact for the int8 values and scales it
+    stores. A matrix stored in × out (Conv1D) is quantised per column (`per_column`), so its scales still belong to
+    output channels.
+    """
 
     name = "int8"
 
     def applies(self, tensor: torch.Tensor) -> bool:
-        return is_sparse_candidate(tensor)
+        return is_sparse_candidate(tensor) and tensor.dim() == 2
 
-    def encode(self, tensor: torch.Tensor) -> Encoded:
-        q, scales = quantize_rows(tensor)
-        sparse = get_codec("csr").encode(q.reshape(q.shape[0], -1))
-        parts = {**sparse.parts, "scales": scales}
-        return Encoded(self.name, tuple(tensor.shape), tensor.dtype, parts, sparse.meta)
+    def encode(self, tensor: torch.Tensor, per_column: bool = False) -> Encoded:
+        q, scales = quantize_rows(tensor.t() if per_column else tensor)
+        inner = min((get_codec(c).encode(q) for c in INNER_CODECS), key=lambda e: e.nbytes)
+        meta = {"inner": inner.codec, "inner_meta": inner.meta, "per_column": per_column}
+        return Encoded(self.name, tuple(tensor.shape), tensor.dtype, {**inner.parts, "scales": scales}, meta)
 
     def decode(self, encoded: Encoded) -> torch.Tensor:
         q, scales = self.int8_parts(encoded)
-        return dequantize_rows(q, scales, encoded.dtype).reshape(encoded.shape)
+        values = dequantize_rows(q, scales, encoded.dtype)
+        return values.t().contiguous() if encoded.meta["per_column"] else values
 
     def int8_parts(self, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored int8 matrix (rows × the rest) and its scales, exactly as packed."""
-        rows = encoded.shape[0]
-        cols = int(torch.tensor(encoded.shape[1:]).prod()) if len(encoded.shape) > 1 else 1
-        csr_parts = {k: v for k, v in encoded.parts.items() if k != "scales"}
-        q = get_codec("csr").decode(Encoded("csr", (rows, cols), torch.int8, csr_parts, encoded.meta))
-        return q, encoded.parts["scales"]
+        """The stored int8 matrix (out × in) and its per-output-channel scales, exactly as packed."""
+        rows, cols = encoded.shape
+        shape = (cols, rows) if encoded.meta["per_column"] else (rows, cols)
+        parts = {k: v for k, v in encoded.parts.items() if k != "scales"}
+        inner = Encoded(encoded.meta["inner"], shape, torch.int8, parts, encoded.meta["inner_meta"])
+        return get_codec(inner.codec).decode(inner), encoded.parts["scales"]
