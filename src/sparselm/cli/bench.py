@@ -60,20 +60,18 @@ def print_bench(result: BenchResult) -> None:
     title = (f"{result.model}: dense vs accelerated {report.dtype} ({report.threads} threads, policy {report.policy}, "
              f"kernels {report.kernel_path})")
     table = Table(title=title, caption=f"medians of {result.rounds} alternating rounds (range over the rounds)")
-    columns = ("step", "tokens", "dense fp32 ms", "dense bf16 ms", "accelerated ms", "speed-up over fp32",
-               "speed-up over bf16", "accelerated tokens/s")
-    for col in columns:
+    for col in ("step", "tokens", "model", "ms", "accelerated speed-up over it"):
         table.add_column(col, justify="right")
     rows = [("prefill", r) for r in result.prefill] + ([("decode", result.decode)] if result.decode else [])
     for step, r in rows:
-        table.add_row(
-            step, str(r.tokens), ms_with_range(r.dense_ms, r.dense_ms_low, r.dense_ms_high),
-            ms_with_range(r.dense_bf16_ms, r.dense_bf16_ms_low, r.dense_bf16_ms_high),
-            ms_with_range(r.accelerated_ms, r.accelerated_ms_low, r.accelerated_ms_high), speedup_text(r),
-            ratio_text(r.speedup_over_bf16, r.speedup_over_bf16_low, r.speedup_over_bf16_high,
-                       r.within_noise_over_bf16),
-            f"{r.accelerated_tokens_per_s:.1f}",
-        )
+        table.add_row(step, str(r.tokens), "dense fp32", ms_with_range(r.dense_ms, r.dense_ms_low, r.dense_ms_high),
+                      speedup_text(r))
+        table.add_row("", "", "dense bf16", ms_with_range(r.dense_bf16_ms, r.dense_bf16_ms_low, r.dense_bf16_ms_high),
+                      ratio_text(r.speedup_over_bf16, r.speedup_over_bf16_low, r.speedup_over_bf16_high,
+                                 r.within_noise_over_bf16))
+        table.add_row("", "", f"accelerated {report.dtype}",
+                      ms_with_range(r.accelerated_ms, r.accelerated_ms_low, r.accelerated_ms_high),
+                      f"{r.accelerated_tokens_per_s:.1f} tokens/s", end_section=True)
     out_console.print(table)
     out_console.print(f"layers on a sparse kernel: {report.replaced} of {report.layers_total}; choices per token "
                       f"count: {report.choices}; groups of layers sharing one product: {len(report.fused_groups)}")
