@@ -245,9 +245,14 @@ def accelerate(
         torch.set_num_threads(threads)
     if any(isinstance(m, SparseLinear) for m in model.modules()):
         raise SparselmError("the model is already accelerated; call accelerate() on a freshly loaded model")
+    if dtype != "fp32" and any(p.device.type != "cpu" for p in model.parameters()):
+        raise SparselmError(f"dtype {dtype} runs sparselm's CPU kernels; move the model to the CPU or use dtype fp32")
     tokens = sorted({int(t) for t in tokens})
     if not tokens or tokens[0] < 1:
         raise SparselmError(f"token counts must be positive integers, got {tokens}")
+    if policy in ("auto", "sparse") and extension.will_compile():
+        progress.start("compiling sparselm's sparse kernels (once per torch version)", None)
+        extension.status()
     if precision.activations is not None:
         model.to(precision.activations)
     path = dispatch.cache_path()

@@ -68,9 +68,18 @@ def compile_command(source: Path, target: Path) -> list[str]:
     ]
 
 
+def library_path() -> Path:
+    return cache_dir() / "kernels" / build_key() / f"{LIBRARY}.so"
+
+
+def will_compile() -> bool:
+    """Whether the next `status()` compiles the kernels (they are neither loaded nor cached, nor disabled)."""
+    return loaded.cache_info().currsize == 0 and os.environ.get(DISABLE_ENV) != "1" and not library_path().is_file()
+
+
 def built_library() -> Path:
     """The compiled library, built now unless this key's build is cached; raises on a failed build."""
-    target = cache_dir() / "kernels" / build_key() / f"{LIBRARY}.so"
+    target = library_path()
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
