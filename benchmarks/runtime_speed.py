@@ -1,12 +1,12 @@
-"""Forward speed of smollm2-135m, accelerated (`accelerate(policy="auto", dtype=...)`) against the best dense model:
-dense fp32 and dense bf16 are timed in the same alternating rounds as the accelerated model, and every row prints the
-speed-up over each, with its range over the rounds ("within noise" when that range reaches 1.0×).
+"""Forward speed of smollm2-135m, accelerated (`accelerate(policy="auto", dtype=...)`) against the best dense
+model: dense fp32 and dense bf16 are timed in the same alternating rounds as the accelerated model, and every row
+prints the speed-up over each, with its range over the rounds ("within noise" when that range reaches 1.0×).
 
 Targets (issue 14; prefill of 128 tokens as generation runs it, and one-token decode steps with the KV cache):
 - global magnitude, bf16 accelerated model: ≥ 2.0× over dense bf16 at 0.9 and ≥ 3.0× at 0.95 (prefill and decode);
 - 50% SparseGPT, bf16 accelerated model: decode ≥ 1.2× over dense bf16, prefill never < 0.95×;
-- global magnitude, fp32 accelerated model: ≥ 2.0× / ≥ 3.0× over dense fp32 at 0.9 / 0.95 (prefill and decode), and
-  at every sparsity never below 0.95× of dense fp32;
+- global magnitude, fp32 accelerated model: ≥ 2.0× / ≥ 3.0× over dense fp32 at 0.9 / 0.95 (prefill and
+  decode), and at every sparsity never below 0.95× of dense fp32;
 - quality (--quality): PTB token perplexity of the bf16 accelerated model within 1% and of the int8 weight-only
   accelerated model within 2% of the same sparse model's fp32 perplexity.
 A target counts as met only by a result that is not within noise; a target whose row did not run reads "not measured".
@@ -65,7 +65,9 @@ SPEED_TARGETS = [
     *(Target(f"bf16 {s} {step} ≥{x}× over dense bf16", "magnitude", s, "bf16", step, "bf16", x)
       for s, x in ((0.9, 2.0), (0.95, 3.0)) for step in ("prefill128", "decode")),
     Target("bf16 SparseGPT 0.5 decode ≥1.2× over dense bf16", "sparsegpt", 0.5, "bf16", "decode", "bf16", 1.2),
-    Target("bf16 SparseGPT 0.5 prefill128 ≥0.95× of dense bf16", "sparsegpt", 0.5, "bf16", "prefill128", "bf16", 0.95),
+    Target(
+        "bf16 SparseGPT 0.5 prefill128 ≥0.95× of dense bf16", "sparsegpt", 0.5, "bf16", "prefill128", "bf16", 0.95
+    ),
     *(Target(f"fp32 {s} {step} ≥{x}× over dense fp32", "magnitude", s, "fp32", step, "fp32", x)
       for s, x in ((0.9, 2.0), (0.95, 3.0)) for step in ("prefill128", "decode")),
 ]
@@ -202,8 +204,9 @@ def main() -> None:
         print_speed(rows[-1])
     quality = [quality_row(s, args.threads) for s in (0.9, 0.95)] if args.quality else []
     for q in quality:
-        print(f"quality s={q['sparsity']}: PTB token ppl " + ", ".join(f"{d} {v:.3f}" for d, v in q["token_ppl"].items())
-              + "; change " + ", ".join(f"{d} {v:+.2%}" for d, v in q["change"].items()), flush=True)
+        ppl = ", ".join(f"{d} {v:.3f}" for d, v in q["token_ppl"].items())
+        change = ", ".join(f"{d} {v:+.2%}" for d, v in q["change"].items())
+        print(f"quality s={q['sparsity']}: PTB token ppl {ppl}; change {change}", flush=True)
     verdict = {t.name: speed_verdict(t, rows) for t in SPEED_TARGETS}
     verdict[f"fp32 never below {FLOOR}× of dense fp32"] = floor_verdict(rows)
     verdict.update(quality_verdicts(quality))

@@ -52,7 +52,8 @@ def build_key() -> str:
     for name in SOURCES:
         digest.update((SOURCE_DIR / name).read_bytes())
     cpu = torch.backends.cpu.get_cpu_capability()
-    return f"{digest.hexdigest()[:16]}-torch{torch.__version__}-{cpu}-{platform.machine()}-py{sys.version_info[0]}{sys.version_info[1]}"
+    python = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    return f"{digest.hexdigest()[:16]}-torch{torch.__version__}-{cpu}-{platform.machine()}-{python}"
 
 
 def compile_command(source: Path, target: Path) -> list[str]:

@@ -27,7 +27,6 @@ from ..facts import PROVENANCE_JSON
 from ..io import atomic_dir, atomic_write_json
 from ..progress import SILENT, Progress
 from ..sources import read_provenance, resolve, write_provenance
-from . import int8 as _int8  # noqa: F401  (registers the int8 codec)
 from .codecs import Encoded, get_codec, keep_mask
 from .layouts import LAYOUTS, Layout, all_formats, layout_of_format
 from .zstd import compress_parts, decompress_parts
