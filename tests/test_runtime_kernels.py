@@ -246,3 +246,31 @@ def test_smollm_quality_in_bf16_and_int8_stays_within_the_targets():
     assert 1 < found["fp32"] < 1000  # a working model, not a broken one
     assert abs(found["bf16"] / found["fp32"] - 1) <= 0.01, found
     assert abs(found["int8"] / found["fp32"] - 1) <= 0.02, found
+
+
+def test_the_kernel_sources_ship_with_the_package():
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = patterns["sparselm.runtime"]
+    for name in extension.SOURCES:
+        assert (extension.SOURCE_DIR / name).is_file()
+        assert any(fnmatch.fnmatch(f"csrc/{name}", pattern) for pattern in shipped), name
+
+
+def test_builds_are_cached_per_source_torch_version_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSELM_CACHE", str(tmp_path))
+    key = extension.build_key()
+    assert extension.library_path().parent == tmp_path / "kernels" / key
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    other_torch = extension.build_key()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "OTHER-CPU")
+    other_cpu = extension.build_key()
+    assert len({key, other_torch, other_cpu}) == 3
+    monkeypatch.setattr(extension, "SOURCE_DIR", tmp_path)
+    for name in extension.SOURCES:
+        (tmp_path / name).write_text(f"// changed {name}")
+    assert extension.build_key() != other_cpu

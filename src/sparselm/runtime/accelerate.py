@@ -13,10 +13,9 @@ from ..errors import SparselmError
 from ..progress import SILENT, Progress
 from ..storage.int8 import dequantize_rows, quantize_rows
 from ..weights import Matrix, select_matrices
-from . import dispatch
+from . import dispatch, extension
 from .fusion import trace_layers
 from .inputs import random_prefill
-from . import extension
 from .kernels import block_sizes_of, cpu_candidates, is_two_four, own_kernel_fits, require_cuda
 from .modules import SiblingGroup, SparseLinear
 from .timing import Speedup
@@ -154,11 +153,9 @@ def candidates(
 def sparse_policy_kernel(kernels: list[str]) -> str:
     """policy `sparse`: the largest block kernel when the mask is made of blocks, else sparselm's own CSR kernel when
     it is loaded, else the first candidate."""
-    for preferred in (lambda k: k.startswith("bsr"), lambda k: k.startswith("csr16"), lambda k: True):
-        found = [k for k in kernels if preferred(k)]
-        if found:
-            return found[0]
-    raise ValueError("no candidate kernels")
+    blocks = [k for k in kernels if k.startswith("bsr")]
+    own = [k for k in kernels if k.startswith("csr16")]
+    return (blocks or own or kernels)[0]
 
 
 def choose(
