@@ -66,16 +66,20 @@ PACK = [
     "file_bytes_packed", "file_bytes_dense", "out",
 ]
 UNPACK = ["out", "tensors", "files"]
-BENCH = ["model", "threads", "policy", "rounds", "prefill", "decode", "layers", "per_layer", "size"]
+BENCH = ["model", "threads", "policy", "rounds", "prefill", "decode", "layers", "per_layer", "size", "dtype", "notes"]
 SPEED_ROW = [
     "tokens", "dense_ms", "dense_ms_low", "dense_ms_high", "accelerated_ms", "accelerated_ms_low",
     "accelerated_ms_high", "speedup", "speedup_low", "speedup_high", "within_noise", "dense_tokens_per_s",
-    "accelerated_tokens_per_s",
+    "accelerated_tokens_per_s", "dense_bf16_ms", "dense_bf16_ms_low", "dense_bf16_ms_high", "speedup_over_bf16",
+    "speedup_over_bf16_low", "speedup_over_bf16_high", "within_noise_over_bf16",
 ]
 DECODE_ROW = [*SPEED_ROW, "steps", "prompt_tokens"]
 BENCH_LAYERS = ["replaced", "total", "choices", "fused_groups"]
 BENCH_SIZE = ["dense_bytes", "packed_bytes", "source"]
-ACCELERATE = ["policy", "threads", "torch", "tokens", "replaced", "layers_total", "choices", "fused_groups", "layers"]
+ACCELERATE = [
+    "policy", "threads", "torch", "tokens", "replaced", "layers_total", "choices", "fused_groups", "layers", "dtype",
+    "kernel_path", "notes",
+]
 LAYER = ["name", "shape", "sparsity", "structure", "choices", "microseconds", "speedups", "cached"]
 GENERATE = ["prompt", "completion", "report"]
 RUN_CLI = ["prompt", "completion", "replaced", "choices"]

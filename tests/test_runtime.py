@@ -252,3 +252,23 @@ def test_bench_of_a_dense_model_runs_the_same_computation_on_both_sides(tmp_path
     assert result.report.replaced == 0 and result.rounds == 3
     row = result.prefill[0]
     assert row.speedup_low <= row.speedup <= row.speedup_high
+
+
+def test_bench_without_the_bf16_baseline_times_only_fp32_and_accelerated(tmp_path, monkeypatch):
+    """A sweep on a CPU that emulates bf16 skips that baseline: its fields are None, nothing else changes, and the
+    bf16 model is never built or run."""
+    prune_smallest(tiny_model("llama"), 0.9).save_pretrained(tmp_path / "m")
+    converted: list[torch.dtype] = []
+    real_to = torch.nn.Module.to
+
+    def recording_to(module, *args, **kwargs):
+        converted.extend(a for a in args if isinstance(a, torch.dtype))
+        return real_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+    result = bench(str(tmp_path / "m"), tokens=[8], rounds=2, steps=2, measure_size=False, bf16_baseline=False)
+    assert torch.bfloat16 not in converted
+    for row in [*result.prefill, result.decode]:
+        assert row.dense_ms > 0 and row.accelerated_ms > 0 and row.speedup_low <= row.speedup <= row.speedup_high
+        bf16 = {k: v for k, v in row.to_json().items() if "bf16" in k}
+        assert len(bf16) == 7 and set(bf16.values()) == {None}

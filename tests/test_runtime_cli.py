@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import DECODER_ONLY, FAMILIES, tiny_config, tiny_model
+from evaluation_fixtures import tiny_tokenizer
 from sparselm.cli import app
 from sparselm.runtime import dispatch
 from sparselm.facts import is_causal_lm
@@ -75,8 +76,12 @@ def test_bench_prints_every_speedup_with_its_spread(tmp_path, monkeypatch):
     human = runner.invoke(app, args)
     assert human.exit_code == 0, human.output
     assert "medians of 3 alternating rounds" in one_line(human.output)
-    assert human.output.count("×") == 2  # prefill 8 and decode
-    assert human.output.count("–") == 2 * 3  # a range beside both milliseconds and the speed-up of each row
+    assert human.output.count("×") == 2 * 2  # prefill 8 and decode, each over dense fp32 and over dense bf16
+    assert human.output.count("–") == 2 * 5  # a range beside the three milliseconds and the two speed-ups of each row
+    for row in rows:
+        assert row["speedup_over_bf16_low"] <= row["speedup_over_bf16"] <= row["speedup_over_bf16_high"]
+        assert row["within_noise_over_bf16"] == (row["speedup_over_bf16_low"] <= 1.0 <= row["speedup_over_bf16_high"])
+        assert row["dense_bf16_ms_low"] <= row["dense_bf16_ms"] <= row["dense_bf16_ms_high"]
 
 
 def test_bench_remeasure_ignores_cached_decisions(tmp_path, monkeypatch):
@@ -89,3 +94,26 @@ def test_bench_remeasure_ignores_cached_decisions(tmp_path, monkeypatch):
     remeasured = json.loads(runner.invoke(app, [*args, "--remeasure"]).stdout)["per_layer"]
     assert all(layer["cached"] for layer in cached)
     assert not remeasured[0]["cached"]  # measured again (later layers of its shape share that measurement)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_bench_and_run_in_a_reduced_precision(dtype, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSELM_CACHE", str(tmp_path / "cache"))
+    prune_smallest(tiny_model("llama"), 0.9).save_pretrained(tmp_path / "m")
+    tiny_tokenizer("llama").save_pretrained(tmp_path / "m")
+    args = ["bench", str(tmp_path / "m"), "--tokens", "8", "--rounds", "1", "--no-size", "--threads", "1"]
+    result = runner.invoke(app, [*args, "--dtype", dtype, "--policy", "sparse", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["dtype"] == dtype and out["layers"]["replaced"] == out["layers"]["total"]
+    assert any("avx512_bf16" in note for note in out["notes"])  # which dense baseline is the honest one here
+    run = runner.invoke(app, ["run", str(tmp_path / "m"), "--prompt", "Hi", "--max-new-tokens", "2", "--dtype", dtype,
+                              "--policy", "sparse", "--json"])
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.stdout)["replaced"] > 0
+
+
+def test_an_unknown_runtime_dtype_is_refused_before_loading(tmp_path):
+    result = runner.invoke(app, ["bench", str(tmp_path / "nowhere"), "--dtype", "int4"])
+    assert result.exit_code != 0 and "unknown runtime dtype 'int4'" in one_line(result.output)
+    assert "fp32, bf16, int8" in one_line(result.output)

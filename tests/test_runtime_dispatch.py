@@ -7,6 +7,7 @@ told is exact and the tests do not depend on this machine's speed.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -28,7 +29,7 @@ class FakeTimer:
         self.seconds = seconds
         self.samples = 0
 
-    def __call__(self, weight, built, tokens) -> dict[str, Callable[[], float]]:
+    def __call__(self, weight, built, tokens, dense=None) -> dict[str, Callable[[], float]]:
         rounds: dict[str, int] = {}
 
         def sample(kernel: str) -> Callable[[], float]:
@@ -84,8 +85,16 @@ def test_bound_follows_from_the_bytes_a_sparse_product_reads():
     assert dispatch.can_win("csr", 0.51, 4) and not dispatch.can_win("csr", 0.5, 4)
 
 
+@pytest.fixture
+def torch_kernels_only(monkeypatch):
+    """Candidates as without sparselm's C++ kernels (torch's CSR/BSR only)."""
+    monkeypatch.setattr(sys.modules["sparselm.runtime.accelerate"], "own_kernel_fits", lambda weight: False)
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.45])
-def test_a_timer_claiming_sparse_wins_never_puts_a_lightly_sparse_layer_on_sparse(sparsity, cache_dir, monkeypatch):
+def test_a_timer_claiming_sparse_wins_never_puts_a_lightly_sparse_layer_on_sparse(
+    sparsity, cache_dir, monkeypatch, torch_kernels_only
+):
     timer = fake(monkeypatch, SPARSE_TEN_TIMES_FASTER)
     report = accelerate(model_at(sparsity), policy="auto", tokens=(1, 64))
     assert report.replaced == 0 and sparse_choices(report) == []
@@ -95,7 +104,9 @@ def test_a_timer_claiming_sparse_wins_never_puts_a_lightly_sparse_layer_on_spars
     assert report.replaced == report.layers_total and set(sparse_choices(report)) == {"csr"}
 
 
-def test_an_apparent_win_the_rounds_disagree_on_stays_dense_and_is_not_cached(cache_dir, monkeypatch):
+def test_an_apparent_win_the_rounds_disagree_on_stays_dense_and_is_not_cached(
+    cache_dir, monkeypatch, torch_kernels_only
+):
     # sparse is 2x faster in six rounds of seven, 2x slower in the seventh: the spread reaches 1.0x
     timer = fake(monkeypatch, {"dense": [1e-3], "sparse": [5e-4] * 6 + [2e-3]})
     model = model_at(0.95)
@@ -155,7 +166,7 @@ def test_cached_decisions_contradicting_the_rules_are_not_trusted(cache_dir, mon
     assert timer.samples == 0 and set(sparse_choices(report)) == {"csr"}
 
 
-def test_remeasure_ignores_the_cache_and_replaces_it(cache_dir, monkeypatch):
+def test_remeasure_ignores_the_cache_and_replaces_it(cache_dir, monkeypatch, torch_kernels_only):
     fake(monkeypatch, SPARSE_TEN_TIMES_FASTER)
     assert set(sparse_choices(accelerate(model_at(0.95), tokens=(1, 64)))) == {"csr"}
     timer = fake(monkeypatch, DENSE_FASTER)

@@ -184,7 +184,7 @@ def test_bad_sources_are_refused(tmp_path):
     with pytest.raises(SparselmError, match="unknown pack format"):
         pack(src, tmp_path / "x", format="zip")
     with pytest.raises(SparselmError, match="unknown --dtype"):
-        pack(src, tmp_path / "x", dtype="int8")
+        pack(src, tmp_path / "x", dtype="int4")
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text((src / "config.json").read_text())

@@ -5,16 +5,20 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from ..models import resolve_device
 from ..errors import SparselmError
+from ..models import resolve_device
 from ..runtime import POLICIES, BenchResult, SpeedRow, bench, generate
-from ..runtime.accelerate import check_settings
+from ..runtime.accelerate import DTYPES, check_settings
 from ..runtime.generate import check_generation
 from ._app import app
 from ._common import handles_errors, out_console, parse_int_list, print_json, progress_bar
 
 
 REMEASURE_HELP = "Measure every layer's kernels again instead of using the cached dispatch decisions."
+DTYPE_HELP = (
+    f"What the accelerated model computes in: {'|'.join(DTYPES)} (int8: weight-only, a scale per output row; "
+    "activations stay fp32). Dense and sparse are measured per layer in that dtype."
+)
 
 
 @app.command("bench")
@@ -29,10 +33,11 @@ def bench_command(
     ),
     no_size: bool = typer.Option(False, "--no-size", help="Skip the packed-size measurement."),
     remeasure: bool = typer.Option(False, "--remeasure", help=REMEASURE_HELP),
+    dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu (the sparse runtime runs on the CPU; cuda is refused)."),
     json_out: bool = typer.Option(False, "--json", help="Print all results as JSON on stdout."),
 ) -> None:
-    """File size and prefill/decode speed, dense vs accelerated, with the kernel chosen for each layer."""
+    """File size and prefill/decode speed, dense (fp32 and bf16) vs accelerated, with each layer's kernel."""
     if resolve_device(device).type != "cpu":
         raise SparselmError("bench measures sparselm's CPU sparse runtime; use --device cpu")
     counts = parse_int_list(tokens, "--tokens")
@@ -40,12 +45,14 @@ def bench_command(
         raise SparselmError(f"--tokens needs positive integers, got '{tokens}'")
     if rounds < 1:
         raise SparselmError(f"--rounds must be at least 1, got {rounds}")
-    check_settings(policy, threads)
+    check_settings(policy, threads, dtype)
     with progress_bar(quiet=json_out) as progress:
         result = bench(
             model, counts, threads=threads, policy=policy, rounds=rounds, measure_size=not no_size,
-            progress=progress.labelled(model), remeasure=remeasure,
+            progress=progress.labelled(model), remeasure=remeasure, dtype=dtype,
         )
+    for note in result.notes:
+        progress.note(note)
     if json_out:
         print_json(result.to_json())
         return
@@ -54,17 +61,23 @@ def bench_command(
 
 def print_bench(result: BenchResult) -> None:
     report = result.report
-    title = f"{result.model}: dense vs accelerated ({report.threads} threads, policy {report.policy})"
+    title = (f"{result.model}: dense vs accelerated {report.dtype} ({report.threads} threads, policy {report.policy}, "
+             f"kernels {report.kernel_path})")
     table = Table(title=title, caption=f"medians of {result.rounds} alternating rounds (range over the rounds)")
-    for col in ("step", "tokens", "dense ms", "accelerated ms", "speed-up", "accelerated tokens/s"):
+    for col in ("step", "tokens", "model", "ms", "accelerated speed-up over it"):
         table.add_column(col, justify="right")
     rows = [("prefill", r) for r in result.prefill] + ([("decode", result.decode)] if result.decode else [])
     for step, r in rows:
-        table.add_row(
-            step, str(r.tokens), ms_with_range(r.dense_ms, r.dense_ms_low, r.dense_ms_high),
-            ms_with_range(r.accelerated_ms, r.accelerated_ms_low, r.accelerated_ms_high), speedup_text(r),
-            f"{r.accelerated_tokens_per_s:.1f}",
-        )
+        table.add_row(step, str(r.tokens), "dense fp32", ms_with_range(r.dense_ms, r.dense_ms_low, r.dense_ms_high),
+                      speedup_text(r))
+        if r.dense_bf16_ms is not None:
+            table.add_row("", "", "dense bf16",
+                          ms_with_range(r.dense_bf16_ms, r.dense_bf16_ms_low, r.dense_bf16_ms_high),
+                          ratio_text(r.speedup_over_bf16, r.speedup_over_bf16_low, r.speedup_over_bf16_high,
+                                     r.within_noise_over_bf16))
+        table.add_row("", "", f"accelerated {report.dtype}",
+                      ms_with_range(r.accelerated_ms, r.accelerated_ms_low, r.accelerated_ms_high),
+                      f"{r.accelerated_tokens_per_s:.1f} tokens/s", end_section=True)
     out_console.print(table)
     out_console.print(f"layers on a sparse kernel: {report.replaced} of {report.layers_total}; choices per token "
                       f"count: {report.choices}; groups of layers sharing one product: {len(report.fused_groups)}")
@@ -79,8 +92,12 @@ def ms_with_range(median: float, low: float, high: float) -> str:
 
 
 def speedup_text(row: SpeedRow) -> str:
-    noise = ", within noise" if row.within_noise else ""
-    return f"{row.speedup:.2f}× ({row.speedup_low:.2f}–{row.speedup_high:.2f}{noise})"
+    return ratio_text(row.speedup, row.speedup_low, row.speedup_high, row.within_noise)
+
+
+def ratio_text(median: float, low: float, high: float, within_noise: bool) -> str:
+    noise = ", within noise" if within_noise else ""
+    return f"{median:.2f}× ({low:.2f}–{high:.2f}{noise})"
 
 
 @app.command("run")
@@ -92,16 +109,19 @@ def run_command(
     threads: int | None = typer.Option(None, "--threads", help="CPU threads."),
     policy: str = typer.Option("auto", "--policy", help=f"Runtime policy: {'|'.join(POLICIES)}."),
     remeasure: bool = typer.Option(False, "--remeasure", help=REMEASURE_HELP),
+    dtype: str = typer.Option("fp32", "--dtype", help=DTYPE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the text and layer choices as JSON."),
 ) -> None:
     """Generate text with the accelerated model (sparse kernels where they measured faster)."""
-    check_generation(model, prompt, max_new_tokens, policy, threads)
+    check_generation(model, prompt, max_new_tokens, policy, threads, dtype)
     with progress_bar(quiet=json_out) as progress:
         result = generate(
             model, prompt, max_new_tokens, policy=policy, threads=threads, remeasure=remeasure,
-            progress=progress.labelled(model),
+            progress=progress.labelled(model), dtype=dtype,
         )
     report = result.report
+    for note in report.notes:
+        progress.note(note)
     if json_out:
         print_json({"prompt": prompt, "completion": result.completion, "replaced": report.replaced,
                     "choices": report.choices})

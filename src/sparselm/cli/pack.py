@@ -26,7 +26,12 @@ def pack_command(
         "sparse-bitmask layout, read by compressed-tensors<=0.12 and transformers 4.5x; transformers 5 does not "
         "read it (it loads random weights): unpack first or use sparselm.load.",
     ),
-    dtype: str = typer.Option("keep", "--dtype", help="Value dtype: keep|fp16|bf16 (fp16/bf16 round the values)."),
+    dtype: str = typer.Option(
+        "keep",
+        "--dtype",
+        help="Value dtype: keep|fp16|bf16|int8 (fp16/bf16 round the values; int8 stores the block matrices as "
+        "weight-only int8 with a scale per output channel, pruned positions staying zero; sparselm's layout only).",
+    ),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print sizes as JSON on stdout."),
 ) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -11,18 +11,41 @@ from torch import nn
 
 from ..errors import SparselmError
 from ..progress import SILENT, Progress
+from ..storage.int8 import dequantize_rows, quantize_rows
 from ..weights import Matrix, select_matrices
-from . import dispatch
+from . import dispatch, extension
 from .fusion import trace_layers
 from .inputs import random_prefill
-from .kernels import block_sizes_of, cpu_candidates, is_two_four, require_cuda
+from .kernels import block_sizes_of, cpu_candidates, is_two_four, own_kernel_fits, require_cuda
 from .modules import SiblingGroup, SparseLinear
 from .timing import Speedup
 
 Policy = Literal["auto", "sparse", "dense", "semi-structured"]
 POLICIES = ("auto", "sparse", "dense", "semi-structured")
+DType = Literal["fp32", "bf16", "int8"]
 DEFAULT_TOKENS = (1, 128)
 TRACE_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the accelerated model computes: its activations' dtype, the bytes of a stored weight value, the dense
+    kernel it is measured against (None: `F.linear` on the weight) and sparselm's own sparse kernel in it."""
+
+    name: str
+    activations: torch.dtype | None  # None: the model's dtype as loaded
+    value_bytes: int | None  # None: the weight's element size
+    dense_kernel: str | None
+    own_kernel: str
+    torch_kernels: bool  # torch's CSR/BSR kernels compute in this precision
+
+
+PRECISIONS = {
+    "fp32": Precision("fp32", None, None, None, "csr16", True),
+    "bf16": Precision("bf16", torch.bfloat16, 2, None, "csr16", False),  # torch's sparse CSR has no bf16 CPU GEMM
+    "int8": Precision("int8", None, 1, "dense-int8", "csr16-int8", False),  # weight-only: activations stay as loaded
+}
+DTYPES = tuple(PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,9 @@ class AccelerateReport:
     tokens: list[int]
     layers: list[LayerChoice]
     fused_groups: list[FusedGroup]
+    dtype: str = "fp32"
+    kernel_path: str = "torch"  # the C++ kernels' CPU code path (portable|avx2|avx512), "torch" without them
+    notes: list[str] = field(default_factory=list)
 
     @property
     def replaced(self) -> int:
@@ -98,6 +124,9 @@ class AccelerateReport:
             "choices": self.choices,
             "fused_groups": [g.to_json() for g in self.fused_groups],
             "layers": [layer.to_json() for layer in self.layers],
+            "dtype": self.dtype,
+            "kernel_path": self.kernel_path,
+            "notes": self.notes,
         }
 
 
@@ -107,14 +136,26 @@ def structure_of(keep: torch.Tensor, blocks: list[int]) -> str:
     return "2:4" if is_two_four(keep) else "unstructured"
 
 
-def candidates(weight: torch.Tensor, keep: torch.Tensor, blocks: list[int], policy: str) -> list[str]:
-    """Sparse kernels that can run this weight where it lives."""
+def candidates(
+    weight: torch.Tensor, keep: torch.Tensor, blocks: list[int], policy: str, precision: Precision = PRECISIONS["fp32"]
+) -> list[str]:
+    """Sparse kernels that can run this weight where it lives, in this precision."""
     if policy == "semi-structured" and weight.device.type != "cuda":
         raise SparselmError("2:4 semi-structured kernels run on CUDA only; move the model to the GPU (model.cuda())")
     if weight.device.type == "cuda":
         half = weight.dtype in (torch.float16, torch.bfloat16)
         return ["semi-structured"] if half and is_two_four(keep) else []
-    return cpu_candidates(blocks)
+    torch_kernels = cpu_candidates(blocks) if precision.torch_kernels else []
+    own = [precision.own_kernel] if own_kernel_fits(weight) and weight.dtype != torch.float16 else []
+    return torch_kernels + own
+
+
+def sparse_policy_kernel(kernels: list[str]) -> str:
+    """policy `sparse`: the largest block kernel when the mask is made of blocks, else sparselm's own CSR kernel when
+    it is loaded, else the first candidate."""
+    blocks = [k for k in kernels if k.startswith("bsr")]
+    own = [k for k in kernels if k.startswith("csr16")]
+    return (blocks or own or kernels)[0]
 
 
 def choose(
@@ -125,14 +166,18 @@ def choose(
     sparsity: float,
     structure: str,
     decisions: dispatch.Decisions,
-    built: dict[str, torch.Tensor],
+    built: dict[str, Any],
+    precision: Precision = PRECISIONS["fp32"],
 ) -> tuple[dict[int, str], dict[int, dict[str, Any]], bool]:
     """Per token count: the kernel to use, the decision behind it (policy auto) and whether nothing was measured."""
     if policy == "dense" or sparsity == 0.0 or not kernels:
         return {t: "dense" for t in tokens}, {}, True
     if policy in ("sparse", "semi-structured"):
-        return {t: kernels[1] if len(kernels) > 1 else kernels[0] for t in tokens}, {}, True  # largest block
-    return dispatch.choose(weight, kernels, tokens, sparsity, structure, decisions, built)
+        return {t: sparse_policy_kernel(kernels) for t in tokens}, {}, True
+    return dispatch.choose(
+        weight, kernels, tokens, sparsity, structure, decisions, built, precision=precision.name,
+        value_bytes=precision.value_bytes or weight.element_size(), dense_kernel=precision.dense_kernel,
+    )
 
 
 def speedups_of(decision: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -140,16 +185,22 @@ def speedups_of(decision: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {kernel: Speedup(tuple(ratios)).as_dict() for kernel, ratios in decision["ratios"].items()}
 
 
-def replace_module(model: nn.Module, matrix: Matrix, choices: dict[int, str], built: dict[str, torch.Tensor]) -> None:
+def replace_module(
+    model: nn.Module, matrix: Matrix, choices: dict[int, str], built: dict[str, Any], dense_kernel: str | None = None
+) -> None:
     parent_name, _, child = matrix.module_name.rpartition(".")
     parent = model.get_submodule(parent_name)
-    setattr(parent, child, SparseLinear(matrix.module, matrix.transposed, choices, built))
+    setattr(parent, child, SparseLinear(matrix.module, matrix.transposed, choices, built, dense_kernel))
 
 
-def check_settings(policy: str, threads: int | None) -> None:
-    """Fail on a policy or thread count accelerate() cannot use (callers check before loading a model)."""
+def check_settings(policy: str, threads: int | None, dtype: str = "fp32") -> None:
+    """Fail on a policy, thread count or dtype accelerate() cannot use (callers check before loading a model)."""
     if policy not in POLICIES:
         raise SparselmError(f"unknown runtime policy '{policy}'; choose one of: {', '.join(POLICIES)}")
+    if dtype not in DTYPES:
+        raise SparselmError(f"unknown runtime dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    if dtype != "fp32" and policy == "semi-structured":
+        raise SparselmError(f"--dtype {dtype} runs on CPU kernels; use policy auto, sparse or dense with it")
     if policy == "semi-structured":
         require_cuda("semi-structured")
     if threads is not None and threads < 1:
@@ -166,6 +217,7 @@ def accelerate(
     progress: Progress = SILENT,
     fuse: bool = True,
     example_inputs: dict[str, Any] | None = None,
+    dtype: DType = "fp32",
 ) -> AccelerateReport:
     """Replace prunable matrices in place by SparseLinear where a sparse kernel wins; returns the per-layer choices.
 
@@ -177,31 +229,49 @@ def accelerate(
     One traced forward on `example_inputs` (by default a few random token ids) arranges the replaced layers: those
     that project an attention module's inputs return token-major outputs (attention's fast kernels need them), and
     with `fuse` those that read the same activations run as one sparse product where they chose the same kernel.
+
+    dtype: `fp32` keeps the model's dtype as loaded; `bf16` converts the model to bfloat16 (activations and values);
+    `int8` quantises every prunable matrix to weight-only int8 (a scale per output row; zeros stay zero; the
+    parameters then hold the dequantised values the model computes with) and runs each on dense int8 or a sparse
+    int8 kernel, activations as loaded. Dense and sparse are measured in that dtype, and cached per dtype. Without
+    sparselm's C++ kernels (no compiler) torch's kernels are used, with one note in the report.
     """
-    check_settings(policy, threads)
+    check_settings(policy, threads, dtype)
+    precision = PRECISIONS[dtype]
     if threads is not None:
         torch.set_num_threads(threads)
     if any(isinstance(m, SparseLinear) for m in model.modules()):
         raise SparselmError("the model is already accelerated; call accelerate() on a freshly loaded model")
+    if dtype != "fp32" and any(p.device.type != "cpu" for p in model.parameters()):
+        raise SparselmError(f"dtype {dtype} runs sparselm's CPU kernels; move the model to the CPU or use dtype fp32")
     tokens = sorted({int(t) for t in tokens})
     if not tokens or tokens[0] < 1:
         raise SparselmError(f"token counts must be positive integers, got {tokens}")
+    if policy in ("auto", "sparse") and extension.will_compile():
+        progress.start("compiling sparselm's sparse kernels (once per torch version)", None)
+        extension.status()
+    if precision.activations is not None:
+        model.to(precision.activations)
     path = dispatch.cache_path()
     decisions = dispatch.Decisions(dispatch.load_cache(path) if use_cache else {}, remeasure)
     layers = []
     matrices = select_matrices(model)
     progress.start("choosing kernels", len(matrices))
     for matrix in matrices:
+        if dtype == "int8":
+            matrix.weight().copy_(dequantize_rows(*quantize_rows(matrix.weight()), matrix.weight().dtype))
         weight = matrix.weight().detach()
         keep = weight != 0
         sparsity = 1.0 - float(keep.count_nonzero()) / keep.numel()
         blocks = block_sizes_of(keep) if sparsity else []
         structure = structure_of(keep, blocks) if sparsity else "dense"
-        kernels = candidates(weight, keep, blocks, policy)
-        built: dict[str, torch.Tensor] = {}
-        choices, basis, cached = choose(weight, kernels, policy, tokens, sparsity, structure, decisions, built)
-        if any(k != "dense" for k in choices.values()):
-            replace_module(model, matrix, choices, built)
+        kernels = candidates(weight, keep, blocks, policy, precision)
+        built: dict[str, Any] = {}
+        choices, basis, cached = choose(
+            weight, kernels, policy, tokens, sparsity, structure, decisions, built, precision
+        )
+        if precision.dense_kernel or any(k != "dense" for k in choices.values()):
+            replace_module(model, matrix, choices, built, precision.dense_kernel)
         layers.append(
             LayerChoice(
                 name=matrix.name,
@@ -218,7 +288,11 @@ def accelerate(
     if use_cache and policy == "auto":
         dispatch.save_cache(path, decisions.cache)
     groups = arrange_outputs(model, example_inputs, fuse)
-    return AccelerateReport(policy, torch.get_num_threads(), torch.__version__, tokens, layers, groups)
+    kernels = extension.status()
+    notes = [kernels.note] if kernels.note and policy in ("auto", "sparse") else []
+    return AccelerateReport(
+        policy, torch.get_num_threads(), torch.__version__, tokens, layers, groups, dtype, kernels.path, notes
+    )
 
 
 def arrange_outputs(model: nn.Module, example_inputs: dict[str, Any] | None, fuse: bool) -> list[FusedGroup]:

@@ -4,6 +4,12 @@ Prefill is timed as generation runs it (logits for the last position only); deco
 with the KV cache. Dense and accelerated runs alternate round by round (runtime.timing), so load from other
 processes affects both alike; each row reports the median milliseconds with their range over the rounds, and the
 speed-up as the median of the per-round ratios with its range and a within-noise verdict.
+
+Two dense baselines run in the same rounds: the model as loaded (fp32, the `dense_*` and `speedup*` fields) and the
+same model in bf16 (`dense_bf16_*`, `speedup_over_bf16*`), which is nearly lossless and on CPUs with native bf16
+(avx512_bf16/AMX) much faster than fp32, so it is the baseline a user would otherwise pick. Dense int8 with dynamic
+activation quantisation is not a baseline here: its perplexity cost has to be measured first (on smollm2-135m it is
+large), and bench measures speed only.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ from ..progress import SILENT, Progress
 from ..sources import resolve
 from ..storage import is_packed, read_manifest
 from ..storage.pack import FORMATS, choose_encoding
-from .accelerate import AccelerateReport, LayerChoice, Policy, accelerate, check_settings
+from .accelerate import AccelerateReport, DType, LayerChoice, Policy, accelerate, check_settings
 from .inputs import random_prefill
-from .timing import Sampler, Timing, alternating, sampler, speedup
+from .timing import Sampler, Speedup, Timing, alternating, sampler, speedup
 
 PROMPT_FOR_DECODE = 32
 
@@ -50,6 +56,13 @@ class SpeedRow:
     within_noise: bool
     dense_tokens_per_s: float
     accelerated_tokens_per_s: float
+    dense_bf16_ms: float | None  # None: dense bf16 was not timed (`bench(bf16_baseline=False)`)
+    dense_bf16_ms_low: float | None
+    dense_bf16_ms_high: float | None
+    speedup_over_bf16: float | None
+    speedup_over_bf16_low: float | None
+    speedup_over_bf16_high: float | None
+    within_noise_over_bf16: bool | None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +98,11 @@ class BenchResult:
     decode: DecodeRow | None
     report: AccelerateReport
     size: SizeInfo | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def dtype(self) -> str:
+        return self.report.dtype
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -104,6 +122,8 @@ class BenchResult:
         }
         if self.size is not None:
             out["size"] = self.size.to_json()
+        out["dtype"] = self.report.dtype
+        out["notes"] = list(self.notes)
         return out
 
     @property
@@ -155,16 +175,21 @@ def bench(
     measure_size: bool = True,
     progress: Progress = SILENT,
     remeasure: bool = False,
+    dtype: DType = "fp32",
+    bf16_baseline: bool = True,
 ) -> BenchResult:
-    """Latency and throughput of prefill at each token count and of decode steps, dense vs accelerated.
+    """Latency and throughput of prefill at each token count and of decode steps, dense (fp32 and bf16) vs
+    accelerated in `dtype` (see `accelerate`).
 
-    `remeasure` makes the dispatch measure every layer again instead of using its cached decisions."""
+    `remeasure` makes the dispatch measure every layer again instead of using its cached decisions. Without
+    `bf16_baseline` dense bf16 is not timed (its fields are None): a sweep on a CPU that only emulates bf16
+    (`native_bf16()` is False) saves the time of a baseline that cannot be the fastest there."""
     tokens = sorted({int(t) for t in tokens})
     if not tokens or tokens[0] < 1:
         raise SparselmError(f"--tokens needs positive integers, got {tokens}")
     if rounds < 1 or steps < 1:
         raise SparselmError(f"--rounds and decode steps must be at least 1, got rounds={rounds}, steps={steps}")
-    check_settings(policy, threads)
+    check_settings(policy, threads, dtype)
     previous_threads = torch.get_num_threads()
     try:
         dense = load(model_or_dir)
@@ -174,17 +199,19 @@ def bench(
         accelerated = copy.deepcopy(dense)
         report = accelerate(
             accelerated, policy, tokens=sorted(set(tokens) | {1}), threads=threads, remeasure=remeasure,
-            progress=progress,
+            progress=progress, dtype=dtype,
         )
-        return run_timings(model_or_dir, dense, accelerated, report, tokens, rounds, steps, measure_size, progress)
+        models = {"dense": dense, "accelerated": accelerated}
+        if bf16_baseline:
+            models["dense_bf16"] = copy.deepcopy(dense).to(torch.bfloat16)
+        return run_timings(model_or_dir, models, report, tokens, rounds, steps, measure_size, progress)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def run_timings(
     model_or_dir: str,
-    dense: nn.Module,
-    accelerated: nn.Module,
+    models: dict[str, nn.Module],
     report: AccelerateReport,
     tokens: list[int],
     rounds: int,
@@ -192,6 +219,8 @@ def run_timings(
     measure_size: bool,
     progress: Progress,
 ) -> BenchResult:
+    """Time each of `models` (dense, dense_bf16, accelerated) in the same alternating rounds."""
+    dense = models["dense"]
     vocab = dense.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     prefill = []
@@ -200,25 +229,41 @@ def run_timings(
     with torch.inference_mode():
         for t in tokens:
             kw = random_prefill(dense, t, generator)
-            samplers = {"dense": sampler(lambda: dense(**kw)), "accelerated": sampler(lambda: accelerated(**kw))}
+            samplers = {side: sampler(lambda m=model: m(**kw)) for side, model in models.items()}
             prefill.append(SpeedRow(**speed_fields(t, alternating(samplers, rounds))))
             progress.advance()
         decode = None
         if causal:
             prompt = torch.randint(3, vocab, (1, PROMPT_FOR_DECODE), generator=generator)
-            models = {"dense": dense, "accelerated": accelerated}
             decoders = {side: decode_sampler(model, prompt, steps) for side, model in models.items()}
             fields = speed_fields(1, alternating(decoders, rounds))
             decode = DecodeRow(**fields, steps=steps, prompt_tokens=PROMPT_FOR_DECODE)
             progress.advance()
     size = size_info(model_or_dir, dense) if measure_size else None
-    return BenchResult(model_or_dir, rounds, prefill, decode, report, size)
+    notes = (*report.notes, baseline_note())
+    return BenchResult(model_or_dir, rounds, prefill, decode, report, size, notes)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 products natively (avx512_bf16), so dense bf16 can beat dense fp32."""
+    return bool(torch.cpu._is_avx512_bf16_supported())
+
+
+def baseline_note() -> str:
+    """Which dense configuration is the honest baseline on this CPU."""
+    if native_bf16():
+        return "this CPU computes bf16 natively (avx512_bf16): dense bf16 is the baseline to beat"
+    return (
+        "this CPU has no avx512_bf16, so dense bf16 is emulated here and slower than dense fp32: the honest baseline "
+        "on this machine is the faster dense column of equal quality (usually fp32)"
+    )
 
 
 def speed_fields(tokens: int, timed: dict[str, Timing]) -> dict[str, Any]:
-    """A SpeedRow's fields: milliseconds (median, low, high over rounds) of each side, the paired speed-up and its
-    verdict."""
-    dense, accelerated = timed["dense"], timed["accelerated"]
+    """A SpeedRow's fields: milliseconds (median, low, high over rounds) of each side, the paired speed-ups over
+    dense fp32 and dense bf16 and their verdicts."""
+    dense, accelerated, bf16 = timed["dense"], timed["accelerated"], timed.get("dense_bf16")
+    over_bf16 = speedup(bf16, accelerated) if bf16 is not None else None
     return {
         "tokens": tokens,
         "dense_ms": dense.median * 1e3,
@@ -230,4 +275,21 @@ def speed_fields(tokens: int, timed: dict[str, Timing]) -> dict[str, Any]:
         **speedup(dense, accelerated).as_dict(),
         "dense_tokens_per_s": tokens / dense.median,
         "accelerated_tokens_per_s": tokens / accelerated.median,
+        **_bf16_fields(bf16, over_bf16),
+    }
+
+
+def _bf16_fields(bf16: Timing | None, over_bf16: Speedup | None) -> dict[str, Any]:
+    if bf16 is None:
+        keys = ("dense_bf16_ms", "dense_bf16_ms_low", "dense_bf16_ms_high", "speedup_over_bf16",
+                "speedup_over_bf16_low", "speedup_over_bf16_high", "within_noise_over_bf16")
+        return dict.fromkeys(keys)
+    return {
+        "dense_bf16_ms": bf16.median * 1e3,
+        "dense_bf16_ms_low": bf16.low * 1e3,
+        "dense_bf16_ms_high": bf16.high * 1e3,
+        "speedup_over_bf16": over_bf16.median,
+        "speedup_over_bf16_low": over_bf16.low,
+        "speedup_over_bf16_high": over_bf16.high,
+        "within_noise_over_bf16": over_bf16.within_noise,
     }

@@ -10,8 +10,8 @@ Three rules keep one noisy measurement from deciding for good:
 - a cached decision is used only if it still satisfies both rules (else it is measured again), and `remeasure`
   ignores what was cached before (the new decisions replace the old ones). Within one accelerate() call, layers
   with the same key share one measurement.
-Decisions are cached in a JSON file under $SPARSELM_CACHE keyed by shape, dtype, device, sparsity bucket, mask
-structure, token count, threads and torch version.
+Decisions are cached in a JSON file under $SPARSELM_CACHE keyed by shape, dtype, precision (fp32|bf16|int8: what
+dense and sparse compute in), device, sparsity bucket, mask structure, token count, threads and torch version.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ MAX_ROUNDS = 21
 MIN_SAMPLE_SECONDS = 0.002
 SPARSITY_BUCKET = 0.02
 CACHE_FILE = "runtime-dispatch.json"
-CACHE_SCHEMA = 3
+CACHE_SCHEMA = 4
 
 
 def min_winning_sparsity(kernel: str, value_bytes: int) -> float:
@@ -102,10 +102,15 @@ def trusted(entry: Any, allowed: list[str]) -> bool:
     return choice in allowed and bool(ratios) and clear_win(Speedup(tuple(ratios)))
 
 
-def kernel_samplers(weight: torch.Tensor, built: dict[str, torch.Tensor], tokens: int) -> dict[str, Sampler]:
-    """Samplers of dense F.linear and each sparse form on random inputs, each sample lasting MIN_SAMPLE_SECONDS."""
+def kernel_samplers(
+    weight: torch.Tensor, built: dict[str, Any], tokens: int, dense: tuple[str, Any] | None = None
+) -> dict[str, Sampler]:
+    """Samplers of dense (F.linear, or `dense`: a kernel name and its built form) and each sparse form on random
+    inputs, each sample lasting MIN_SAMPLE_SECONDS."""
     x = torch.randn(tokens, weight.shape[1], dtype=weight.dtype, device=weight.device)
     calls: dict[str, Callable[[], Any]] = {"dense": lambda: F.linear(x, weight)}
+    if dense is not None:
+        calls["dense"] = lambda: KERNELS[dense[0]].matmul(dense[1], x)
     for name, sparse in built.items():
         calls[name] = lambda k=name, w=sparse: KERNELS[k].matmul(w, x)
     synchronize = torch.cuda.synchronize if weight.device.type == "cuda" else None
@@ -115,10 +120,12 @@ def kernel_samplers(weight: torch.Tensor, built: dict[str, torch.Tensor], tokens
     }
 
 
-def measure_and_decide(weight: torch.Tensor, built: dict[str, torch.Tensor], tokens: int) -> Decision:
+def measure_and_decide(
+    weight: torch.Tensor, built: dict[str, Any], tokens: int, dense: tuple[str, Any] | None = None
+) -> Decision:
     """ROUNDS alternating rounds, more (up to MAX_ROUNDS) while a sparse kernel only seems to win."""
     with torch.inference_mode():
-        samplers = kernel_samplers(weight, built, tokens)
+        samplers = kernel_samplers(weight, built, tokens, dense)
         timed = alternating(samplers, ROUNDS, warmup=False)  # repeats_for has warmed each up
         decision = decide(timed)
         while not decision.confident and timed["dense"].rounds < MAX_ROUNDS:
@@ -159,17 +166,21 @@ def choose(
     sparsity: float,
     structure: str,
     decisions: Decisions,
-    built: dict[str, torch.Tensor],
+    built: dict[str, Any],
+    precision: str = "fp32",
+    value_bytes: int | None = None,
+    dense_kernel: str | None = None,
 ) -> tuple[dict[int, str], dict[int, dict[str, Any]], bool]:
     """Per token count: the kernel to use, the decision behind it (choice, median seconds, per-round speed-ups) and
     whether nothing had to be measured. Sparse forms are built once into `built`, for the SparseLinear that will use
-    them. A cached decision contradicting the bound is dropped: nothing can beat dense there."""
-    allowed = [k for k in kernels if can_win(k, sparsity, weight.element_size())]
+    them. A cached decision contradicting the bound is dropped: nothing can beat dense there. `dense_kernel` (with
+    the bytes of a stored value) is the dense baseline of a precision other than the weight's own (int8)."""
+    allowed = [k for k in kernels if can_win(k, sparsity, value_bytes or weight.element_size())]
     choices: dict[int, str] = {}
     basis: dict[int, dict[str, Any]] = {}
     measured = False
     for t in tokens:
-        key = cache_key(weight, sparsity, structure, t, torch.get_num_threads())
+        key = cache_key(weight, sparsity, structure, t, torch.get_num_threads(), precision)
         if not allowed:
             decisions.cache.pop(key, None)
             choices[t] = "dense"
@@ -178,7 +189,11 @@ def choose(
         if entry is None:
             measured = True
             built.update({k: KERNELS[k].build(weight) for k in allowed if k not in built})
-            entry = decisions.record(key, measure_and_decide(weight, {k: built[k] for k in allowed}, t))
+            dense = None
+            if dense_kernel is not None:
+                built.setdefault(dense_kernel, KERNELS[dense_kernel].build(weight))
+                dense = (dense_kernel, built[dense_kernel])
+            entry = decisions.record(key, measure_and_decide(weight, {k: built[k] for k in allowed}, t, dense))
         choices[t], basis[t] = entry["choice"], entry
     return choices, basis, not measured
 
@@ -203,11 +218,13 @@ def save_cache(path: Path, cache: dict[str, Any]) -> None:
     atomic_write_json(path, cache)
 
 
-def cache_key(weight: torch.Tensor, sparsity: float, structure: str, tokens: int, threads: int) -> str:
+def cache_key(
+    weight: torch.Tensor, sparsity: float, structure: str, tokens: int, threads: int, precision: str = "fp32"
+) -> str:
     bucket = round(int(sparsity / SPARSITY_BUCKET) * SPARSITY_BUCKET, 2)
     rows, cols = weight.shape
     dtype = str(weight.dtype).removeprefix("torch.")
     return (
-        f"v{CACHE_SCHEMA}|{rows}x{cols}|{dtype}|{weight.device.type}|s{bucket:.2f}|{structure}|T{tokens}"
+        f"v{CACHE_SCHEMA}|{rows}x{cols}|{dtype}|{precision}|{weight.device.type}|s{bucket:.2f}|{structure}|T{tokens}"
         f"|threads{threads}|torch{torch.__version__}"
     )

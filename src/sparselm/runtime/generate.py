@@ -12,7 +12,7 @@ from ..facts import is_causal_lm
 from ..models import load, load_tokenizer
 from ..progress import SILENT, Progress
 from ..sources import resolve
-from .accelerate import AccelerateReport, Policy, accelerate, check_settings
+from .accelerate import AccelerateReport, DType, Policy, accelerate, check_settings
 
 EXAMPLE_PROMPT = "The capital of France is"
 
@@ -42,13 +42,15 @@ def require_causal_lm(model_or_dir: str) -> None:
         )
 
 
-def check_generation(model_or_dir: str, prompt: str, max_new_tokens: int, policy: str, threads: int | None) -> None:
+def check_generation(
+    model_or_dir: str, prompt: str, max_new_tokens: int, policy: str, threads: int | None, dtype: str = "fp32"
+) -> None:
     """Every check generate() makes before loading weights (callers may run it before showing progress)."""
     if not prompt.strip():
         raise SparselmError(f"--prompt is empty: give the text to continue, e.g. --prompt '{EXAMPLE_PROMPT}'")
     if max_new_tokens < 1:
         raise SparselmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    check_settings(policy, threads)
+    check_settings(policy, threads, dtype)
     require_causal_lm(model_or_dir)
 
 
@@ -60,16 +62,19 @@ def generate(
     threads: int | None = None,
     remeasure: bool = False,
     progress: Progress = SILENT,
+    dtype: DType = "fp32",
 ) -> Generation:
-    """Greedy continuation of `prompt` by the accelerated model, with the accelerate report."""
-    check_generation(model_or_dir, prompt, max_new_tokens, policy, threads)
+    """Greedy continuation of `prompt` by the accelerated model (computing in `dtype`), with the accelerate report."""
+    check_generation(model_or_dir, prompt, max_new_tokens, policy, threads, dtype)
     lm = load(model_or_dir, head="causal-lm")
     tokenizer = load_tokenizer(model_or_dir)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise SparselmError(f"--prompt {prompt!r} gives no tokens: give the text to continue, e.g. "
                             f"--prompt '{EXAMPLE_PROMPT}'")
-    report = accelerate(lm, policy, tokens=(1, ids.shape[1]), threads=threads, remeasure=remeasure, progress=progress)
+    report = accelerate(
+        lm, policy, tokens=(1, ids.shape[1]), threads=threads, remeasure=remeasure, progress=progress, dtype=dtype
+    )
     with torch.inference_mode():
         out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return Generation(prompt, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), report)

@@ -3,7 +3,9 @@
 CPU kernels go through `torch.sparse.mm(W_sparse, Xᵀ)` with activations feature-major (in × tokens), which the
 measurements in the project notes show is 3–6× faster than `F.linear(x, W_sparse)`. CSR indices are int32 (MKL's
 native width, saving a conversion on every call). BSR is offered only when the mask is block-structured. The 2:4
-semi-structured kernel exists only on CUDA.
+semi-structured kernel exists only on CUDA. `csr16` and `csr16-int8` are sparselm's own C++ kernels (runtime.extension):
+CSR with 16-bit column indices and fp32/bf16 values, or int8 values with a scale per output row (weight-only int8),
+for fp32 or bf16 activations; a row-parallel SpMM for many tokens and an SpMV for one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch.nn.functional as F
 
 from ..errors import SparselmError
 from ..masks import is_n_of_m
+from ..storage.int8 import quantize_rows
+from . import extension
 
 BLOCK_SIZES = (16, 8)
 BLOCK_SLACK = 1.15
@@ -84,10 +88,86 @@ def bsr_builder(block: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return build
 
 
+@dataclass(frozen=True)
+class Csr16:
+    """A (rows × cols) matrix as CSR with int16 column indices (read as unsigned: up to 65536 columns); int8 values
+    come with one fp32 scale per row (`scales` is empty otherwise)."""
+
+    rowptr: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+    scales: torch.Tensor
+    shape: tuple[int, int]
+
+    def to_dense(self) -> torch.Tensor:
+        """The matrix as the kernels compute with it (int8 values times their row scale), in float32."""
+        counts = self.rowptr.diff().long()
+        rows = torch.repeat_interleave(torch.arange(self.shape[0]), counts)
+        dense = torch.zeros(self.shape, dtype=torch.float32)
+        dense[rows, self.cols.long() & 0xFFFF] = self.values.float()
+        return dense * self.scales[:, None] if self.scales.numel() else dense
+
+
+MAX_CSR16_COLUMNS = 1 << 16
+
+
+def build_csr16(weight: torch.Tensor, int8: bool = False) -> Csr16:
+    """CSR16 of a (out × in) weight in its own dtype, or (int8) of its per-row int8 quantisation."""
+    weight = weight.detach()
+    if weight.shape[1] > MAX_CSR16_COLUMNS:
+        raise SparselmError(f"csr16 addresses at most {MAX_CSR16_COLUMNS} input features, got {weight.shape[1]}")
+    values_of, scales = quantize_rows(weight) if int8 else (weight, torch.empty(0))
+    keep = values_of != 0
+    rowptr = torch.zeros(weight.shape[0] + 1, dtype=torch.int32)
+    rowptr[1:] = keep.sum(dim=1).cumsum(0)
+    cols = keep.nonzero()[:, 1].to(torch.int32)
+    cols = torch.where(cols >= 1 << 15, cols - (1 << 16), cols).to(torch.int16)  # the same 16 bits, as int16
+    return Csr16(rowptr, cols, values_of[keep].contiguous(), scales.contiguous(), tuple(weight.shape))
+
+
+def csr16_mm(sparse_weight: Csr16, x2d: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """(tokens × in) → (tokens × out), feature-major like `feature_major_mm`: an SpMV for one token, else an SpMM on
+    the transposed activations. `path` forces a CPU code path (portable|avx2|avx512; default: the best one)."""
+    w, code = sparse_weight, extension.path_code(path)
+    ops = torch.ops.sparselm_kernels
+    if x2d.shape[0] == 1:
+        out = torch.empty(w.shape[0], dtype=x2d.dtype)
+        ops.spmv(w.rowptr, w.cols, w.values, w.scales, x2d.reshape(-1).contiguous(), out, code)
+        return out.view(1, -1)
+    out = torch.empty(w.shape[0], x2d.shape[0], dtype=x2d.dtype)
+    ops.spmm(w.rowptr, w.cols, w.values, w.scales, transposed_copy(x2d), out, code)
+    return out.t()
+
+
+def build_csr16_int8(weight: torch.Tensor) -> Csr16:
+    return build_csr16(weight, int8=True)
+
+
+@dataclass(frozen=True)
+class DenseInt8:
+    """A (out × in) weight as int8 values with one fp32 scale per output row: weight-only int8, dense."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+
+def build_dense_int8(weight: torch.Tensor) -> DenseInt8:
+    values, scales = quantize_rows(weight)
+    return DenseInt8(values.contiguous(), scales)
+
+
+def dense_int8_mm(weight: DenseInt8, x2d: torch.Tensor) -> torch.Tensor:
+    """(tokens × in) → (tokens × out) with torch's weight-only int8 GEMM, token-major."""
+    return torch._weight_int8pack_mm(x2d.contiguous(), weight.values, weight.scales.to(x2d.dtype))
+
+
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
         Kernel("csr", 4, build_csr, feature_major_mm),  # an int32 column index per value
+        Kernel("csr16", 2, build_csr16, csr16_mm),  # sparselm's C++ kernel: a 16-bit column index per value
+        Kernel("csr16-int8", 2, build_csr16_int8, csr16_mm),  # the same with int8 values and a scale per row
+        Kernel("dense-int8", 0, build_dense_int8, dense_int8_mm),  # the dense baseline of weight-only int8
         *(Kernel(f"bsr{b}", 8 / b**2, bsr_builder(b), feature_major_mm) for b in BLOCK_SIZES),  # int64 per tile
         Kernel("semi-structured", 0.25, build_semi_structured, semi_structured_mm),  # 2-bit position per kept value
     )
@@ -124,8 +204,13 @@ def is_two_four(keep: torch.Tensor) -> bool:
 
 
 def cpu_candidates(blocks: list[int]) -> list[str]:
-    """CPU kernels worth measuring: CSR always, BSR at the block sizes the mask is made of (largest first)."""
+    """torch's CPU kernels worth measuring: CSR always, BSR at the block sizes the mask is made of (largest first)."""
     return ["csr", *(f"bsr{b}" for b in blocks)]
+
+
+def own_kernel_fits(weight: torch.Tensor) -> bool:
+    """Whether sparselm's C++ kernels are loaded and can hold this weight (16-bit column indices)."""
+    return extension.status().available and weight.shape[1] <= MAX_CSR16_COLUMNS
 
 
 def require_cuda(kernel: str) -> None:

@@ -8,6 +8,7 @@ tied weights are unchanged) and adds sparse copies of the weight for the kernels
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,12 @@ from .kernels import KERNELS, token_major
 
 class SparseLinear(nn.Module):
     def __init__(
-        self, module: nn.Module, transposed: bool, choices: dict[int, str], built: dict[str, torch.Tensor] | None = None
+        self,
+        module: nn.Module,
+        transposed: bool,
+        choices: dict[int, str],
+        built: dict[str, Any] | None = None,
+        dense_kernel: str | None = None,
     ) -> None:
         super().__init__()
         self.weight = module.weight
@@ -30,8 +36,9 @@ class SparseLinear(nn.Module):
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
         built = built or {}
-        kernels = set(self.choices.values()) - {"dense"}
+        kernels = set(self.choices.values()) - {"dense"} | ({dense_kernel} if dense_kernel else set())
         self.sparse = {k: built[k] if k in built else KERNELS[k].build(weight) for k in kernels}
+        self.dense_kernel = dense_kernel  # dense compute other than F.linear on `weight` (weight-only int8)
         self.group: SiblingGroup | None = None  # set by SiblingGroup when fused with layers reading the same input
         self.group_index = 0
         self.token_major = False  # contiguous outputs instead of feature-major views (see runtime.fusion)
@@ -50,9 +57,11 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // self.in_features
         kernel = self.kernel_for(tokens)
-        if kernel == "dense":  # as the original module computes it, with no extra work on this path
+        if kernel == "dense" and self.dense_kernel is None:  # as the original module computes it, no extra work
             return F.linear(x, self.out_in(), self.bias)
-        if self.group is not None and self.group.kernel_for(tokens) == kernel:
+        if kernel == "dense":
+            y = KERNELS[self.dense_kernel].matmul(self.sparse[self.dense_kernel], x.reshape(-1, self.in_features))
+        elif self.group is not None and self.group.kernel_for(tokens) == kernel:
             y = self.group.part(self.group_index, x, kernel)
         else:
             y = KERNELS[kernel].matmul(self.sparse[kernel], x.reshape(-1, self.in_features))

@@ -1,7 +1,7 @@
 """Sparse storage: codecs (tensor ⇄ named parts), file layouts (sparselm's own, compressed-tensors), pack/unpack of
 model directories, and opening a packed directory as a model without a dense copy."""
 
-from . import bitmask, csr, rice, sparse_bitmask  # noqa: F401  (register the codecs)
+from . import bitmask, csr, int8, rice, sparse_bitmask  # noqa: F401  (register the codecs)
 from . import compressed_tensors  # noqa: F401  (register the compressed-tensors layout)
 from .codecs import CODECS, Encoded, get_codec
 from .layouts import LAYOUTS

@@ -41,9 +41,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 NO_GAIN = "no tensor has enough zeros to be stored smaller: the packed copy gains nothing"
 
 Format = Literal["auto", "bitmask", "csr", "rice", "compressed-tensors"]
-DType = Literal["keep", "fp16", "bf16"]
+DType = Literal["keep", "fp16", "bf16", "int8"]
 FORMATS: dict[str, tuple[str, ...]] = all_formats()
-DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": None}  # int8: see int8_matrices
 
 
 def is_packed(path: str | Path) -> bool:
@@ -87,6 +87,37 @@ def choose_encoding(tensor: torch.Tensor, codecs: tuple[str, ...], use_zstd: boo
             if candidate.nbytes < best.nbytes:
                 best = candidate
     return best
+
+
+def int8_encoding(tensor: torch.Tensor, transposed: bool, use_zstd: bool) -> Encoded:
+    """Weight-only int8 of one matrix (per output channel), with zstd on its parts where that is smaller."""
+    encoded = get_codec("int8").encode(tensor, per_column=transposed)
+    return min((encoded, compress_parts(encoded)) if use_zstd else (encoded,), key=lambda e: e.nbytes)
+
+
+def int8_matrices(path: Path) -> dict[str, bool]:
+    """Checkpoint names of the matrices that `--dtype int8` quantises (those sparselm prunes: Linear/Conv1D weights
+    in transformer blocks), each with whether it is stored in × out (Conv1D), found on an empty model from config."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel
+
+    from ..weights import select_matrices
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModel.from_config(config)
+    except (ValueError, KeyError, OSError) as exc:
+        raise SparselmError(
+            f"--dtype int8 needs the model's architecture to find its weight matrices, and '{path}' has none that "
+            f"transformers knows ({exc}); pack it with --dtype keep"
+        ) from None
+    prefix = model.base_model_prefix
+    found: dict[str, bool] = {}
+    for matrix in select_matrices(model):
+        found[matrix.name] = matrix.transposed
+        found[f"{prefix}.{matrix.name}"] = matrix.transposed
+    return found
 
 
 @dataclass(frozen=True)
@@ -165,6 +196,9 @@ def pack(
         raise SparselmError(f"'{src_dir}' is already packed; unpack it first (sparselm unpack) or pack the dense model")
     files = source_weight_files(source.path)
     layout = layout_of_format(format)
+    if dtype == "int8" and layout.name != "sparselm":
+        raise SparselmError(f"--dtype int8 is stored in sparselm's own layout only; drop --format {format}")
+    int8 = int8_matrices(source.path) if dtype == "int8" else {}
     stored: dict[str, torch.Tensor] = {}
     tensors: dict[str, dict[str, Any]] = {}
     source_files: dict[str, dict[str, Any]] = {}
@@ -175,7 +209,10 @@ def pack(
             for name in fh.keys():
                 tensor = convert_dtype(fh.get_tensor(name), DTYPES[dtype])
                 codecs = FORMATS[format] if layout.codes(name) else ()
-                encoded = choose_encoding(tensor, codecs, use_zstd=layout.zstd)
+                if name in int8:
+                    encoded = int8_encoding(tensor, int8[name], use_zstd=layout.zstd)
+                else:
+                    encoded = choose_encoding(tensor, codecs, use_zstd=layout.zstd)
                 keys = part_keys(layout, name, encoded)
                 stored.update({keys[p]: t.contiguous() for p, t in encoded.parts.items()})
                 tensors[name] = describe(name, tensor, encoded, keys, file.name)
