@@ -34,7 +34,7 @@ def draw_figure(figure: FigureData, figs: Path) -> Path:
     columns = min(figure.columns or count, count)
     rows = -(-count // columns)
     width = SINGLE_PANEL_WIDTH if count == 1 else PANEL_SIZE[0] * columns
-    fig, axes = plt.subplots(rows, columns, figsize=(width, PANEL_SIZE[1] * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(width, PANEL_SIZE[1] * rows), squeeze=False, layout="constrained")
     for ax, panel in zip(axes.flat, figure.panels):
         _draw_panel(ax, panel)
     for ax in list(axes.flat)[count:]:
