@@ -205,10 +205,16 @@ def test_auto_measures_once_then_uses_the_cache(cache_dir):
     saved = json.loads((cache_dir / dispatch.CACHE_FILE).read_text())
     again = accelerate(model_at(0.95), policy="auto", tokens=(1, 64))
     keys_at = {t: layer_keys(model_at(0.95), t) for t in (1, 64)}
+    from_file = 0
     for index, layer in enumerate(again.layers):
         keys = {t: keys_at[t][index] for t in (1, 64)}
-        assert layer.cached == all(k in saved for k in keys.values())
+        if all(k in saved for k in keys.values()):  # a decision the first run wrote is used, never measured again
+            assert layer.cached
+            from_file += 1
+        # (a layer whose decision was too noisy to write is measured again, or shares the decision its shape got
+        # earlier in this run; either way every written choice is the one used)
         assert all(layer.choices[t] == saved[k]["choice"] for t, k in keys.items() if k in saved)
+    assert from_file > 0
     for layer in first.layers:
         for t, times in layer.microseconds.items():
             assert set(times) >= {"dense", "csr"} and all(v > 0 for v in times.values())
