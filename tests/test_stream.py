@@ -18,7 +18,7 @@ from sparselm.evaluation import evaluate
 from sparselm.facts import SPARSITY_JSON, format_size, parse_size
 from sparselm.pruning import prune_to_dir, settings_from
 from sparselm.pruning.stream import ShardStream
-from test_cli_prune import TEXT, char_tokenizer
+from test_cli_prune import TEXT, char_tokenizer, text_file  # noqa: F401 (text_file is a fixture)
 
 TIMINGS = ("seconds", "calibration_seconds")
 
@@ -38,10 +38,8 @@ def sharded(tmp_path: Path):
 
 
 @pytest.fixture
-def calib(tmp_path: Path) -> str:
-    path = tmp_path / "calib.txt"
-    path.write_text(TEXT)
-    return f"text:{path}"
+def calib(text_file: Path) -> str:
+    return f"text:{text_file}"
 
 
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
