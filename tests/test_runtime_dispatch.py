@@ -218,4 +218,4 @@ def test_auto_measures_once_then_uses_the_cache(cache_dir):
     for layer in first.layers:
         for t, times in layer.microseconds.items():
             assert set(times) >= {"dense", "csr"} and all(v > 0 for v in times.values())
-            assert layer.choices[t] in {"dense", "csr"}
+            assert layer.choices[t] in times  # whichever measured kernel won on this CPU (csr16 wins on some)
