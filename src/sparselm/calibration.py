@@ -9,7 +9,8 @@ their extra arguments, which do not depend on the weights being pruned (so only 
 ones hand its output on, `_first_block_only`). Blocks are then visited in order: the
 visitor collects statistics (by calling `run()`, typically inside hooks) and prunes, after which the driver runs the
 block again so the next block is fed the already-pruned outputs. The hidden states are held once and overwritten in
-place. For encoder-decoder models the decoder stack is captured after the encoder is pruned, so cross-attention
+place, batch by batch (a stream may hold them on disk: `BlockStream.held_batches`); a block's outputs are kept
+beside them only for a read-only visitor, whose outputs feed the next block. For encoder-decoder models the decoder stack is captured after the encoder is pruned, so cross-attention
 sees the pruned encoder's output.
 
 With `recover` the driver carries two streams: the dense model's (every stack captured once before anything is
