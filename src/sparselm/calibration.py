@@ -10,8 +10,9 @@ ones hand its output on, `_first_block_only`). Blocks are then visited in order:
 visitor collects statistics (by calling `run()`, typically inside hooks) and prunes, after which the driver runs the
 block again so the next block is fed the already-pruned outputs. The hidden states are held once and overwritten in
 place, batch by batch (a stream may hold them on disk: `BlockStream.held_batches`); a block's outputs are kept
-beside them only for a read-only visitor, whose outputs feed the next block. For encoder-decoder models the decoder stack is captured after the encoder is pruned, so cross-attention
-sees the pruned encoder's output.
+beside them only for a read-only visitor, whose outputs feed the next block, and `run()` returns none from disk.
+For encoder-decoder models the decoder stack is captured after the encoder is pruned, so cross-attention sees the
+pruned encoder's output.
 
 With `recover` the driver carries two streams: the dense model's (every stack captured once before anything is
 pruned, so a decoder's cross-attention reads the dense encoder there) and the pruned model's. Per block it runs the
@@ -385,14 +386,17 @@ def run_blocks(
                     dense_hidden[:] = targets
                 outputs: list[torch.Tensor] = []
 
-                def run(block: nn.Module = block, extra: list = extra, outputs: list = outputs) -> list[torch.Tensor]:
-                    """Run the block on every batch; its outputs are kept only for a read-only visit."""
-                    if keep:
-                        outputs[:] = _forward_all(block, zip(hidden, extra))
-                    else:
+                def run(block: nn.Module = block, extra: list = extra, outputs: list = outputs) -> list | None:
+                    """The block's outputs on every batch (kept to feed the next block only for a read-only visit);
+                    None when the batches are on disk, where the outputs are dropped batch by batch."""
+                    if not isinstance(hidden, list):
                         for h, (args, kwargs) in zip(hidden, extra):
                             block(h, *args, **kwargs)
-                    return outputs
+                        return None
+                    found = _forward_all(block, zip(hidden, extra))
+                    if keep:
+                        outputs[:] = found
+                    return found
 
                 visit(ref, run)
                 recovered = None
