@@ -212,3 +212,77 @@ def test_a_model_bigger_than_available_memory_is_streamed_with_a_note(tmp_path, 
     assert memory.report.notes == [] and not (tmp_path / "memory" / "model.safetensors.index.json").exists()
     a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "auto")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_disk_batches_read_back_what_was_written_and_leave_no_file(tmp_path):
+    from sparselm.pruning.stream import DiskBatches
+
+    held = DiskBatches(tmp_path, torch.device("cpu"))
+    first, second = torch.randn(3, 4, 5), torch.randn(1, 4, 5)
+    held.append(first)
+    held.append(second)
+    assert len(held) == 2 and list(tmp_path.iterdir()) == []  # an unnamed file: nothing to clean up
+    replaced = torch.randn(3, 4, 5)
+    held[0] = replaced
+    assert torch.equal(held[0], replaced) and torch.equal(held[1], second)
+    assert [t.shape for t in held] == [first.shape, second.shape]
+    with pytest.raises(AssertionError, match="changes from"):
+        held[1] = torch.randn(2, 4, 5)
+
+
+def _plan(model_path: Path, settings):
+    from sparselm.models import Checkpoint, empty_model, load_config, model_class
+    from sparselm.pruning.stream import _resident_names, memory_plan
+
+    config = load_config(model_path, str(model_path))
+    model = empty_model(model_class("auto", config), config)
+    checkpoint = Checkpoint.open(model_path, str(model_path))
+    return memory_plan(model, checkpoint, settings, _resident_names(model, checkpoint, str(model_path)))
+
+
+def test_hidden_states_that_do_not_fit_go_to_disk_with_bit_identical_weights(sharded, calib, tmp_path, monkeypatch):
+    from sparselm import calibration
+    from sparselm.pruning import stream
+
+    monkeypatch.setattr(calibration, "BATCH_TOKENS", 32)  # 2 windows of 16 tokens a batch: 4 batches, both runs
+    model = sharded("llama")
+    settings = settings_from(method="wanda", sparsity=0.5, calib=calib, calib_samples=8, calib_seqlen=16)
+    plan = _plan(model, settings)
+    window = 16 * 32 * 4  # seqlen × hidden size × float32
+    assert (plan.activations, plan.batch) == (8 * window, 2 * window)
+    assert plan.on_disk == plan.in_memory - 8 * window + 2 * 2 * window
+    written: list[tuple[int, ...]] = []
+    append = stream.DiskBatches.append
+    monkeypatch.setattr(stream.DiskBatches, "append", lambda self, t: (written.append(tuple(t.shape)), append(self, t)))
+    memory = prune_to_dir(str(model), settings, tmp_path / "memory")
+    streamed = prune_to_dir(str(model), settings, tmp_path / "streamed", max_memory=plan.on_disk)
+    assert written == [(2, 16, 32)] * 4  # the first block's inputs, batch by batch, went to disk
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert without_timings(streamed.to_json()) == without_timings(memory.to_json())
+    written.clear()
+    prune_to_dir(str(model), settings, tmp_path / "in-memory", max_memory=plan.in_memory)
+    assert written == []  # at the in-memory need the hidden states stay in memory
+    files = [sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("streamed", "in-memory")]
+    assert files[0] == files[1]  # the activations' file left nothing behind
+
+
+def test_only_a_limit_below_one_block_and_one_batch_is_refused(sharded, calib, tmp_path, monkeypatch):
+    from sparselm import calibration
+
+    monkeypatch.setattr(calibration, "BATCH_TOKENS", 32)
+    model = sharded("llama")
+    settings = settings_from(method="wanda", sparsity=0.5, calib=calib, calib_samples=8, calib_seqlen=16)
+    plan = _plan(model, settings)
+    assert plan.needed == plan.on_disk < plan.in_memory
+    assert plan.hidden_on_disk(plan.on_disk) and not plan.hidden_on_disk(plan.in_memory)
+    with pytest.raises(SparselmError, match=f"use --max-memory {re.escape(format_size(plan.on_disk))} or more$"):
+        plan.hidden_on_disk(plan.on_disk - 1)
+    with pytest.raises(SparselmError, match="below what pruning one block at a time needs"):
+        prune_to_dir(str(model), settings, tmp_path / "out", max_memory=plan.on_disk - 1)
+    assert not (tmp_path / "out").exists()
+    rebuilt = _plan(model, settings_from(method="magnitude", sparsity=0.5, calib=calib, calib_samples=8,
+                                         calib_seqlen=16, reconstruct=True, reconstruct_epochs=1))
+    assert rebuilt.needed == rebuilt.in_memory  # reconstruction keeps its streams in memory: no disk fallback
+    with pytest.raises(SparselmError, match=re.escape(format_size(rebuilt.in_memory))):
+        rebuilt.hidden_on_disk(rebuilt.in_memory - 1)

@@ -9,8 +9,10 @@ their extra arguments, which do not depend on the weights being pruned (so only 
 ones hand its output on, `_first_block_only`). Blocks are then visited in order: the
 visitor collects statistics (by calling `run()`, typically inside hooks) and prunes, after which the driver runs the
 block again so the next block is fed the already-pruned outputs. The hidden states are held once and overwritten in
-place. For encoder-decoder models the decoder stack is captured after the encoder is pruned, so cross-attention
-sees the pruned encoder's output.
+place, batch by batch (a stream may hold them on disk: `BlockStream.held_batches`); a block's outputs are kept
+beside them only for a read-only visitor, whose outputs feed the next block, and `run()` returns none from disk.
+For encoder-decoder models the decoder stack is captured after the encoder is pruned, so cross-attention sees the
+pruned encoder's output.
 
 With `recover` the driver carries two streams: the dense model's (every stack captured once before anything is
 pruned, so a decoder's cross-attention reads the dense encoder there) and the pruned model's. Per block it runs the
@@ -27,7 +29,7 @@ and a decoder's capture reads the already-pruned encoder stack's output through 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -63,7 +65,7 @@ class BlockRef:
 class Captured:
     """Per batch of windows: the first block's hidden states and, per block, the other arguments it is called with."""
 
-    hidden: list[torch.Tensor]
+    hidden: HeldBatches
     extra: list[list[tuple[tuple[Any, ...], dict[str, Any]]]]  # [block][batch]: (args after hidden, kwargs)
 
 
@@ -89,12 +91,30 @@ Recover = Callable[[BlockRef, Batches], "list[torch.Tensor] | None"]
 next inputs), which saves the driver running the block again."""
 
 
+class HeldBatches(Protocol):
+    """The block-to-block hidden states, one tensor per batch: a list, or batches kept on disk (`pruning/stream.py`)
+    and read back one at a time."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+
+    def __setitem__(self, index: int, value: torch.Tensor) -> None: ...
+
+    def __iter__(self) -> Iterator[torch.Tensor]: ...
+
+    def append(self, value: torch.Tensor) -> None: ...
+
+
 class BlockStream(Protocol):
-    """Loads a block's weights before the driver uses it and frees them when it is done (`pruning/stream.py`)."""
+    """Loads a block's weights before the driver uses it and frees them when it is done (`pruning/stream.py`), and
+    says where the hidden states are held."""
 
     def load(self, ref: BlockRef) -> None: ...
 
     def unload(self, ref: BlockRef) -> None: ...
+
+    def held_batches(self) -> HeldBatches: ...
 
 
 class Collector(Protocol):
@@ -162,15 +182,17 @@ def capture(
     model: nn.Module,
     stack: BlockList,
     windows: torch.Tensor,
-    previous: tuple[nn.Module, list[torch.Tensor]] | None = None,
+    previous: tuple[nn.Module, HeldBatches] | None = None,
     batch_tokens: int | None = None,
+    held: HeldBatches | None = None,
 ) -> Captured:
     """Run the model on batches of windows and record every block's call arguments up to the stack's last block.
 
     Blocks on the meta device (streaming) run on meta copies of their inputs; `previous` (a finished stack's last
-    block and its outputs per batch) replaces that block's meta output so what follows it reads real values."""
+    block and its outputs per batch) replaces that block's meta output so what follows it reads real values. The first
+    block's hidden states go to `held` (default: a new list)."""
     blocks = list(stack.blocks)
-    captured = Captured(hidden=[], extra=[[] for _ in blocks])
+    captured = Captured(hidden=held if held is not None else [], extra=[[] for _ in blocks])
 
     def recorder(index: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -222,7 +244,7 @@ def _meta_inputs(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
 
 
 @contextmanager
-def _replaced_outputs(previous: tuple[nn.Module, list[torch.Tensor]] | None) -> Iterator[None]:
+def _replaced_outputs(previous: tuple[nn.Module, HeldBatches] | None) -> Iterator[None]:
     """Make a finished stack's unloaded last block return its recorded outputs, batch after batch."""
     if previous is None or not _unloaded(previous[0]):
         yield
@@ -302,8 +324,14 @@ def hidden_state(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _forward_all(block: nn.Module, calls: list[tuple[torch.Tensor, Call]]) -> list[torch.Tensor]:
+def _forward_all(block: nn.Module, calls: Iterable[tuple[torch.Tensor, Call]]) -> list[torch.Tensor]:
     return [hidden_state(block(h, *args, **kwargs)) for h, (args, kwargs) in calls]
+
+
+def _advance(block: nn.Module, hidden: HeldBatches, extra: list[Call]) -> None:
+    """Replace each batch by the block's output on it, batch after batch: one batch's output is held at a time."""
+    for i, (args, kwargs) in enumerate(extra):
+        hidden[i] = hidden_state(block(hidden[i], *args, **kwargs))
 
 
 def run_blocks(
@@ -343,10 +371,12 @@ def run_blocks(
                 captured = Captured(hidden=list(dense[0].hidden), extra=dense[0].extra)
             else:
                 load(BlockRef(stack, 0, stack.blocks[0]))
-                captured = capture(model, stack, windows, previous, batch_tokens)
+                held = stream.held_batches() if stream is not None else None
+                captured = capture(model, stack, windows, previous, batch_tokens, held)
             hidden = captured.hidden
+            keep = read_only and isinstance(hidden, list)  # a read-only visit's outputs feed the next block
             for index, block in enumerate(stack.blocks):
-                calls = list(zip(hidden, captured.extra[index]))
+                extra = captured.extra[index]
                 ref = BlockRef(stack, index, block)
                 load(ref)
                 targets = None
@@ -356,18 +386,28 @@ def run_blocks(
                     dense_hidden[:] = targets
                 outputs: list[torch.Tensor] = []
 
-                def run(block: nn.Module = block, calls: list = calls, outputs: list = outputs) -> list[torch.Tensor]:
-                    outputs[:] = _forward_all(block, calls)
-                    return outputs
+                def run(block: nn.Module = block, extra: list = extra, outputs: list = outputs) -> list | None:
+                    """The block's outputs on every batch (kept to feed the next block only for a read-only visit);
+                    None when the batches are on disk, where the outputs are dropped batch by batch."""
+                    if not isinstance(hidden, list):
+                        for h, (args, kwargs) in zip(hidden, extra):
+                            block(h, *args, **kwargs)
+                        return None
+                    found = _forward_all(block, zip(hidden, extra))
+                    if keep:
+                        outputs[:] = found
+                    return found
 
                 visit(ref, run)
                 recovered = None
                 if recover is not None and targets is not None:
-                    recovered = recover(ref, Batches(list(hidden), list(captured.extra[index]), targets))
+                    recovered = recover(ref, Batches(list(hidden), list(extra), targets))
                 if recovered is not None:
-                    hidden[:] = recovered
+                    hidden[:] = recovered  # type: ignore[index]
+                elif keep and outputs:
+                    hidden[:] = outputs  # type: ignore[index]
                 else:
-                    hidden[:] = outputs if read_only and outputs else _forward_all(block, calls)
+                    _advance(block, hidden, extra)
                 if on_block_done is not None:
                     on_block_done(ref)
                 if stream is not None:

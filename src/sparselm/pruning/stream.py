@@ -6,7 +6,9 @@ heads) are read once and stay. Everything else is the in-memory code path: `driv
 whose `load`/`unload` the one calibration driver (`calibration.run_blocks`) calls around each block, so streamed
 and in-memory pruning give bit-identical weights. Global magnitude ranks by a first pass over the shards (the exact
 cut of `magnitude.global_cut`, matrix by matrix from disk), then applies the cut block by block. The calibration
-hidden states stay in memory: a limit they do not fit under is refused with the smallest limit that works.
+hidden states stay in memory when they fit under the limit, else they go to an unnamed temporary file in the output's
+temporary directory (`DiskBatches`) and are read back one batch at a time; a limit that not even one block and one
+batch fit under is refused with the smallest limit that works.
 
 The output is a Hugging Face directory with one shard per block (written as the block is freed), one for the rest,
 and the index; `io.atomic_dir` makes it all-or-nothing.
@@ -14,16 +16,19 @@ and the index; `io.atomic_dir` makes it all-or-nothing.
 
 from __future__ import annotations
 
+import ctypes
+import platform
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ..calibration import BlockRef, BlockStream
+from ..calibration import BlockRef, BlockStream, HeldBatches, windows_per_batch
 from ..errors import SparselmError
-from ..facts import SPARSITY_JSON, format_size
+from ..facts import SPARSITY_JSON, format_size, hidden_size
 from ..io import atomic_dir, atomic_write_json
 from ..masks import NM, Block, prune_count
 from ..models import (
@@ -33,39 +38,111 @@ from ..models import (
 from ..progress import SILENT, Progress
 from ..sources import ModelSource, resolve, write_provenance
 from ..weights import Matrix, find_block_lists
-from ..windows import activation_bytes, available_memory, choose_seqlen
+from ..windows import available_memory, choose_seqlen
 from .driver import prune
 from .magnitude import _abs_into, apply_cut, global_cut, prune_global
 from .report import PrunedModel
 from .settings import PruneSettings
 
 WORK_BYTES = 32 * 10**6  # the interpreter's own growth while pruning: allocator slack, one batch's temporaries
+MMAP_THRESHOLD = 1 << 20  # allocations this large get their own mapping, unmapped when freed
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
     """What a streamed run holds at once: resident weights, one block, two temporaries the size of its largest
-    matrix (scores and mask while pruning), the held calibration activations and the method's per-block
-    statistics. Writing a block to its shard copies nothing."""
+    matrix (scores and mask while pruning), the method's per-block statistics, one batch's working set and the
+    calibration hidden states — all of them (`activations`) when held in memory, else one batch read back from disk
+    and its output (`batch`). Writing a block to its shard copies nothing."""
 
     resident: int
     block: int
     matrix: int
     activations: int
     statistics: int
+    working: int = 0
+    batch: int = 0
+    disk_allowed: bool = False  # block reconstruction keeps its streams in memory
+
+    @property
+    def fixed(self) -> int:
+        return self.resident + self.block + 2 * self.matrix + self.statistics + self.working + WORK_BYTES
+
+    @property
+    def in_memory(self) -> int:
+        return self.fixed + self.activations
+
+    @property
+    def on_disk(self) -> int:
+        return self.fixed + 2 * self.batch
 
     @property
     def needed(self) -> int:
-        return self.resident + self.block + 2 * self.matrix + self.activations + self.statistics + WORK_BYTES
+        """The smallest limit that works."""
+        return min(self.in_memory, self.on_disk) if self.disk_allowed else self.in_memory
 
-    def check(self, limit: int) -> None:
-        if limit < self.needed:
-            raise SparselmError(
-                f"--max-memory {format_size(limit)} is below what pruning one block at a time needs: at least "
-                f"{format_size(self.needed)} (resident weights {format_size(self.resident)}, one block "
-                f"{format_size(self.block)}, calibration activations {format_size(self.activations)}); "
-                f"use --max-memory {format_size(self.needed)} or more, or fewer --calib-samples"
-            )
+    def hidden_on_disk(self, limit: int) -> bool:
+        """Whether the hidden states go to disk under `limit`; refuses a limit that one block and one batch (or, for
+        reconstruction, every stream) do not fit under."""
+        if limit >= self.in_memory:
+            return False
+        if self.disk_allowed and limit >= self.on_disk:
+            return True
+        held = "one batch of calibration activations" if self.disk_allowed else "calibration activations"
+        activations = self.batch if self.disk_allowed else self.activations
+        raise SparselmError(
+            f"--max-memory {format_size(limit)} is below what pruning one block at a time needs: at least "
+            f"{format_size(self.needed)} (resident weights {format_size(self.resident)}, one block "
+            f"{format_size(self.block)}, {held} {format_size(activations)}); "
+            f"use --max-memory {format_size(self.needed)} or more"
+        )
+
+
+class DiskBatches:
+    """Hidden-state batches in an unnamed temporary file (nothing to clean up, even after a kill), read back one at a
+    time; a batch is overwritten in place by the block's output, which has its shape."""
+
+    def __init__(self, directory: Path, device: torch.device) -> None:
+        self._file = tempfile.TemporaryFile(dir=directory)
+        self._slots: list[tuple[int, torch.Size, torch.dtype]] = []
+        self._end = 0
+        self._device = device
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        offset, shape, dtype = self._slots[index]
+        tensor = torch.empty(shape, dtype=dtype)
+        self._file.seek(offset)
+        read = self._file.readinto(_as_bytes(tensor))
+        if read != tensor.numel() * tensor.element_size():
+            raise SparselmError("the temporary file of calibration activations was cut short; is the disk full?")
+        return tensor.to(self._device)
+
+    def __setitem__(self, index: int, value: torch.Tensor) -> None:
+        offset, shape, dtype = self._slots[index]
+        if value.shape != shape or value.dtype != dtype:
+            raise AssertionError(f"batch {index} changes from {tuple(shape)} to {tuple(value.shape)}")
+        self._write(offset, value)
+
+    def append(self, value: torch.Tensor) -> None:
+        self._slots.append((self._end, value.shape, value.dtype))
+        self._end += value.numel() * value.element_size()
+        self._write(self._slots[-1][0], value)
+
+    def _write(self, offset: int, value: torch.Tensor) -> None:
+        self._file.seek(offset)
+        self._file.write(_as_bytes(value.detach().to("cpu").contiguous()))
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, shared with it (no copy)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 class ShardStream:
@@ -74,12 +151,13 @@ class ShardStream:
 
     def __init__(
         self, model: nn.Module, checkpoint: Checkpoint, out: Path | None, device: torch.device,
-        buffers: dict[int, dict[str, torch.Tensor]] | None = None,
+        buffers: dict[int, dict[str, torch.Tensor]] | None = None, hidden_dir: Path | None = None,
     ) -> None:
         self.model = model
         self.checkpoint = checkpoint
         self.out = out
         self.device = device
+        self.hidden_dir = hidden_dir  # where the hidden states go when they do not fit in memory
         self.shards = sum(len(s.blocks) for s in find_block_lists(model)) + 1
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
@@ -87,7 +165,10 @@ class ShardStream:
         self.buffers = buffers if buffers is not None else {id(b): _keep_buffers(b) for b in blocks}
 
     def reading(self) -> BlockStream:
-        return ShardStream(self.model, self.checkpoint, None, self.device, self.buffers)
+        return ShardStream(self.model, self.checkpoint, None, self.device, self.buffers, self.hidden_dir)
+
+    def held_batches(self) -> HeldBatches:
+        return DiskBatches(self.hidden_dir, self.device) if self.hidden_dir is not None else []
 
     def load(self, ref: BlockRef) -> None:
         block = ref.module
@@ -182,22 +263,41 @@ def _keep_buffers(block: nn.Module) -> dict[str, torch.Tensor]:
     return kept
 
 
+def map_large_allocations() -> None:
+    """Make glibc serve every allocation of `MMAP_THRESHOLD` bytes or more with its own mapping, handed back to the OS
+    when freed. By default glibc raises that threshold after the first large free, so a block's activations then come
+    from the heap, whose freed space the OS does not get back: a streamed run peaked ~200 MB above what it held
+    (smollm2-135m). Process-wide and lasting (it also ends glibc's moving threshold); a no-op without glibc."""
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        except (OSError, AttributeError):
+            pass
+
+
 def memory_plan(model: nn.Module, checkpoint: Checkpoint, settings: PruneSettings, resident: list[str]) -> MemoryPlan:
     """The bytes a streamed run of `settings` holds at once (the smallest --max-memory that works)."""
     blocks = [(s.path, i, b) for s in find_block_lists(model) for i, b in enumerate(s.blocks)]
     names = [f"{p}.{i}.{n}" for p, i, b in blocks for n in b.state_dict()]
     block = max(checkpoint.float_bytes([f"{p}.{i}.{n}" for n in b.state_dict()]) for p, i, b in blocks)
     matrix = max(checkpoint.float_bytes([n]) for n in names if len(checkpoint.shapes[n]) == 2)
-    activations = statistics = 0
+    activations = statistics = working = batch = 0
     if settings.needs_calibration:
         seqlen = choose_seqlen(model, settings.calib_samples, settings.calib_seqlen, lambda _m: None)
+        window = seqlen * hidden_size(model) * 4  # one window's float32 hidden states
         streams = 3 if settings.reconstruct else 1  # reconstruction also holds the dense stream and its targets
-        activations = streams * activation_bytes(model, settings.calib_samples, seqlen)
+        activations = streams * settings.calib_samples * window
+        tokens = settings.reconstruct_settings.batch_tokens if settings.reconstruct else None
+        batch = min(settings.calib_samples, windows_per_batch(seqlen, tokens)) * window
+        working = 8 * window  # as `windows.activation_bytes` counts a block's working set
     if settings.method in ("sparsegpt", "admm"):  # a Hessian per matrix of the block (float32, inverted in float64)
         _, _, first = blocks[0]
         statistics = sum(12 * m.in_features ** 2 for m in first.modules() if isinstance(m, nn.Linear))
         statistics += sum(12 * m.weight.shape[0] ** 2 for m in first.modules() if type(m).__name__ == "Conv1D")
-    return MemoryPlan(checkpoint.float_bytes(resident), block, matrix, activations, statistics)
+    return MemoryPlan(
+        checkpoint.float_bytes(resident), block, matrix, activations, statistics, working, batch,
+        disk_allowed=not settings.reconstruct,
+    )
 
 
 def weights_bytes(path: Path, shown: str) -> int:
@@ -233,13 +333,14 @@ def prune_streamed(
     config = load_config(source.path, model_name_or_path)
     model = empty_model(model_class("auto", config), config)
     resident = _resident_names(model, checkpoint, model_name_or_path)
-    memory_plan(model, checkpoint, settings, resident).check(max_memory)
+    on_disk = memory_plan(model, checkpoint, settings, resident).hidden_on_disk(max_memory)
+    map_large_allocations()
     tokenizer = load_tokenizer(source.path, required=False)
     for name, tensor in checkpoint.read(resident, device).items():
         put_tensor(model, name, tensor)
     model.tie_weights()
     with atomic_dir(Path(out_dir), force) as tmp:
-        stream = ShardStream(model, checkpoint, tmp, device)
+        stream = ShardStream(model, checkpoint, tmp, device, hidden_dir=tmp if on_disk else None)
         for message in notes:
             progress.note(message)
         report = prune(model, settings, tokenizer, progress, stream=stream)
