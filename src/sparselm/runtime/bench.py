@@ -35,7 +35,7 @@ from ..storage.pack import FORMATS, choose_encoding
 from .accelerate import AccelerateReport, DType, LayerChoice, Policy, accelerate, check_settings
 from . import quality
 from .inputs import random_prefill
-from .timing import Sampler, Speedup, Timing, alternating, sampler, speedup
+from .timing import Sampler, Timing, alternating, sampler, speedup
 
 PROMPT_FOR_DECODE = 32
 
