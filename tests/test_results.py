@@ -66,12 +66,17 @@ PACK = [
     "file_bytes_packed", "file_bytes_dense", "out",
 ]
 UNPACK = ["out", "tensors", "files"]
-BENCH = ["model", "threads", "policy", "rounds", "prefill", "decode", "layers", "per_layer", "size", "dtype", "notes"]
+BENCH = [
+    "model", "threads", "policy", "rounds", "prefill", "decode", "layers", "per_layer", "size", "dtype", "notes",
+    "w8a8_quality",
+]
 SPEED_ROW = [
     "tokens", "dense_ms", "dense_ms_low", "dense_ms_high", "accelerated_ms", "accelerated_ms_low",
     "accelerated_ms_high", "speedup", "speedup_low", "speedup_high", "within_noise", "dense_tokens_per_s",
     "accelerated_tokens_per_s", "dense_bf16_ms", "dense_bf16_ms_low", "dense_bf16_ms_high", "speedup_over_bf16",
-    "speedup_over_bf16_low", "speedup_over_bf16_high", "within_noise_over_bf16",
+    "speedup_over_bf16_low", "speedup_over_bf16_high", "within_noise_over_bf16", "dense_w8a8_ms", "dense_w8a8_ms_low",
+    "dense_w8a8_ms_high", "speedup_over_w8a8", "speedup_over_w8a8_low", "speedup_over_w8a8_high",
+    "within_noise_over_w8a8",
 ]
 DECODE_ROW = [*SPEED_ROW, "steps", "prompt_tokens"]
 BENCH_LAYERS = ["replaced", "total", "choices", "fused_groups"]

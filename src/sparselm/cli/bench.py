@@ -10,6 +10,7 @@ from ..models import resolve_device
 from ..runtime import POLICIES, BenchResult, SpeedRow, bench, generate
 from ..runtime.accelerate import DTYPES, check_settings
 from ..runtime.generate import check_generation
+from ..runtime.quality import MAX_PERPLEXITY_CHANGE, QualityCheck
 from ._app import app
 from ._common import handles_errors, out_console, parse_int_list, print_json, progress_bar
 
@@ -17,7 +18,8 @@ from ._common import handles_errors, out_console, parse_int_list, print_json, pr
 REMEASURE_HELP = "Measure every layer's kernels again instead of using the cached dispatch decisions."
 DTYPE_HELP = (
     f"What the accelerated model computes in: {'|'.join(DTYPES)} (int8: weight-only, a scale per output row; "
-    "activations stay fp32). Dense and sparse are measured per layer in that dtype."
+    "activations stay fp32; w8a8: int8 activations too, offered only with its measured perplexity change and "
+    "refused above 2%). Dense and sparse are measured per layer in that dtype."
 )
 
 
@@ -57,6 +59,7 @@ def bench_command(
         print_json(result.to_json())
         return
     print_bench(result)
+    print_quality(result.w8a8_quality)
 
 
 def print_bench(result: BenchResult) -> None:
@@ -75,6 +78,11 @@ def print_bench(result: BenchResult) -> None:
                           ms_with_range(r.dense_bf16_ms, r.dense_bf16_ms_low, r.dense_bf16_ms_high),
                           ratio_text(r.speedup_over_bf16, r.speedup_over_bf16_low, r.speedup_over_bf16_high,
                                      r.within_noise_over_bf16))
+        if r.dense_w8a8_ms is not None:
+            table.add_row("", "", "dense w8a8",
+                          ms_with_range(r.dense_w8a8_ms, r.dense_w8a8_ms_low, r.dense_w8a8_ms_high),
+                          ratio_text(r.speedup_over_w8a8, r.speedup_over_w8a8_low, r.speedup_over_w8a8_high,
+                                     r.within_noise_over_w8a8))
         table.add_row("", "", f"accelerated {report.dtype}",
                       ms_with_range(r.accelerated_ms, r.accelerated_ms_low, r.accelerated_ms_high),
                       f"{r.accelerated_tokens_per_s:.1f} tokens/s", end_section=True)
@@ -85,6 +93,12 @@ def print_bench(result: BenchResult) -> None:
         s = result.size
         out_console.print(f"weights: dense {s.dense_bytes / 1e6:.2f} MB, packed {s.packed_bytes / 1e6:.2f} MB "
                           f"({s.dense_bytes / max(s.packed_bytes, 1):.2f}× smaller, {s.source})")
+
+
+def print_quality(check: QualityCheck | None) -> None:
+    """The measured perplexity change of w8a8, shown whenever it was measured."""
+    if check is not None:
+        out_console.print(f"{check.describe()}; allowed up to {MAX_PERPLEXITY_CHANGE:.0%}")
 
 
 def ms_with_range(median: float, low: float, high: float) -> str:
@@ -123,8 +137,12 @@ def run_command(
     for note in report.notes:
         progress.note(note)
     if json_out:
-        print_json({"prompt": prompt, "completion": result.completion, "replaced": report.replaced,
-                    "choices": report.choices})
+        out = {"prompt": prompt, "completion": result.completion, "replaced": report.replaced,
+               "choices": report.choices}
+        if result.w8a8_quality is not None:
+            out["w8a8_quality"] = result.w8a8_quality.to_json()
+        print_json(out)
         return
     out_console.print(f"[bold]{prompt}[/bold]{result.completion}", highlight=False)
     out_console.print(f"[dim]{report.replaced} of {report.layers_total} layers on sparse kernels[/dim]")
+    print_quality(result.w8a8_quality)

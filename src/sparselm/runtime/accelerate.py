@@ -22,7 +22,7 @@ from .timing import Speedup
 
 Policy = Literal["auto", "sparse", "dense", "semi-structured"]
 POLICIES = ("auto", "sparse", "dense", "semi-structured")
-DType = Literal["fp32", "bf16", "int8"]
+DType = Literal["fp32", "bf16", "int8", "w8a8"]
 DEFAULT_TOKENS = (1, 128)
 TRACE_TOKENS = 8
 
@@ -30,20 +30,25 @@ TRACE_TOKENS = 8
 @dataclass(frozen=True)
 class Precision:
     """How the accelerated model computes: its activations' dtype, the bytes of a stored weight value, the dense
-    kernel it is measured against (None: `F.linear` on the weight) and sparselm's own sparse kernel in it."""
+    kernel it is measured against (None: `F.linear` on the weight), sparselm's own sparse kernel in it (None: no
+    sparse kernel computes in this precision) and whether the weights are rounded to per-row int8 first."""
 
     name: str
     activations: torch.dtype | None  # None: the model's dtype as loaded
     value_bytes: int | None  # None: the weight's element size
     dense_kernel: str | None
-    own_kernel: str
+    own_kernel: str | None
     torch_kernels: bool  # torch's CSR/BSR kernels compute in this precision
+    int8_weights: bool = False
 
 
 PRECISIONS = {
     "fp32": Precision("fp32", None, None, None, "csr16", True),
     "bf16": Precision("bf16", torch.bfloat16, 2, None, "csr16", False),  # torch's sparse CSR has no bf16 CPU GEMM
-    "int8": Precision("int8", None, 1, "dense-int8", "csr16-int8", False),  # weight-only: activations stay as loaded
+    "int8": Precision("int8", None, 1, "dense-int8", "csr16-int8", False, True),  # weight-only: activations as loaded
+    # int8 weights and dynamically quantised activations: lossy on models with activation outliers, so `bench` and
+    # `generate` offer it only with its measured perplexity change (runtime.quality)
+    "w8a8": Precision("w8a8", None, 1, "dense-w8a8", None, False, True),
 }
 DTYPES = tuple(PRECISIONS)
 
@@ -146,7 +151,8 @@ def candidates(
         half = weight.dtype in (torch.float16, torch.bfloat16)
         return ["semi-structured"] if half and is_two_four(keep) else []
     torch_kernels = cpu_candidates(blocks) if precision.torch_kernels else []
-    own = [precision.own_kernel] if own_kernel_fits(weight) and weight.dtype != torch.float16 else []
+    fits = precision.own_kernel and own_kernel_fits(weight) and weight.dtype != torch.float16
+    own = [precision.own_kernel] if fits else []
     return torch_kernels + own
 
 
@@ -233,8 +239,11 @@ def accelerate(
     dtype: `fp32` keeps the model's dtype as loaded; `bf16` converts the model to bfloat16 (activations and values);
     `int8` quantises every prunable matrix to weight-only int8 (a scale per output row; zeros stay zero; the
     parameters then hold the dequantised values the model computes with) and runs each on dense int8 or a sparse
-    int8 kernel, activations as loaded. Dense and sparse are measured in that dtype, and cached per dtype. Without
-    sparselm's C++ kernels (no compiler) torch's kernels are used, with one note in the report.
+    int8 kernel, activations as loaded; `w8a8` quantises the weights alike and runs every matrix on torch's dense
+    int8 GEMM with dynamically quantised activations (no sparse kernel computes in it): fast, but lossy where
+    activations have outlier channels, so measure it with `runtime.quality` first (`bench` and `generate` do, and
+    refuse it beyond a 2% perplexity change). Dense and sparse are measured in that dtype, and cached per dtype.
+    Without sparselm's C++ kernels (no compiler) torch's kernels are used, with one note in the report.
     """
     check_settings(policy, threads, dtype)
     precision = PRECISIONS[dtype]
@@ -258,7 +267,7 @@ def accelerate(
     matrices = select_matrices(model)
     progress.start("choosing kernels", len(matrices))
     for matrix in matrices:
-        if dtype == "int8":
+        if precision.int8_weights:
             matrix.weight().copy_(dequantize_rows(*quantize_rows(matrix.weight()), matrix.weight().dtype))
         weight = matrix.weight().detach()
         keep = weight != 0

@@ -8,8 +8,9 @@ speed-up as the median of the per-round ratios with its range and a within-noise
 Two dense baselines run in the same rounds: the model as loaded (fp32, the `dense_*` and `speedup*` fields) and the
 same model in bf16 (`dense_bf16_*`, `speedup_over_bf16*`), which is nearly lossless and on CPUs with native bf16
 (avx512_bf16/AMX) much faster than fp32, so it is the baseline a user would otherwise pick. Dense int8 with dynamic
-activation quantisation is not a baseline here: its perplexity cost has to be measured first (on smollm2-135m it is
-large), and bench measures speed only.
+activation quantisation (w8a8, `dense_w8a8_*`, `speedup_over_w8a8*`) is a third baseline only where its perplexity
+stays within 2% of the model as given (runtime.quality, measured first with the model's tokenizer; `w8a8_quality`);
+otherwise a note gives the measured change and its fields are None. `--dtype w8a8` itself is refused beyond 2%.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import copy
 import inspect
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -26,14 +27,15 @@ from torch import nn
 
 from ..errors import SparselmError
 from ..facts import context_length, is_causal_lm
-from ..models import load
+from ..models import load, load_tokenizer
 from ..progress import SILENT, Progress
 from ..sources import resolve
 from ..storage import is_packed, read_manifest
 from ..storage.pack import FORMATS, choose_encoding
 from .accelerate import AccelerateReport, DType, LayerChoice, Policy, accelerate, check_settings
+from . import quality
 from .inputs import random_prefill
-from .timing import Sampler, Speedup, Timing, alternating, sampler, speedup
+from .timing import Sampler, Timing, alternating, sampler, speedup
 
 PROMPT_FOR_DECODE = 32
 
@@ -63,6 +65,13 @@ class SpeedRow:
     speedup_over_bf16_low: float | None
     speedup_over_bf16_high: float | None
     within_noise_over_bf16: bool | None
+    dense_w8a8_ms: float | None  # None: dense w8a8 was not timed (not within 2% in perplexity, or not measured)
+    dense_w8a8_ms_low: float | None
+    dense_w8a8_ms_high: float | None
+    speedup_over_w8a8: float | None
+    speedup_over_w8a8_low: float | None
+    speedup_over_w8a8_high: float | None
+    within_noise_over_w8a8: bool | None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +108,7 @@ class BenchResult:
     report: AccelerateReport
     size: SizeInfo | None
     notes: tuple[str, ...] = ()
+    w8a8_quality: quality.QualityCheck | None = None  # None: not measured (no tokenizer, or not asked for)
 
     @property
     def dtype(self) -> str:
@@ -124,6 +134,7 @@ class BenchResult:
             out["size"] = self.size.to_json()
         out["dtype"] = self.report.dtype
         out["notes"] = list(self.notes)
+        out["w8a8_quality"] = self.w8a8_quality.to_json() if self.w8a8_quality else None
         return out
 
     @property
@@ -177,25 +188,37 @@ def bench(
     remeasure: bool = False,
     dtype: DType = "fp32",
     bf16_baseline: bool = True,
+    w8a8_baseline: bool = True,
 ) -> BenchResult:
-    """Latency and throughput of prefill at each token count and of decode steps, dense (fp32 and bf16) vs
-    accelerated in `dtype` (see `accelerate`).
+    """Latency and throughput of prefill at each token count and of decode steps, dense (fp32, bf16 and w8a8 where
+    its perplexity allows) vs accelerated in `dtype` (see `accelerate`).
 
     `remeasure` makes the dispatch measure every layer again instead of using its cached decisions. Without
     `bf16_baseline` dense bf16 is not timed (its fields are None): a sweep on a CPU that only emulates bf16
-    (`native_bf16()` is False) saves the time of a baseline that cannot be the fastest there."""
+    (`native_bf16()` is False) saves the time of a baseline that cannot be the fastest there. With `w8a8_baseline`
+    the perplexity change of dense w8a8 is measured first (runtime.quality; a causal LM with a tokenizer) and dense
+    w8a8 is timed only when it is within 2%. `dtype="w8a8"` always measures it and refuses a change above 2%."""
     tokens = sorted({int(t) for t in tokens})
     if not tokens or tokens[0] < 1:
         raise SparselmError(f"--tokens needs positive integers, got {tokens}")
     if rounds < 1 or steps < 1:
         raise SparselmError(f"--rounds and decode steps must be at least 1, got rounds={rounds}, steps={steps}")
     check_settings(policy, threads, dtype)
+    if dtype == "w8a8":
+        quality.require_measurable(model_or_dir)
     previous_threads = torch.get_num_threads()
     try:
+        if threads is not None:
+            torch.set_num_threads(threads)
         dense = load(model_or_dir)
         limit = context_length(dense)
         if limit and tokens[-1] > limit:
             raise SparselmError(f"--tokens {tokens[-1]} exceeds the model's {limit} positions; use smaller counts")
+        check, w8a8, notes = None, None, ()
+        if w8a8_baseline or dtype == "w8a8":
+            check, w8a8, notes = w8a8_baseline_of(model_or_dir, dense, progress)
+        if dtype == "w8a8":
+            quality.require_acceptable(check)
         accelerated = copy.deepcopy(dense)
         report = accelerate(
             accelerated, policy, tokens=sorted(set(tokens) | {1}), threads=threads, remeasure=remeasure,
@@ -204,9 +227,29 @@ def bench(
         models = {"dense": dense, "accelerated": accelerated}
         if bf16_baseline:
             models["dense_bf16"] = copy.deepcopy(dense).to(torch.bfloat16)
-        return run_timings(model_or_dir, models, report, tokens, rounds, steps, measure_size, progress)
+        if w8a8 is not None:
+            models["dense_w8a8"] = w8a8
+        result = run_timings(model_or_dir, models, report, tokens, rounds, steps, measure_size, progress)
+        return replace(result, notes=(*result.notes, *notes), w8a8_quality=check)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def w8a8_baseline_of(
+    model_or_dir: str, dense: nn.Module, progress: Progress
+) -> tuple[quality.QualityCheck | None, nn.Module | None, tuple[str, ...]]:
+    """The perplexity check of dense w8a8, the w8a8 model when it passes (else None), and a note when it does not
+    or could not be measured."""
+    tokenizer = load_tokenizer(model_or_dir, required=False) if is_causal_lm(dense) else None
+    if tokenizer is None:
+        return None, None, ("dense w8a8 (int8 weights and activations) is not a baseline here: its perplexity change "
+                            "needs a causal LM with a tokenizer to be measured",)
+    w8a8 = quality.w8a8_model(dense)
+    check = quality.w8a8_check(dense, w8a8, tokenizer, progress=progress)
+    if check.acceptable:
+        return check, w8a8, ()
+    return check, None, (f"dense w8a8 is not a baseline here: {check.describe()}, more than the "
+                         f"{quality.MAX_PERPLEXITY_CHANGE:.0%} allowed",)
 
 
 def run_timings(
@@ -219,7 +262,7 @@ def run_timings(
     measure_size: bool,
     progress: Progress,
 ) -> BenchResult:
-    """Time each of `models` (dense, dense_bf16, accelerated) in the same alternating rounds."""
+    """Time each of `models` (dense, accelerated, dense_bf16, dense_w8a8) in the same alternating rounds."""
     dense = models["dense"]
     vocab = dense.config.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -261,9 +304,8 @@ def baseline_note() -> str:
 
 def speed_fields(tokens: int, timed: dict[str, Timing]) -> dict[str, Any]:
     """A SpeedRow's fields: milliseconds (median, low, high over rounds) of each side, the paired speed-ups over
-    dense fp32 and dense bf16 and their verdicts."""
-    dense, accelerated, bf16 = timed["dense"], timed["accelerated"], timed.get("dense_bf16")
-    over_bf16 = speedup(bf16, accelerated) if bf16 is not None else None
+    dense fp32, dense bf16 and dense w8a8 (None where not timed) and their verdicts."""
+    dense, accelerated = timed["dense"], timed["accelerated"]
     return {
         "tokens": tokens,
         "dense_ms": dense.median * 1e3,
@@ -275,21 +317,18 @@ def speed_fields(tokens: int, timed: dict[str, Timing]) -> dict[str, Any]:
         **speedup(dense, accelerated).as_dict(),
         "dense_tokens_per_s": tokens / dense.median,
         "accelerated_tokens_per_s": tokens / accelerated.median,
-        **_bf16_fields(bf16, over_bf16),
+        **baseline_fields("bf16", timed.get("dense_bf16"), accelerated),
+        **baseline_fields("w8a8", timed.get("dense_w8a8"), accelerated),
     }
 
 
-def _bf16_fields(bf16: Timing | None, over_bf16: Speedup | None) -> dict[str, Any]:
-    if bf16 is None:
-        keys = ("dense_bf16_ms", "dense_bf16_ms_low", "dense_bf16_ms_high", "speedup_over_bf16",
-                "speedup_over_bf16_low", "speedup_over_bf16_high", "within_noise_over_bf16")
+def baseline_fields(name: str, baseline: Timing | None, accelerated: Timing) -> dict[str, Any]:
+    """`dense_{name}_ms*` and `speedup_over_{name}*` of an extra dense baseline; all None when it was not timed."""
+    keys = (f"dense_{name}_ms", f"dense_{name}_ms_low", f"dense_{name}_ms_high", f"speedup_over_{name}",
+            f"speedup_over_{name}_low", f"speedup_over_{name}_high", f"within_noise_over_{name}")
+    if baseline is None:
         return dict.fromkeys(keys)
-    return {
-        "dense_bf16_ms": bf16.median * 1e3,
-        "dense_bf16_ms_low": bf16.low * 1e3,
-        "dense_bf16_ms_high": bf16.high * 1e3,
-        "speedup_over_bf16": over_bf16.median,
-        "speedup_over_bf16_low": over_bf16.low,
-        "speedup_over_bf16_high": over_bf16.high,
-        "within_noise_over_bf16": over_bf16.within_noise,
-    }
+    over = speedup(baseline, accelerated)
+    values = (baseline.median * 1e3, baseline.low * 1e3, baseline.high * 1e3, over.median, over.low, over.high,
+              over.within_noise)
+    return dict(zip(keys, values, strict=True))

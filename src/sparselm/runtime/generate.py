@@ -12,6 +12,7 @@ from ..facts import is_causal_lm
 from ..models import load, load_tokenizer
 from ..progress import SILENT, Progress
 from ..sources import resolve
+from . import quality
 from .accelerate import AccelerateReport, DType, Policy, accelerate, check_settings
 
 EXAMPLE_PROMPT = "The capital of France is"
@@ -19,14 +20,19 @@ EXAMPLE_PROMPT = "The capital of France is"
 
 @dataclass(frozen=True)
 class Generation:
-    """A greedy continuation and the accelerate report of the model that wrote it."""
+    """A greedy continuation and the accelerate report of the model that wrote it (with w8a8: its measured
+    perplexity change)."""
 
     prompt: str
     completion: str
     report: AccelerateReport
+    w8a8_quality: quality.QualityCheck | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "completion": self.completion, "report": self.report.to_json()}
+        out = {"prompt": self.prompt, "completion": self.completion, "report": self.report.to_json()}
+        if self.w8a8_quality is not None:
+            out["w8a8_quality"] = self.w8a8_quality.to_json()
+        return out
 
 
 def require_causal_lm(model_or_dir: str) -> None:
@@ -52,6 +58,8 @@ def check_generation(
         raise SparselmError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     check_settings(policy, threads, dtype)
     require_causal_lm(model_or_dir)
+    if dtype == "w8a8":
+        quality.require_measurable(model_or_dir)
 
 
 def generate(
@@ -64,7 +72,8 @@ def generate(
     progress: Progress = SILENT,
     dtype: DType = "fp32",
 ) -> Generation:
-    """Greedy continuation of `prompt` by the accelerated model (computing in `dtype`), with the accelerate report."""
+    """Greedy continuation of `prompt` by the accelerated model (computing in `dtype`), with the accelerate report.
+    `w8a8` is measured first (runtime.quality) and refused when it changes perplexity by more than 2%."""
     check_generation(model_or_dir, prompt, max_new_tokens, policy, threads, dtype)
     lm = load(model_or_dir, head="causal-lm")
     tokenizer = load_tokenizer(model_or_dir)
@@ -72,9 +81,15 @@ def generate(
     if ids.shape[1] == 0:
         raise SparselmError(f"--prompt {prompt!r} gives no tokens: give the text to continue, e.g. "
                             f"--prompt '{EXAMPLE_PROMPT}'")
+    check = None
+    if dtype == "w8a8":
+        if threads is not None:
+            torch.set_num_threads(threads)
+        check = quality.w8a8_check(lm, quality.w8a8_model(lm), tokenizer, progress=progress)
+        quality.require_acceptable(check)
     report = accelerate(
         lm, policy, tokens=(1, ids.shape[1]), threads=threads, remeasure=remeasure, progress=progress, dtype=dtype
     )
     with torch.inference_mode():
         out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return Generation(prompt, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), report)
+    return Generation(prompt, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), report, check)

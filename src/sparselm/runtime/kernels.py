@@ -161,6 +161,23 @@ def dense_int8_mm(weight: DenseInt8, x2d: torch.Tensor) -> torch.Tensor:
     return torch._weight_int8pack_mm(x2d.contiguous(), weight.values, weight.scales.to(x2d.dtype))
 
 
+def build_dense_w8a8(weight: torch.Tensor) -> torch.Tensor:
+    """The weight's per-row int8 quantisation (`quantize_rows`), prepacked for torch's dynamic-quantised int8 GEMM
+    (fbgemm/oneDNN: the kernel of `torch.ao.quantization.quantize_dynamic`)."""
+    values, scales = quantize_rows(weight)
+    zero_points = torch.zeros(values.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        quantized = torch._make_per_channel_quantized_tensor(values, scales.double(), zero_points, 0)
+    return torch.ops.quantized.linear_prepack(quantized, None)
+
+
+def dense_w8a8_mm(packed: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+    """(tokens × in) → (tokens × out), token-major: int8 weights times activations quantised on the fly (one affine
+    uint8 scale per call, over all tokens, at the 7-bit range torch uses on x86 against VPMADDUBSW saturation)."""
+    return torch.ops.quantized.linear_dynamic(x2d.float(), packed, True).to(x2d.dtype)
+
+
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
@@ -168,6 +185,7 @@ KERNELS: dict[str, Kernel] = {
         Kernel("csr16", 2, build_csr16, csr16_mm),  # sparselm's C++ kernel: a 16-bit column index per value
         Kernel("csr16-int8", 2, build_csr16_int8, csr16_mm),  # the same with int8 values and a scale per row
         Kernel("dense-int8", 0, build_dense_int8, dense_int8_mm),  # the dense baseline of weight-only int8
+        Kernel("dense-w8a8", 0, build_dense_w8a8, dense_w8a8_mm),  # dense int8 × dynamically quantised activations
         *(Kernel(f"bsr{b}", 8 / b**2, bsr_builder(b), feature_major_mm) for b in BLOCK_SIZES),  # int64 per tile
         Kernel("semi-structured", 0.25, build_semi_structured, semi_structured_mm),  # 2-bit position per kept value
     )
