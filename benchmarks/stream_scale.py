@@ -94,14 +94,17 @@ def small(args: argparse.Namespace, work: Path) -> list[str]:
     ratio = statistics.median(str_walls) / statistics.median(mem_walls)
     same = identical(work / "mem", work / "str")
     print(f"baseline (import torch+transformers+LlamaForCausalLM) peak RSS {base:.0f} MB; torch+transformers only "
-          f"{imports:.0f} MB (streamed minus that: {str_rss - imports:.0f} MB, for information)")
+          f"{imports:.0f} MB")
     print(f"{'run':<22}{'wall':>24}{'peak RSS':>12}{'minus baseline':>16}")
     print(f"{'in memory':<22}{spread(mem_walls):>24}{mem_rss:>10.0f}MB{mem_rss - base:>14.0f}MB")
     print(f"{'streamed 200MB':<22}{spread(str_walls):>24}{str_rss:>10.0f}MB{str_rss - base:>14.0f}MB")
     print(f"wall ratio streamed/in-memory {ratio:.2f}x (medians of {args.repeats})")
     return [
         verdict("(a) weights bit-identical", same, f"{same}"),
-        verdict("(a) streamed RSS delta <= 300 MB", str_rss - base <= RSS_TARGET_MB, f"{str_rss - base:.0f} MB"),
+        verdict("(a) streamed RSS - torch+transformers import <= 300 MB (the issue's baseline)",
+                str_rss - imports <= RSS_TARGET_MB, f"{str_rss - imports:.0f} MB"),
+        verdict("(a) streamed RSS - import incl. the model class (both runs pay it) <= 300 MB",
+                str_rss - base <= RSS_TARGET_MB, f"{str_rss - base:.0f} MB"),
         verdict("(a) wall <= 1.3x", ratio <= WALL_TARGET, f"{ratio:.2f}x; noisy on a shared CPU"),
     ]
 
