@@ -27,6 +27,7 @@ from .sources import cache_dir
 DEFAULT_SEQLEN = 2048
 UNBOUNDED_DEFAULT = 512  # relative-position models (T5) accept any length; they were trained on 512-token inputs
 MEMORY_FRACTION = 0.5  # of available RAM that held calibration activations may use
+WORKING_WINDOWS = 8  # a block's working set while it runs, in windows of hidden states
 CALIBRATION_SPLIT = "train"
 
 
@@ -42,10 +43,14 @@ def available_memory() -> int:
     return 4 << 30
 
 
+def window_bytes(model: nn.Module, seqlen: int) -> int:
+    """One window's hidden states in float32."""
+    return seqlen * hidden_size(model) * 4
+
+
 def activation_bytes(model: nn.Module, samples: int, seqlen: int) -> int:
-    """Held activations (one hidden-state tensor per window, float32) plus one block's working set (~8 more)."""
-    per_window = seqlen * hidden_size(model) * 4
-    return per_window * samples + per_window * 8
+    """Held activations (one hidden-state tensor per window, float32) plus one block's working set."""
+    return window_bytes(model, seqlen) * (samples + WORKING_WINDOWS)
 
 
 def choose_seqlen(

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..calibration import BlockRef, BlockStream, HeldBatches, windows_per_batch
 from ..errors import SparselmError
-from ..facts import SPARSITY_JSON, format_size, hidden_size
+from ..facts import SPARSITY_JSON, format_size
 from ..io import atomic_dir, atomic_write_json
 from ..masks import NM, Block, prune_count
 from ..models import (
@@ -38,7 +38,7 @@ from ..models import (
 from ..progress import SILENT, Progress
 from ..sources import ModelSource, resolve, write_provenance
 from ..weights import Matrix, find_block_lists
-from ..windows import available_memory, choose_seqlen
+from ..windows import WORKING_WINDOWS, available_memory, choose_seqlen, window_bytes
 from .driver import prune
 from .magnitude import _abs_into, apply_cut, global_cut, prune_global
 from .report import PrunedModel
@@ -284,12 +284,12 @@ def memory_plan(model: nn.Module, checkpoint: Checkpoint, settings: PruneSetting
     activations = statistics = working = batch = 0
     if settings.needs_calibration:
         seqlen = choose_seqlen(model, settings.calib_samples, settings.calib_seqlen, lambda _m: None)
-        window = seqlen * hidden_size(model) * 4  # one window's float32 hidden states
+        window = window_bytes(model, seqlen)
         streams = 3 if settings.reconstruct else 1  # reconstruction also holds the dense stream and its targets
         activations = streams * settings.calib_samples * window
         tokens = settings.reconstruct_settings.batch_tokens if settings.reconstruct else None
         batch = min(settings.calib_samples, windows_per_batch(seqlen, tokens)) * window
-        working = 8 * window  # as `windows.activation_bytes` counts a block's working set
+        working = WORKING_WINDOWS * window
     if settings.method in ("sparsegpt", "admm"):  # a Hessian per matrix of the block (float32, inverted in float64)
         _, _, first = blocks[0]
         statistics = sum(12 * m.in_features ** 2 for m in first.modules() if isinstance(m, nn.Linear))
