@@ -65,3 +65,33 @@ def test_a_broken_tokenizer_is_never_swallowed(tmp_path):
     for required in (True, False):
         with pytest.raises(SparselmError, match="cannot be loaded"):
             models.load_tokenizer(str(tmp_path), required=required)
+
+
+def test_checkpoint_write_copies_unchanged_tensors_in_slices_and_safetensors_reads_them(tmp_path, monkeypatch):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    source = {
+        "embed": torch.randn(37, 5).to(torch.bfloat16),  # floating: written as float32, like Checkpoint.read
+        "ids": torch.arange(12, dtype=torch.int64).reshape(3, 4),  # not floating: kept as stored
+        "scale": torch.tensor(2.5),  # 0-dim
+        "norm": torch.randn(7),
+    }
+    save_file(source, tmp_path / models.SINGLE)
+    checkpoint = models.Checkpoint.open(tmp_path, "src")
+    held = {"norm": torch.randn(7)}  # changed in memory: written from there
+    monkeypatch.setattr(models, "COPY_BYTES", 3 * 5 * 4)  # three rows of the embedding per slice
+    slices: list[tuple[int, ...]] = []
+    parts = models.Checkpoint._parts
+    monkeypatch.setattr(models.Checkpoint, "_parts", lambda self, n, h: (
+        slices.append(tuple(p.shape)) or p for p in parts(self, n, h)))
+    written = checkpoint.write(tmp_path / "out.safetensors", ["embed", "ids", "scale", "norm"], held)
+    back = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(back["embed"], source["embed"].float()) and back["embed"].dtype == torch.float32
+    assert torch.equal(back["ids"], source["ids"]) and torch.equal(back["scale"], source["scale"])
+    assert torch.equal(back["norm"], held["norm"])
+    assert written == (37 * 5 + 1 + 7) * 4 + 12 * 8
+    assert slices[:13] == [(3, 5)] * 12 + [(1, 5)]  # the embedding never read whole
+    with safe_open(tmp_path / "out.safetensors", "pt") as fh:
+        assert fh.metadata() == {"format": "pt"}

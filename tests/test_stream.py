@@ -286,3 +286,44 @@ def test_only_a_limit_below_one_block_and_one_batch_is_refused(sharded, calib, t
     assert rebuilt.needed == rebuilt.in_memory  # reconstruction keeps its streams in memory: no disk fallback
     with pytest.raises(SparselmError, match=re.escape(format_size(rebuilt.in_memory))):
         rebuilt.hidden_on_disk(rebuilt.in_memory - 1)
+
+
+def test_tensors_outside_blocks_are_freed_while_blocks_are_worked_on(calib, tmp_path, monkeypatch):
+    """Embeddings and an untied head stay on the meta device while blocks are pruned; a capture has the embeddings
+    but not the head; the result is still the in-memory one."""
+    import transformers
+
+    from conftest import tiny_config
+    from sparselm import calibration
+
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.tie_word_embeddings = False
+    path = tmp_path / "untied"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path, max_shard_size="20KB")
+    char_tokenizer().save_pretrained(path)
+    seen: list[tuple[str, bool, bool]] = []
+
+    def state(stage: str, model: torch.nn.Module) -> None:
+        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        seen.append((stage, embed.is_meta, head.is_meta))
+
+    capture, unload = calibration.capture, ShardStream.unload
+
+    def capturing(model, *args, **kwargs):
+        state("capture", model)
+        return capture(model, *args, **kwargs)
+
+    def unloading(self, ref):
+        state("block", self.model)
+        unload(self, ref)
+
+    monkeypatch.setattr(calibration, "capture", capturing)
+    monkeypatch.setattr(ShardStream, "unload", unloading)
+    settings = settings_from(method="wanda", sparsity=0.5, calib=calib, calib_samples=4, calib_seqlen=16)
+    streamed = prune_to_dir(str(path), settings, tmp_path / "streamed", max_memory=10**9)
+    assert seen == [("capture", False, True)] + [("block", True, True)] * config.num_hidden_layers
+    memory = prune_to_dir(str(path), settings, tmp_path / "memory")
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert "lm_head.weight" in b and without_timings(streamed.to_json()) == without_timings(memory.to_json())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -178,6 +179,12 @@ def input_device(model: torch.nn.Module) -> torch.device:
 
 
 INDEX = "model.safetensors.index.json"
+COPY_BYTES = 4 << 20  # a slice of rows copied at a time by `Checkpoint.write`
+_TORCH_DTYPE = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_SAFETENSORS_DTYPE = {dtype: name for name, dtype in _TORCH_DTYPE.items()}
 SINGLE = "model.safetensors"
 
 
@@ -228,6 +235,57 @@ class Checkpoint:
 
     def float_bytes(self, names: list[str]) -> int:
         return sum(4 * math.prod(self.shapes[n]) for n in names)
+
+    def write(self, target: Path, names: list[str], held: dict[str, torch.Tensor]) -> int:
+        """Write the named tensors to one safetensors file, floating ones as float32 (as `read` gives them): those in
+        `held` from memory, the others straight from the shards a slice of rows at a time, so that a tensor nobody
+        changed never becomes resident (an embedding matrix is a streamed run's largest tensor). safetensors writes
+        only whole in-memory tensors, so the file (an 8-byte header length, a JSON header, the data) is written here
+        and read back by safetensors like any other. Returns the bytes of tensor data."""
+        from safetensors import safe_open
+
+        dtypes: dict[str, str] = {}
+        for n in names:
+            if n in held:
+                dtypes[n] = _SAFETENSORS_DTYPE[held[n].dtype]
+            else:
+                with safe_open(self.files[n], "pt") as fh:
+                    stored = fh.get_slice(n).get_dtype()
+                dtypes[n] = "F32" if torch.empty(0, dtype=_TORCH_DTYPE[stored]).is_floating_point() else stored
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for n in names:
+            size = math.prod(self.shapes[n]) * _TORCH_DTYPE[dtypes[n]].itemsize
+            header[n] = {"dtype": dtypes[n], "shape": list(self.shapes[n]), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with open(target, "wb") as out:
+            out.write(struct.pack("<Q", len(text)) + text)
+            for n in names:
+                for part in self._parts(n, held.get(n)):
+                    out.write(part.to(_TORCH_DTYPE[dtypes[n]]).contiguous().reshape(-1).view(torch.uint8).numpy())
+        return offset
+
+    def _parts(self, name: str, held: torch.Tensor | None) -> Iterator[torch.Tensor]:
+        """A tensor in slices of rows of at most `COPY_BYTES` (float32): from memory, or each read on its own from
+        the shards (the file's mapping is closed after each slice, so its pages do not stay resident)."""
+        from safetensors import safe_open
+
+        shape = self.shapes[name]
+        if held is not None:
+            tensor = held.detach().to("cpu")
+            yield from (tensor.split(max(1, COPY_BYTES // max(1, 4 * tensor[0].numel()))) if shape else [tensor])
+            return
+        if not shape:
+            with safe_open(self.files[name], "pt") as fh:
+                yield fh.get_tensor(name)
+            return
+        rows = max(1, COPY_BYTES // max(1, 4 * math.prod(shape[1:])))
+        for start in range(0, shape[0], rows):
+            with safe_open(self.files[name], "pt") as fh:
+                part = fh.get_slice(name)[start : start + rows]
+            yield part
 
 
 def put_tensor(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:

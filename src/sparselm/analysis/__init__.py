@@ -12,7 +12,6 @@ from ..models import load_with_source
 from ..progress import SILENT, Progress
 from ..sources import model_slug
 from .distribution import Distribution, layers_csv, measure_distribution
-from .figures import compare_cdf_figure, write_model_figures
 
 __all__ = ["COMPARE_FIGURE", "Distribution", "analyze_models", "measure_distribution", "write_distribution"]
 COMPARE_FIGURE = "compare-weight-cdf.png"
@@ -21,6 +20,8 @@ COMPARE_FIGURE = "compare-weight-cdf.png"
 def write_distribution(dist: Distribution, out: Path, slug: str, force: bool = False) -> Path:
     """Write stats.json, layers.csv and the three figures into out/slug, all or nothing (replacing a directory
     sparselm did not write only with `force`)."""
+    from .figures import write_model_figures  # matplotlib is imported only when figures are drawn (pruning is not)
+
     with atomic_dir(out / slug, force) as tmp:
         atomic_write_json(tmp / STATS_JSON, dist.to_json())
         atomic_write_text(tmp / "layers.csv", layers_csv(dist))
@@ -57,6 +58,8 @@ def analyze_models(
             "fraction_abs_le_2^-10": dist.overall["fraction_abs_le_2pow_minus_k"]["10"],
         }
     if len(dists) > 1:
+        from .figures import compare_cdf_figure
+
         compare_cdf_figure(dists, out / COMPARE_FIGURE)
         summary["compare"] = str(out / COMPARE_FIGURE)
     return summary

@@ -181,7 +181,10 @@ def _prune_each(
         return
     groups = by_block(matrices)
     _each_block(model, stream, lambda ref: prune_all(groups.get(ref.name, [])), record)
-    prune_all([m for m in matrices if m.block_name is None])
+    outside = [m for m in matrices if m.block_name is None]
+    if outside:
+        stream.restore_outside()
+    prune_all(outside)
 
 
 def _each_block(
@@ -277,12 +280,14 @@ def _prune_block_by_block(
         model, windows, visit, done, recover=recover if settings.reconstruct else None,
         batch_tokens=settings.reconstruct_settings.batch_tokens if settings.reconstruct else None, stream=stream,
     )
-    for m in matrices:
-        if m.block_name is None:
-            if fixed is not None:
-                apply_keep(m.weight(), fixed[m.name])
-            else:
-                _prune_by_magnitude(m, settings, targets[m.name])
+    outside = [m for m in matrices if m.block_name is None]
+    if outside and stream is not None:
+        stream.restore_outside()
+    for m in outside:
+        if fixed is not None:
+            apply_keep(m.weight(), fixed[m.name])
+        else:
+            _prune_by_magnitude(m, settings, targets[m.name])
     return rounds
 
 

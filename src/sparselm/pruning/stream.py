@@ -20,6 +20,7 @@ import ctypes
 import platform
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,12 +52,17 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """What a streamed run holds at once: resident weights, one block, two temporaries the size of its largest
-    matrix (scores and mask while pruning), the method's per-block statistics, one batch's working set and the
-    calibration hidden states — all of them (`activations`) when held in memory, else one batch read back from disk
-    and its output (`batch`). Writing a block to its shard copies nothing."""
+    """What a streamed run holds at once, in its three phases. Capturing a stack's inputs: the tensors outside blocks
+    that a forward up to the last block reads (`inputs`: all but the output head), one block and the hidden states.
+    Working on a block: the block, two temporaries the size of its largest matrix (scores and mask while pruning),
+    the method's per-block statistics and the hidden states. After the last block: the tensors outside blocks that
+    are pruned too (`resident`, with --include-embeddings; the others are copied slice by slice) and two
+    temporaries. Each phase also holds one batch's working set. The hidden states are all of
+    them (`activations`) when held in memory, else one batch read back from disk and its output (`batch`). Writing a
+    block to its shard copies nothing."""
 
     resident: int
+    inputs: int
     block: int
     matrix: int
     activations: int
@@ -65,17 +71,20 @@ class MemoryPlan:
     batch: int = 0
     disk_allowed: bool = False  # block reconstruction keeps its streams in memory
 
-    @property
-    def fixed(self) -> int:
-        return self.resident + self.block + 2 * self.matrix + self.statistics + self.working + WORK_BYTES
+    def peak(self, hidden: int) -> int:
+        """The largest phase when the hidden states take `hidden` bytes."""
+        capture = self.inputs + self.block + hidden
+        blocks = self.block + 2 * self.matrix + self.statistics + hidden
+        after = self.resident + 2 * self.matrix
+        return max(capture, blocks, after) + self.working + WORK_BYTES
 
     @property
     def in_memory(self) -> int:
-        return self.fixed + self.activations
+        return self.peak(self.activations)
 
     @property
     def on_disk(self) -> int:
-        return self.fixed + 2 * self.batch
+        return self.peak(2 * self.batch)
 
     @property
     def needed(self) -> int:
@@ -93,8 +102,8 @@ class MemoryPlan:
         activations = self.batch if self.disk_allowed else self.activations
         raise SparselmError(
             f"--max-memory {format_size(limit)} is below what pruning one block at a time needs: at least "
-            f"{format_size(self.needed)} (resident weights {format_size(self.resident)}, one block "
-            f"{format_size(self.block)}, {held} {format_size(activations)}); "
+            f"{format_size(self.needed)} (one block {format_size(self.block)}, embeddings while capturing "
+            f"{format_size(self.inputs)}, {held} {format_size(activations)}); "
             f"use --max-memory {format_size(self.needed)} or more"
         )
 
@@ -147,16 +156,20 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
 
 class ShardStream:
     """Loads a block's tensors from the checkpoint into the skeleton and, once pruned, writes them to the output
-    shard of that block and puts the block back on the meta device."""
+    shard of that block and puts the block back on the meta device. The tensors outside blocks (`resident`) are read
+    when first needed and stay on the meta device while blocks are worked on: a capture has all but the output head,
+    the work after the last block has all of them (`calibration.BlockStream`)."""
 
     def __init__(
-        self, model: nn.Module, checkpoint: Checkpoint, out: Path | None, device: torch.device,
+        self, model: nn.Module, checkpoint: Checkpoint, out: Path | None, device: torch.device, resident: list[str],
         buffers: dict[int, dict[str, torch.Tensor]] | None = None, hidden_dir: Path | None = None,
     ) -> None:
         self.model = model
         self.checkpoint = checkpoint
         self.out = out
         self.device = device
+        self.resident = resident
+        self.loaded: set[str] = set()  # the resident tensors in memory now
         self.hidden_dir = hidden_dir  # where the hidden states go when they do not fit in memory
         self.shards = sum(len(s.blocks) for s in find_block_lists(model)) + 1
         self.weight_map: dict[str, str] = {}
@@ -165,10 +178,40 @@ class ShardStream:
         self.buffers = buffers if buffers is not None else {id(b): _keep_buffers(b) for b in blocks}
 
     def reading(self) -> BlockStream:
-        return ShardStream(self.model, self.checkpoint, None, self.device, self.buffers, self.hidden_dir)
+        reader = ShardStream(self.model, self.checkpoint, None, self.device, self.resident, self.buffers, self.hidden_dir)
+        reader.loaded = self.loaded  # one model: one record of what is in memory
+        return reader
 
     def held_batches(self) -> HeldBatches:
         return DiskBatches(self.hidden_dir, self.device) if self.hidden_dir is not None else []
+
+    @contextmanager
+    def capturing(self) -> Iterator[None]:
+        head = _head_names(self.model)
+        self._park([n for n in self.resident if n in head])
+        self._put_outside([n for n in self.resident if n not in head])
+        yield
+        self._park(self.resident)
+
+    def restore_outside(self) -> None:
+        self._put_outside(self.resident)
+
+    def _put_outside(self, names: list[str]) -> None:
+        for name, tensor in self.checkpoint.read([n for n in names if n not in self.loaded], self.device).items():
+            put_tensor(self.model, name, tensor)
+            self.loaded.add(name)
+        self.model.tie_weights()
+
+    def _park(self, names: list[str]) -> None:
+        """Put the named parameters outside blocks back on the meta device and free them (buffers stay: small)."""
+        state = self.model.state_dict(keep_vars=True)
+        for name in names:
+            if name in self.loaded and isinstance(state[name], nn.Parameter):
+                put_tensor(self.model, name, state[name].to("meta"))
+                self.loaded.discard(name)
+        del state
+        self.model.tie_weights()
+        free_heap()
 
     def load(self, ref: BlockRef) -> None:
         block = ref.module
@@ -206,10 +249,16 @@ class ShardStream:
         self.weight_map.update({n: file for n in kept})
         self.total_bytes += sum(t.numel() * t.element_size() for t in kept.values())
 
-    def finish(self, resident: list[str]) -> None:
-        """Write the tensors outside blocks to the last shard, then the index."""
+    def finish(self) -> None:
+        """Write the tensors outside blocks to the last shard (those still on the meta device, which nothing changed,
+        copied from the checkpoint slice by slice), then the index."""
+        assert self.out is not None
+        file = f"model-{self.shards:05d}-of-{self.shards:05d}.safetensors"
         state = self.model.state_dict()
-        self._write({n: state[n] for n in resident}, self.shards)
+        held = {n: state[n] for n in self.resident if n in self.loaded}
+        del state
+        self.total_bytes += self.checkpoint.write(self.out / file, self.resident, held)
+        self.weight_map.update({n: file for n in self.resident})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
         atomic_write_json(self.out / INDEX, index)  # type: ignore[operator]
 
@@ -225,6 +274,8 @@ class ShardStream:
                 prune_global(weights, settings.target_sparsity, pattern)
 
             each_block(by_group)
+            if None in groups:
+                self.restore_outside()
             prune_global([matrices[i].weight() for i in groups.get(None, [])], settings.target_sparsity, pattern)
             return
         if isinstance(pattern, Block):
@@ -244,6 +295,8 @@ class ShardStream:
                 apply_cut(matrices[i].weight(), cut.threshold, *plan[i], buffer, keep_buffer)
 
         each_block(lambda ref: apply(groups.get(ref.name, [])))
+        if None in groups:
+            self.restore_outside()
         apply(groups.get(None, []))
 
     def _weight(self, m: Matrix) -> torch.Tensor:
@@ -252,6 +305,15 @@ class ShardStream:
             return m.weight()
         w = self.checkpoint.read([m.name], torch.device("cpu"))[m.name]
         return w.t() if m.transposed else w
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """The tensor names of the model's output head (a capture stops at the last block and never reads it)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return set()
+    prefix = next(name for name, module in model.named_modules() if module is head)
+    return {f"{prefix}.{n}" for n in head.state_dict()}
 
 
 def _keep_buffers(block: nn.Module) -> dict[str, torch.Tensor]:
@@ -294,9 +356,11 @@ def memory_plan(model: nn.Module, checkpoint: Checkpoint, settings: PruneSetting
         _, _, first = blocks[0]
         statistics = sum(12 * m.in_features ** 2 for m in first.modules() if isinstance(m, nn.Linear))
         statistics += sum(12 * m.weight.shape[0] ** 2 for m in first.modules() if type(m).__name__ == "Conv1D")
+    head = _head_names(model)
     return MemoryPlan(
-        checkpoint.float_bytes(resident), block, matrix, activations, statistics, working, batch,
-        disk_allowed=not settings.reconstruct,
+        checkpoint.float_bytes(resident) if settings.include_embeddings else 0,
+        checkpoint.float_bytes([n for n in resident if n not in head]) if settings.needs_calibration else 0, block,
+        matrix, activations, statistics, working, batch, disk_allowed=not settings.reconstruct,
     )
 
 
@@ -336,16 +400,13 @@ def prune_streamed(
     on_disk = memory_plan(model, checkpoint, settings, resident).hidden_on_disk(max_memory)
     map_large_allocations()
     tokenizer = load_tokenizer(source.path, required=False)
-    for name, tensor in checkpoint.read(resident, device).items():
-        put_tensor(model, name, tensor)
-    model.tie_weights()
     with atomic_dir(Path(out_dir), force) as tmp:
-        stream = ShardStream(model, checkpoint, tmp, device, hidden_dir=tmp if on_disk else None)
+        stream = ShardStream(model, checkpoint, tmp, device, resident, hidden_dir=tmp if on_disk else None)
         for message in notes:
             progress.note(message)
         report = prune(model, settings, tokenizer, progress, stream=stream)
         report.notes[:0] = list(notes)
-        stream.finish(resident)
+        stream.finish()
         model.config.save_pretrained(tmp)
         if model.can_generate() and has_generation_config(source.path):
             model.generation_config.save_pretrained(tmp)
