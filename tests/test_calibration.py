@@ -7,7 +7,7 @@ import torch
 from conftest import ENCODER_DECODER, tiny_model
 
 from sparselm import calibration
-from sparselm.calibration import StopForward, capture, check_vocab, collect_inputs, run_blocks
+from sparselm.calibration import StopForward, capture, check_vocab, collect_inputs, hidden_state, run_blocks
 from sparselm.errors import SparselmError
 from sparselm.weights import by_block, find_block_lists, select_matrices
 
@@ -66,12 +66,22 @@ def test_read_only_visitor_runs_each_block_once_and_feeds_its_outputs_on(monkeyp
     handles = [b.register_forward_hook(lambda m, i, o, k=k: runs.__setitem__(k, runs.get(k, 0) + 1))
                for k, b in enumerate(blocks)]
     seen: dict[str, list[list[torch.Tensor]]] = {"read-only": [], "default": []}
+
+    def visitor(kind: str):
+        def visit(ref, run):  # the block's outputs during the visitor's own run
+            outputs: list[torch.Tensor] = []
+            handle = ref.module.register_forward_hook(lambda m, i, o: outputs.append(hidden_state(o).clone()))
+            assert run() is None
+            handle.remove()
+            seen[kind].append(outputs)
+
+        return visit
+
     try:
-        run_blocks(model, windows, lambda ref, run: seen["read-only"].append([o.clone() for o in run()]),
-                   read_only=True)
+        run_blocks(model, windows, visitor("read-only"), read_only=True)
         read_only_runs = dict(runs)
         runs.clear()
-        run_blocks(model, windows, lambda ref, run: seen["default"].append([o.clone() for o in run()]))
+        run_blocks(model, windows, visitor("default"))
     finally:
         for h in handles:
             h.remove()

@@ -95,3 +95,18 @@ def test_checkpoint_write_copies_unchanged_tensors_in_slices_and_safetensors_rea
     assert slices[:13] == [(3, 5)] * 12 + [(1, 5)]  # the embedding never read whole
     with safe_open(tmp_path / "out.safetensors", "pt") as fh:
         assert fh.metadata() == {"format": "pt"}
+
+
+def test_checkpoint_rows_reads_only_the_asked_rows_as_load_gives_them(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    table = torch.randn(50, 6).to(torch.bfloat16)
+    ids = torch.arange(20, dtype=torch.int32).reshape(10, 2)
+    save_file({"a.table": table, "b.ids": ids}, tmp_path / models.SINGLE)
+    checkpoint = models.Checkpoint.open(tmp_path, "src")
+    wanted = [0, 1, 2, 7, 30, 31, 49]  # runs of consecutive rows and single ones, both ends of the table
+    got = checkpoint.rows("a.table", wanted, torch.device("cpu"))
+    assert got.dtype == torch.float32 and torch.equal(got, table.float()[wanted])
+    assert torch.equal(checkpoint.rows("b.ids", [3, 9], torch.device("cpu")), ids[[3, 9]])
+    assert checkpoint.rows("a.table", [], torch.device("cpu")).shape == (0, 6)

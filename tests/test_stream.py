@@ -289,12 +289,13 @@ def test_only_a_limit_below_one_block_and_one_batch_is_refused(sharded, calib, t
 
 
 def test_tensors_outside_blocks_are_freed_while_blocks_are_worked_on(calib, tmp_path, monkeypatch):
-    """Embeddings and an untied head stay on the meta device while blocks are pruned; a capture has the embeddings
-    but not the head; the result is still the in-memory one."""
+    """An untied head is never read while blocks are pruned, the embeddings only row by row while capturing, and
+    the result is still the in-memory one."""
     import transformers
 
     from conftest import tiny_config
     from sparselm import calibration
+    from sparselm.models import Checkpoint
 
     torch.manual_seed(0)
     config = tiny_config("llama")
@@ -303,12 +304,13 @@ def test_tensors_outside_blocks_are_freed_while_blocks_are_worked_on(calib, tmp_
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path, max_shard_size="20KB")
     char_tokenizer().save_pretrained(path)
     seen: list[tuple[str, bool, bool]] = []
+    reads: list[tuple[str, int]] = []
 
     def state(stage: str, model: torch.nn.Module) -> None:
         embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
         seen.append((stage, embed.is_meta, head.is_meta))
 
-    capture, unload = calibration.capture, ShardStream.unload
+    capture, unload, rows = calibration.capture, ShardStream.unload, Checkpoint.rows
 
     def capturing(model, *args, **kwargs):
         state("capture", model)
@@ -318,11 +320,18 @@ def test_tensors_outside_blocks_are_freed_while_blocks_are_worked_on(calib, tmp_
         state("block", self.model)
         unload(self, ref)
 
+    def reading(self, name, ids, device):
+        reads.append((name, len(ids)))
+        return rows(self, name, ids, device)
+
     monkeypatch.setattr(calibration, "capture", capturing)
     monkeypatch.setattr(ShardStream, "unload", unloading)
+    monkeypatch.setattr(Checkpoint, "rows", reading)
     settings = settings_from(method="wanda", sparsity=0.5, calib=calib, calib_samples=4, calib_seqlen=16)
     streamed = prune_to_dir(str(path), settings, tmp_path / "streamed", max_memory=10**9)
-    assert seen == [("capture", False, True)] + [("block", True, True)] * config.num_hidden_layers
+    assert seen == [("capture", True, True)] + [("block", True, True)] * config.num_hidden_layers
+    assert reads and {name for name, _ in reads} == {"model.embed_tokens.weight"}
+    assert all(0 < count < config.vocab_size for _, count in reads)  # only the rows the windows use
     memory = prune_to_dir(str(path), settings, tmp_path / "memory")
     a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)

@@ -10,7 +10,7 @@ ones hand its output on, `_first_block_only`). Blocks are then visited in order:
 visitor collects statistics (by calling `run()`, typically inside hooks) and prunes, after which the driver runs the
 block again so the next block is fed the already-pruned outputs. The hidden states are held once and overwritten in
 place, batch by batch (a stream may hold them on disk: `BlockStream.held_batches`); a block's outputs are kept
-beside them only for a read-only visitor, whose outputs feed the next block, and `run()` returns none from disk.
+beside them only for a read-only visitor, whose outputs feed the next block.
 For encoder-decoder models the decoder stack is captured after the encoder is pruned, so cross-attention sees the
 pruned encoder's output.
 
@@ -403,17 +403,14 @@ def run_blocks(
                     dense_hidden[:] = targets
                 outputs: list[torch.Tensor] = []
 
-                def run(block: nn.Module = block, extra: list = extra, outputs: list = outputs) -> list | None:
-                    """The block's outputs on every batch (kept to feed the next block only for a read-only visit);
-                    None when the batches are on disk, where the outputs are dropped batch by batch."""
-                    if not isinstance(hidden, list):
-                        for h, (args, kwargs) in zip(hidden, extra):
-                            block(h, *args, **kwargs)
-                        return None
-                    found = _forward_all(block, zip(hidden, extra))
+                def run(block: nn.Module = block, extra: list = extra, outputs: list = outputs) -> None:
+                    """The block on every batch, for the visitor's hooks; its outputs are kept (to feed the next
+                    block) only for a read-only visit, else dropped batch by batch."""
                     if keep:
-                        outputs[:] = found
-                    return found
+                        outputs[:] = _forward_all(block, zip(hidden, extra))
+                        return
+                    for h, (args, kwargs) in zip(hidden, extra):
+                        block(h, *args, **kwargs)
 
                 visit(ref, run)
                 recovered = None

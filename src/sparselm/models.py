@@ -236,6 +236,32 @@ class Checkpoint:
     def float_bytes(self, names: list[str]) -> int:
         return sum(4 * math.prod(self.shapes[n]) for n in names)
 
+    def rows(self, name: str, ids: list[int], device: torch.device) -> torch.Tensor:
+        """Rows `ids` (ascending) of a tensor, floating ones as float32, read with plain file reads: unlike a mapping
+        of the shard, which pulls whole neighbourhoods of pages into the process, only these rows are held (what an
+        embedding lookup needs of a large vocabulary)."""
+        start, dtype = self._data_start(name)
+        shape = self.shapes[name]
+        row = math.prod(shape[1:]) * dtype.itemsize
+        out = torch.empty((len(ids), *shape[1:]), dtype=dtype)
+        buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        with open(self.files[name], "rb") as fh:
+            done = 0
+            for first, count in _runs(ids):
+                fh.seek(start + first * row)
+                if fh.readinto(buffer[done * row : (done + count) * row]) != count * row:
+                    raise SparselmError(f"{self.files[name]} is shorter than its header says; copy the model again")
+                done += count
+        return (out.float() if out.is_floating_point() else out).to(device)
+
+    def _data_start(self, name: str) -> tuple[int, torch.dtype]:
+        """Where a tensor's bytes begin in its shard, and their dtype (from the safetensors header: an 8-byte length
+        and JSON giving each tensor's offsets from the end of the header)."""
+        with open(self.files[name], "rb") as fh:
+            length = struct.unpack("<Q", fh.read(8))[0]
+            entry = json.loads(fh.read(length))[name]
+        return 8 + length + entry["data_offsets"][0], _TORCH_DTYPE[entry["dtype"]]
+
     def write(self, target: Path, names: list[str], held: dict[str, torch.Tensor]) -> int:
         """Write the named tensors to one safetensors file, floating ones as float32 (as `read` gives them): those in
         `held` from memory, the others straight from the shards a slice of rows at a time, so that a tensor nobody
@@ -286,6 +312,20 @@ class Checkpoint:
             with safe_open(self.files[name], "pt") as fh:
                 part = fh.get_slice(name)[start : start + rows]
             yield part
+
+
+def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:
+    """Ascending ids as (first, count) runs of consecutive ones."""
+    first = previous = None
+    for i in ids:
+        if previous is not None and i == previous + 1:
+            previous = i
+            continue
+        if first is not None:
+            yield first, previous - first + 1
+        first = previous = i
+    if first is not None:
+        yield first, previous - first + 1
 
 
 def put_tensor(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -90,6 +90,7 @@ def prune(
     calibration = None
     if settings.needs_calibration:
         windows, calibration = _windows(model, settings, tokenizer, windows, note, progress)
+    del tokenizer  # tokenised: a caller that kept no reference (a streamed run) gets its memory back
     calibrated_at = time.perf_counter()
     allocation = None
     if settings.allocation == "owl":

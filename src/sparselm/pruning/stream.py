@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,7 +54,8 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 @dataclass(frozen=True)
 class MemoryPlan:
     """What a streamed run holds at once, in its three phases. Capturing a stack's inputs: the tensors outside blocks
-    that a forward up to the last block reads (`inputs`: all but the output head), one block and the hidden states.
+    that a forward up to the last block reads whole (`inputs`: all but the output head and the input embedding, whose
+    rows are read per call), one block and the hidden states.
     Working on a block: the block, two temporaries the size of its largest matrix (scores and mask while pruning),
     the method's per-block statistics and the hidden states. After the last block: the tensors outside blocks that
     are pruned too (`resident`, with --include-embeddings; the others are copied slice by slice) and two
@@ -102,7 +104,7 @@ class MemoryPlan:
         activations = self.batch if self.disk_allowed else self.activations
         raise SparselmError(
             f"--max-memory {format_size(limit)} is below what pruning one block at a time needs: at least "
-            f"{format_size(self.needed)} (one block {format_size(self.block)}, embeddings while capturing "
+            f"{format_size(self.needed)} (one block {format_size(self.block)}, other weights while capturing "
             f"{format_size(self.inputs)}, {held} {format_size(activations)}); "
             f"use --max-memory {format_size(self.needed)} or more"
         )
@@ -157,8 +159,9 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
 class ShardStream:
     """Loads a block's tensors from the checkpoint into the skeleton and, once pruned, writes them to the output
     shard of that block and puts the block back on the meta device. The tensors outside blocks (`resident`) are read
-    when first needed and stay on the meta device while blocks are worked on: a capture has all but the output head,
-    the work after the last block has all of them (`calibration.BlockStream`)."""
+    when first needed and stay on the meta device while blocks are worked on: a capture has all but the output head
+    and the input embedding (read row by row, per call), the work after the last block on them has all of them
+    (`calibration.BlockStream`)."""
 
     def __init__(
         self, model: nn.Module, checkpoint: Checkpoint, out: Path | None, device: torch.device, resident: list[str],
@@ -188,10 +191,47 @@ class ShardStream:
     @contextmanager
     def capturing(self) -> Iterator[None]:
         head = _head_names(self.model)
+        looked_up = _looked_up_names(self.model, self.resident)
         self._park([n for n in self.resident if n in head])
-        self._put_outside([n for n in self.resident if n not in head])
-        yield
+        self._put_outside([n for n in self.resident if n not in head and n not in looked_up])
+        free_heap()
+        with self._rows_per_call(looked_up[0] if looked_up else None):
+            yield
         self._park(self.resident)
+
+    @contextmanager
+    def _rows_per_call(self, name: str | None) -> Iterator[None]:
+        """Each embedding module on the input embedding's (meta) weight gets, for each call, just the rows its ids
+        name, read from the shards (`Checkpoint.rows`), and the ids renumbered into them: a capture never holds the
+        whole vocabulary (on a large model the biggest matrix, and in a bf16 checkpoint a float32 copy of it)."""
+        if name is None:
+            yield
+            return
+        weight = self.model.get_parameter(name)
+        modules = [m for m in self.model.modules() if isinstance(m, nn.Embedding) and m.weight is weight]
+        padding = {m: m.padding_idx for m in modules}
+
+        def before(module: nn.Embedding, args: tuple) -> tuple:
+            ids = args[0]
+            wanted = ids.reshape(-1).cpu()
+            if padding[module] is not None:  # F.embedding checks it against the table's size: renumber it too
+                wanted = torch.cat([wanted, torch.tensor([padding[module]])])
+            unique, inverse = torch.unique(wanted, return_inverse=True)
+            module.weight = nn.Parameter(self.checkpoint.rows(name, unique.tolist(), self.device), requires_grad=False)
+            if padding[module] is not None:
+                module.padding_idx, inverse = int(inverse[-1]), inverse[:-1]
+            return (inverse.reshape(ids.shape).to(ids.device), *args[1:])
+
+        def after(module: nn.Embedding, _args: tuple, _output: torch.Tensor) -> None:
+            module.weight, module.padding_idx = weight, padding[module]
+
+        handles = [m.register_forward_pre_hook(before) for m in modules]
+        handles += [m.register_forward_hook(after) for m in modules]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def restore_outside(self) -> None:
         self._put_outside(self.resident)
@@ -307,6 +347,16 @@ class ShardStream:
         return w.t() if m.transposed else w
 
 
+def _looked_up_names(model: nn.Module, resident: list[str]) -> list[str]:
+    """The checkpoint names of the input embedding's weight (tied copies included), when it is a plain lookup table
+    (`nn.Embedding`) that a capture can read row by row; else none."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(embedding, nn.Embedding) or embedding.max_norm is not None:  # max_norm rewrites rows it reads
+        return []
+    state = model.state_dict(keep_vars=True)
+    return [n for n in resident if state[n] is embedding.weight]
+
+
 def _head_names(model: nn.Module) -> set[str]:
     """The tensor names of the model's output head (a capture stops at the last block and never reads it)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -356,10 +406,10 @@ def memory_plan(model: nn.Module, checkpoint: Checkpoint, settings: PruneSetting
         _, _, first = blocks[0]
         statistics = sum(12 * m.in_features ** 2 for m in first.modules() if isinstance(m, nn.Linear))
         statistics += sum(12 * m.weight.shape[0] ** 2 for m in first.modules() if type(m).__name__ == "Conv1D")
-    head = _head_names(model)
+    unread = _head_names(model) | set(_looked_up_names(model, resident))  # a capture reads neither whole
     return MemoryPlan(
         checkpoint.float_bytes(resident) if settings.include_embeddings else 0,
-        checkpoint.float_bytes([n for n in resident if n not in head]) if settings.needs_calibration else 0, block,
+        checkpoint.float_bytes([n for n in resident if n not in unread]) if settings.needs_calibration else 0, block,
         matrix, activations, statistics, working, batch, disk_allowed=not settings.reconstruct,
     )
 
@@ -399,23 +449,29 @@ def prune_streamed(
     resident = _resident_names(model, checkpoint, model_name_or_path)
     on_disk = memory_plan(model, checkpoint, settings, resident).hidden_on_disk(max_memory)
     map_large_allocations()
-    tokenizer = load_tokenizer(source.path, required=False)
     with atomic_dir(Path(out_dir), force) as tmp:
         stream = ShardStream(model, checkpoint, tmp, device, resident, hidden_dir=tmp if on_disk else None)
         for message in notes:
             progress.note(message)
-        report = prune(model, settings, tokenizer, progress, stream=stream)
+        report = prune(model, settings, _saved_tokenizer(source.path, tmp), progress, stream=stream)
         report.notes[:0] = list(notes)
         stream.finish()
         model.config.save_pretrained(tmp)
         if model.can_generate() and has_generation_config(source.path):
             model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
         result = PrunedModel(model_name_or_path, Path(out_dir), report)
         atomic_write_json(tmp / SPARSITY_JSON, result.to_json())
         write_provenance(tmp, source, pruned={"method": settings.method, "sparsity": report.target_sparsity})
     return result
+
+
+def _saved_tokenizer(source: Path, out: Path) -> Any:
+    """The model's tokenizer (None without one), already saved into the output: the caller hands it to the driver
+    without keeping it, so that it is freed once the calibration text is tokenised (~45 MB for smollm2's)."""
+    tokenizer = load_tokenizer(source, required=False)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return tokenizer
 
 
 def _resident_names(model: nn.Module, checkpoint: Checkpoint, shown: str) -> list[str]:
