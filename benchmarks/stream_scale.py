@@ -9,7 +9,8 @@
     vocabulary of 49152, 1.17B parameters; built once as bf16 shards under the sparselm cache, no download), Wanda 50% streamed under --max-memory 1GB: peak RSS <= 1.5 GB and
     the time per block. Slow on a small CPU; run with --large.
 
-Timings on a shared machine are noisy: each run is repeated --repeats times and shown as median (min-max).
+Timings on a shared machine are noisy: each run is repeated --repeats times, the two runs of (a) alternating, and
+shown as median (min-max).
 
     python benchmarks/stream_scale.py [--samples 32 --seqlen 512] [--repeats 1] [--large | --large-only]
 """
@@ -41,12 +42,20 @@ def _wrapped_peak(code: str) -> float:
 
 def measured(code: str, repeats: int) -> tuple[list[float], float]:
     """Wall times of each repeat and the largest peak RSS (MB), each repeat in a fresh wrapper process."""
-    walls, peaks = [], []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        peaks.append(_wrapped_peak(code))
-        walls.append(time.perf_counter() - started)
-    return walls, max(peaks)
+    return measured_side_by_side({"run": code}, repeats)["run"]
+
+
+def measured_side_by_side(codes: dict[str, str], repeats: int) -> dict[str, tuple[list[float], float]]:
+    """`measured` for several runs in alternating order (A B, B A, ...), so that a drift of the machine's speed
+    weighs on each alike."""
+    walls: dict[str, list[float]] = {name: [] for name in codes}
+    peaks: dict[str, list[float]] = {name: [] for name in codes}
+    for round_ in range(repeats):
+        for name in (list(codes) if round_ % 2 == 0 else list(reversed(codes))):
+            started = time.perf_counter()
+            peaks[name].append(_wrapped_peak(codes[name]))
+            walls[name].append(time.perf_counter() - started)
+    return {name: (walls[name], max(peaks[name])) for name in codes}
 
 
 def prune_code(model: str, out: Path, samples: int, seqlen: int, max_memory: str | None) -> str:
@@ -85,12 +94,11 @@ def verdict(name: str, ok: bool | None, detail: str) -> str:
 def small(args: argparse.Namespace, work: Path) -> list[str]:
     _, imports = measured(IMPORTS_ONLY, 1)
     _, base = measured(BASELINE, 1)
-    mem_walls, mem_rss = measured(
-        prune_code("smollm2-135m", work / "mem", args.samples, args.seqlen, None), args.repeats
-    )
-    str_walls, str_rss = measured(
-        prune_code("smollm2-135m", work / "str", args.samples, args.seqlen, "200MB"), args.repeats
-    )
+    runs = measured_side_by_side({
+        "mem": prune_code("smollm2-135m", work / "mem", args.samples, args.seqlen, None),
+        "str": prune_code("smollm2-135m", work / "str", args.samples, args.seqlen, "200MB"),
+    }, args.repeats)
+    (mem_walls, mem_rss), (str_walls, str_rss) = runs["mem"], runs["str"]
     ratio = statistics.median(str_walls) / statistics.median(mem_walls)
     same = identical(work / "mem", work / "str")
     print(f"baseline (import torch+transformers+LlamaForCausalLM) peak RSS {base:.0f} MB; torch+transformers only "

@@ -14,7 +14,7 @@ from test_finetune import prune_half, zero_masks
 
 from sparselm import finetune as finetune_module
 from sparselm.distill import (
-    Distillation, DistillationTrainer, TokenBudget, budget_steps, kl_to_teacher, squarehead_loss,
+    Distillation, TokenBudget, budget_steps, distillation_trainer, kl_to_teacher, squarehead_loss,
 )
 from sparselm.errors import SparselmError
 from sparselm.finetune import finetune
@@ -150,7 +150,7 @@ def test_the_teacher_is_frozen_and_the_labels_are_never_read(tmp_path):
     reference = transformers.AutoModelForCausalLM.from_pretrained(dense).state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in teacher.state_dict().items())
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "t"), report_to=[], use_cpu=True)
-    trainer = DistillationTrainer(model=student, args=args, teacher=teacher, distillation=distillation)
+    trainer = distillation_trainer(teacher, distillation)(model=student, args=args)
     ids = torch.randint(5, 96, (2, 16), generator=torch.Generator().manual_seed(3))
     loss = trainer.compute_loss(student, {"input_ids": ids, "labels": ids}).detach()
     other = trainer.compute_loss(student, {"input_ids": ids, "labels": torch.randint(5, 96, (2, 16))}).detach()

@@ -13,7 +13,7 @@ made in inference mode cannot be. Teacher and student must be the same architect
 vocabulary size and the same tokenizer vocabulary; the hidden loss also needs equal hidden sizes and block counts.
 `check_distillation` says which of these fails, in one line, before any weight is loaded.
 
-`finetune(..., distillation=Distillation(teacher))` trains with `DistillationTrainer`, the same Trainer as plain
+`finetune(..., distillation=Distillation(teacher))` trains with `distillation_trainer`'s Trainer, the same as plain
 fine-tuning with `SparsityCallback` keeping the pruned weights at zero. `TokenBudget` stops training after a number
 of training tokens (any causal-LM fine-tuning, distilled or not).
 """
@@ -21,14 +21,14 @@ of training tokens (any causal-LM fine-tuning, distilled or not).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from .errors import SparselmError
 from .evaluation.objectives import load_language_model
@@ -164,37 +164,33 @@ def _mean_over_positions(values: torch.Tensor, keep: torch.Tensor | None) -> tor
     return (values * weights).sum() / weights.sum().clamp_min(1)
 
 
-class DistillationTrainer(Trainer):
-    """A Trainer whose loss is the distance to a frozen teacher's outputs; labels in the batch are never used."""
+def distillation_trainer(teacher: nn.Module, distillation: Distillation) -> Callable[..., Any]:
+    """A Trainer factory with the Trainer's signature, for `finetune`'s training loop: a Trainer whose loss is the
+    distance to a frozen teacher's outputs; labels in the batch are never used. The class is built here, on first
+    use, because `transformers.Trainer` pulls in `datasets`, which no other command needs."""
+    from transformers import Trainer
 
-    loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
+    class DistillationTrainer(Trainer):
+        loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
 
-    def __init__(self, *args: Any, teacher: nn.Module, distillation: Distillation, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device)
-        self.distillation = distillation
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher.to(self.args.device)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
-        inputs = {k: v for k, v in inputs.items() if k != "labels"}  # the target is the teacher, never the text
-        hidden = self.distillation.hidden_weight > 0
-        student = model(**inputs, output_hidden_states=hidden, use_cache=False)
-        with torch.no_grad():  # not inference_mode: the KL's backward needs the teacher's probabilities
-            teacher = self.teacher(**inputs, output_hidden_states=hidden, use_cache=False)
-        keep = inputs.get("attention_mask")
-        loss = kl_to_teacher(student.logits, teacher.logits, self.distillation.temperature, keep)
-        if hidden:  # hidden_states[0] is the embedding output; one entry per block follows
-            feature = squarehead_loss(student.hidden_states[1:], teacher.hidden_states[1:], keep)
-            loss = loss + self.distillation.hidden_weight * feature
-        return (loss, student) if return_outputs else loss
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}  # the target is the teacher, never the text
+            hidden = distillation.hidden_weight > 0
+            student = model(**inputs, output_hidden_states=hidden, use_cache=False)
+            with torch.no_grad():  # not inference_mode: the KL's backward needs the teacher's probabilities
+                outputs = self.teacher(**inputs, output_hidden_states=hidden, use_cache=False)
+            keep = inputs.get("attention_mask")
+            loss = kl_to_teacher(student.logits, outputs.logits, distillation.temperature, keep)
+            if hidden:  # hidden_states[0] is the embedding output; one entry per block follows
+                feature = squarehead_loss(student.hidden_states[1:], outputs.hidden_states[1:], keep)
+                loss = loss + distillation.hidden_weight * feature
+            return (loss, student) if return_outputs else loss
 
-
-def distillation_trainer(teacher: nn.Module, distillation: Distillation) -> Any:
-    """A Trainer factory with the Trainer's signature, for `finetune`'s training loop."""
-
-    def make(*args: Any, **kwargs: Any) -> DistillationTrainer:
-        return DistillationTrainer(*args, teacher=teacher, distillation=distillation, **kwargs)
-
-    return make
+    return DistillationTrainer
 
 
 def check_token_budget(task: str, max_tokens: int | None) -> None:

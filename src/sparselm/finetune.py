@@ -39,7 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
 from .data import joined_text, parse_source
 from .distill import (
@@ -264,7 +264,7 @@ def finetune(
     if max_tokens is not None:
         steps_cap = min(max_steps or math.inf, budget_steps(max_tokens, len(dataset), batch_size, extra["seqlen"]))
         budget = [TokenBudget(max_tokens)]
-    make_trainer = Trainer
+    make_trainer = None
     if distillation is not None:
         make_trainer = distillation_trainer(load_teacher(distillation, model), distillation)
     run = _train(
@@ -349,9 +349,15 @@ class TrainingRun:
 def _train(
     model: nn.Module, dataset: list[dict[str, Any]], collator: Any, optimizer: torch.optim.Optimizer,
     masks: SparsityCallback, epochs: float, max_steps: int | None, batch_size: int, seed: int,
-    progress: Progress, make_trainer: Callable[..., Trainer] = Trainer, budget: Sequence[TrainerCallback] = (),
+    progress: Progress, make_trainer: Callable[..., Any] | None = None, budget: Sequence[TrainerCallback] = (),
     use_cpu: bool = True,
 ) -> TrainingRun:
+    """Train with `make_trainer` (default: the plain `transformers.Trainer`, imported here: it pulls in `datasets`,
+    which nothing else a command runs needs)."""
+    if make_trainer is None:
+        from transformers import Trainer
+
+        make_trainer = Trainer
     callbacks: list[TrainerCallback] = [masks, *budget, _ProgressCallback(progress)]
     with tempfile.TemporaryDirectory(prefix="sparselm-finetune-") as scratch:
         args = TrainingArguments(

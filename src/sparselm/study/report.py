@@ -16,7 +16,6 @@ from markupsafe import Markup, escape
 
 from ..io import atomic_write_text, ensure_writable_dir
 from .report_data import FigureData, ReportData, report_data
-from .report_figures import draw_figure
 from .store import ResultStore
 
 FIGS_DIR = "figs"
@@ -29,6 +28,8 @@ def write_report(out: Path) -> Path:
     store = ResultStore.open_existing(out)
     data = report_data(store.meta(), store.rows(), out)
     figs = ensure_writable_dir(out / FIGS_DIR)
+    from .report_figures import draw_figure  # matplotlib is imported only when a report is drawn
+
     drawn = {f.name: draw_figure(f, figs) for s in data.sections for f in s.figures}
     markdown, html = (render(name, data, drawn, out) for name in TEMPLATES)
     atomic_write_text(out / "report.md", markdown)
