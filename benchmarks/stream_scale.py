@@ -6,8 +6,9 @@
     sympy and scipy, ~130 MB, which both runs pay: neither can build the model without it); the delta over torch
     and transformers alone is shown too. Targets: streamed RSS delta <= 300 MB, wall <= 1.3x.
 (b) a random Llama of >= 1B parameters (hidden 2048, 22 layers, intermediate 5632, smollm2's tokenizer and its
-    vocabulary of 49152, 1.17B parameters; built once as bf16 shards under the sparselm cache, no download), Wanda 50% streamed under --max-memory 1GB: peak RSS <= 1.5 GB and
-    the time per block. Slow on a small CPU; run with --large.
+    vocabulary of 49152: 1.17B parameters; built once as bf16 shards under the sparselm cache, no download), Wanda
+    50% streamed under --max-memory 1GB: peak RSS <= 1.5 GB and the time per block. Slow on a small CPU; run with
+    --large (or --large-only).
 
 Timings on a shared machine are noisy: each run is repeated --repeats times, the two runs of (a) alternating, and
 shown as median (min-max).

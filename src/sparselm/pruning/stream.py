@@ -181,7 +181,9 @@ class ShardStream:
         self.buffers = buffers if buffers is not None else {id(b): _keep_buffers(b) for b in blocks}
 
     def reading(self) -> BlockStream:
-        reader = ShardStream(self.model, self.checkpoint, None, self.device, self.resident, self.buffers, self.hidden_dir)
+        reader = ShardStream(
+            self.model, self.checkpoint, None, self.device, self.resident, self.buffers, self.hidden_dir
+        )
         reader.loaded = self.loaded  # one model: one record of what is in memory
         return reader
 
