@@ -166,8 +166,8 @@ def _mean_over_positions(values: torch.Tensor, keep: torch.Tensor | None) -> tor
 
 def distillation_trainer(teacher: nn.Module, distillation: Distillation) -> Callable[..., Any]:
     """A Trainer factory with the Trainer's signature, for `finetune`'s training loop: a Trainer whose loss is the
-    distance to a frozen teacher's outputs; labels in the batch are never used. The class is built here, on first
-    use, because `transformers.Trainer` pulls in `datasets`, which no other command needs."""
+    distance to a frozen teacher's outputs; labels in the batch are never used. The class is built by this call, not
+    at import, because `transformers.Trainer` pulls in `datasets`, which no other command needs."""
     from transformers import Trainer
 
     class DistillationTrainer(Trainer):

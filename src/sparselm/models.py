@@ -244,7 +244,7 @@ class Checkpoint:
         shape = self.shapes[name]
         row = math.prod(shape[1:]) * dtype.itemsize
         out = torch.empty((len(ids), *shape[1:]), dtype=dtype)
-        buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        buffer = tensor_bytes(out)
         with open(self.files[name], "rb") as fh:
             done = 0
             for first, count in _runs(ids):
@@ -264,25 +264,20 @@ class Checkpoint:
 
     def write(self, target: Path, names: list[str], held: dict[str, torch.Tensor]) -> int:
         """Write the named tensors to one safetensors file, floating ones as float32 (as `read` gives them): those in
-        `held` from memory, the others straight from the shards a slice of rows at a time, so that a tensor nobody
-        changed never becomes resident (an embedding matrix is a streamed run's largest tensor). safetensors writes
-        only whole in-memory tensors, so the file (an 8-byte header length, a JSON header, the data) is written here
-        and read back by safetensors like any other. Returns the bytes of tensor data."""
-        from safetensors import safe_open
-
-        dtypes: dict[str, str] = {}
+        `held` from memory, the others straight from the shards a slice of rows at a time (`rows`), so that a tensor
+        nobody changed never becomes resident (an embedding matrix is a streamed run's largest tensor). safetensors
+        writes only whole in-memory tensors, so the file (an 8-byte header length, a JSON header, the data) is written
+        here and read back by safetensors like any other. Returns the bytes of tensor data."""
+        dtypes: dict[str, torch.dtype] = {}
         for n in names:
-            if n in held:
-                dtypes[n] = _SAFETENSORS_DTYPE[held[n].dtype]
-            else:
-                with safe_open(self.files[n], "pt") as fh:
-                    stored = fh.get_slice(n).get_dtype()
-                dtypes[n] = "F32" if torch.empty(0, dtype=_TORCH_DTYPE[stored]).is_floating_point() else stored
+            stored = held[n].dtype if n in held else self._data_start(n)[1]
+            dtypes[n] = torch.float32 if stored.is_floating_point else stored
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for n in names:
-            size = math.prod(self.shapes[n]) * _TORCH_DTYPE[dtypes[n]].itemsize
-            header[n] = {"dtype": dtypes[n], "shape": list(self.shapes[n]), "data_offsets": [offset, offset + size]}
+            size = math.prod(self.shapes[n]) * dtypes[n].itemsize
+            header[n] = {"dtype": _SAFETENSORS_DTYPE[dtypes[n]], "shape": list(self.shapes[n]),
+                         "data_offsets": [offset, offset + size]}
             offset += size
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
@@ -290,28 +285,22 @@ class Checkpoint:
             out.write(struct.pack("<Q", len(text)) + text)
             for n in names:
                 for part in self._parts(n, held.get(n)):
-                    out.write(part.to(_TORCH_DTYPE[dtypes[n]]).contiguous().reshape(-1).view(torch.uint8).numpy())
+                    out.write(tensor_bytes(part.to(dtypes[n]).contiguous()))
         return offset
 
     def _parts(self, name: str, held: torch.Tensor | None) -> Iterator[torch.Tensor]:
-        """A tensor in slices of rows of at most `COPY_BYTES` (float32): from memory, or each read on its own from
-        the shards (the file's mapping is closed after each slice, so its pages do not stay resident)."""
-        from safetensors import safe_open
-
+        """A tensor in slices of rows of at most `COPY_BYTES` (float32): from memory, or each read from the shards
+        with `rows`."""
         shape = self.shapes[name]
-        if held is not None:
-            tensor = held.detach().to("cpu")
-            yield from (tensor.split(max(1, COPY_BYTES // max(1, 4 * tensor[0].numel()))) if shape else [tensor])
-            return
         if not shape:
-            with safe_open(self.files[name], "pt") as fh:
-                yield fh.get_tensor(name)
+            yield held.detach().to("cpu") if held is not None else self.read([name], torch.device("cpu"))[name]
             return
         rows = max(1, COPY_BYTES // max(1, 4 * math.prod(shape[1:])))
+        if held is not None:
+            yield from held.detach().to("cpu").split(rows)
+            return
         for start in range(0, shape[0], rows):
-            with safe_open(self.files[name], "pt") as fh:
-                part = fh.get_slice(name)[start : start + rows]
-            yield part
+            yield self.rows(name, list(range(start, min(start + rows, shape[0]))), torch.device("cpu"))
 
 
 def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:
@@ -326,6 +315,11 @@ def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:
         first = previous = i
     if first is not None:
         yield first, previous - first + 1
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, shared with it (no copy): what file reads fill and writes take."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def put_tensor(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:

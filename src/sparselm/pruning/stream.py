@@ -35,7 +35,7 @@ from ..io import atomic_dir, atomic_write_json
 from ..masks import NM, Block, prune_count
 from ..models import (
     INDEX, Checkpoint, empty_model, free_heap, has_generation_config, load_config, load_tokenizer, model_class,
-    put_tensor,
+    put_tensor, tensor_bytes,
 )
 from ..progress import SILENT, Progress
 from ..sources import ModelSource, resolve, write_provenance
@@ -130,7 +130,7 @@ class DiskBatches:
         offset, shape, dtype = self._slots[index]
         tensor = torch.empty(shape, dtype=dtype)
         self._file.seek(offset)
-        read = self._file.readinto(_as_bytes(tensor))
+        read = self._file.readinto(tensor_bytes(tensor))
         if read != tensor.numel() * tensor.element_size():
             raise SparselmError("the temporary file of calibration activations was cut short; is the disk full?")
         return tensor.to(self._device)
@@ -148,12 +148,7 @@ class DiskBatches:
 
     def _write(self, offset: int, value: torch.Tensor) -> None:
         self._file.seek(offset)
-        self._file.write(_as_bytes(value.detach().to("cpu").contiguous()))
-
-
-def _as_bytes(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, shared with it (no copy)."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        self._file.write(tensor_bytes(value.detach().to("cpu").contiguous()))
 
 
 class ShardStream:
