@@ -3,6 +3,7 @@ models built to pass and to fail it, and how `sparselm bench` and `sparselm run`
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -16,6 +17,8 @@ from sparselm.runtime.accelerate import accelerate
 from sparselm.runtime.kernels import KERNELS
 from sparselm.runtime.modules import SparseLinear
 from sparselm.storage.int8 import quantize_rows
+
+generate_module = importlib.import_module("sparselm.runtime.generate")  # the module, not the function of that name
 
 runner = CliRunner()
 SEQLEN = 128  # the tiny models' context: the gate's windows are this long
@@ -190,9 +193,13 @@ def test_run_w8a8_prints_the_change_or_refuses(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSELM_CACHE", str(tmp_path / "cache"))
     model = save_tiny(tmp_path / "m", "llama")
     args = ["run", str(model), "--prompt", "Hi", "--max-new-tokens", "2", "--dtype", "w8a8", "--threads", "1"]
+    quantised = []  # the model is quantised once: the checked copy is the one that generates
+    accelerate = generate_module.accelerate
+    monkeypatch.setattr(generate_module, "accelerate", lambda m, *a, **k: quantised.append(m) or accelerate(m, *a, **k))
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "w8a8 changes perplexity by" in one_line(result.output)
+    assert len(quantised) == 1
     monkeypatch.setattr(quality, "w8a8_check", refusing_check)
     refused = runner.invoke(app, args)
     assert refused.exit_code != 0 and "--dtype w8a8 refused" in one_line(refused.output)

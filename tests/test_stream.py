@@ -343,3 +343,38 @@ def test_tensors_outside_blocks_are_freed_while_blocks_are_worked_on(calib, tmp_
     a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
     assert "lm_head.weight" in b and without_timings(streamed.to_json()) == without_timings(memory.to_json())
+
+
+def test_a_streamed_run_trims_freed_memory_only_once_it_adds_up(sharded, calib, tmp_path, monkeypatch):
+    """Each block call and each matrix pruned settles: the heap is trimmed when the resident set grew by more than
+    SETTLE_SLACK since the last trim, not after every step (trimming costs page faults later); the per-call hooks
+    are gone once the block is unloaded; the weights are the in-memory run's."""
+    from sparselm.pruning import stream
+
+    model = sharded("llama")
+    settings = settings_from(method="wanda", sparsity=0.5, calib=calib, calib_samples=4, calib_seqlen=16)
+    prune_to_dir(str(model), settings, tmp_path / "memory")
+    grown = iter(range(0, 10**15, stream.SETTLE_SLACK // 3))  # the resident set grows a third of the slack per look
+    settles, trims = [], []
+    settle, unload = ShardStream.settle, ShardStream.unload
+    monkeypatch.setattr(stream, "resident_bytes", lambda: next(grown))
+    monkeypatch.setattr(stream, "free_heap", lambda: trims.append(bool(settles) and settles[-1] == "open"))
+
+    def counting(self):
+        settles.append("open")
+        settle(self)
+        settles[-1] = "done"
+
+    def unloading(self, ref):
+        unload(self, ref)
+        assert not ref.module._forward_hooks  # the settling hook left with the block
+
+    monkeypatch.setattr(ShardStream, "settle", counting)
+    monkeypatch.setattr(ShardStream, "unload", unloading)
+    prune_to_dir(str(model), settings, tmp_path / "streamed", max_memory=10**9)
+    blocks = tiny_model("llama").config.num_hidden_layers
+    assert len(settles) >= 7 * blocks + 2 * blocks  # every matrix pruned and at least two block calls per block
+    by_settle = sum(trims)
+    assert 0 < by_settle < len(settles) / 2  # every few steps: growth of the slack takes more than three looks
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)

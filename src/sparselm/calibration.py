@@ -44,7 +44,8 @@ from .facts import family
 from .weights import BlockList, Matrix, find_block_lists
 
 # Calibration tokens per block call. Larger calls are no faster on a CPU (smollm2 block, 8 × 1024 tokens: 0.61–0.67 s
-# one window per call, 0.70–0.88 s four) and hold ~130 MB more of attention and MLP temporaries.
+# one window per call, 0.70–0.88 s four) and hold ~130 MB more of attention and MLP temporaries. Smaller ones are
+# slower in a whole run (smollm2-135m streamed, Wanda, 32 × 512 tokens: 127–132 s at 512 tokens a call, 117 s at 1024).
 BATCH_TOKENS = 1024
 
 
@@ -128,6 +129,11 @@ class BlockStream(Protocol):
 
     def restore_outside(self) -> None:
         """Bring back every tensor outside blocks, before the caller works on one of them (after the last block)."""
+        ...
+
+    def settle(self) -> None:
+        """Give back the memory the last step freed (a matrix pruned; the stream settles after each block call
+        itself), so that what a run holds stays what it needs."""
         ...
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -336,3 +337,12 @@ def has_generation_config(path: Path) -> bool:
 def free_heap() -> None:
     """Hand freed memory back to the OS (glibc), so a streamed run's peak stays at what it holds."""
     heap_trimmer()(0)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux: /proc/self/statm), or None where the OS does not say."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

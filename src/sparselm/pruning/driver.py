@@ -25,6 +25,7 @@ block loaded before and unloaded after its turn, and each matrix's report row ta
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -240,6 +241,8 @@ def _prune_block_by_block(
                 _prune_by_magnitude(m, settings, sparsity)
             else:
                 _prune_one(m, settings, sparsity, stats[m.name] if stats is not None else None)
+            if stream is not None:
+                stream.settle()
 
     def prune_in_rounds(
         ref: BlockRef, run: Callable[[], object], batches: Batches | None
@@ -326,8 +329,9 @@ class _SharedInputs:
         self.collectors: dict[str, Collector] = {}
         self._leader: dict[str, bool] = {}
         self._calls: dict[str, int] = {}
-        self._fed: dict[int, tuple[torch.Tensor, int]] = {}  # id(collector) → (tensor last added, its version)
-        self._latest: tuple[torch.Tensor, int, Collector] | None = None
+        # id(collector) → (tensor last added, its version); weak references, so that no call's inputs outlive it
+        self._fed: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+        self._latest: tuple[weakref.ref[torch.Tensor], int, Collector] | None = None
         self.consistent = True
 
     def hook(self, name: str, in_features: int) -> Callable[..., None]:
@@ -336,17 +340,17 @@ class _SharedInputs:
             self._calls[name] = self._calls.get(name, 0) + 1
             if name not in self.collectors:
                 latest = self._latest
-                joins = latest is not None and latest[0] is x and latest[1] == x._version
+                joins = latest is not None and latest[0]() is x and latest[1] == x._version
                 self.collectors[name] = latest[2] if joins else self._make(in_features)
                 self._leader[name] = not joins
             collector = self.collectors[name]
             if self._leader[name]:
                 collector.add(x)
-                self._fed[id(collector)] = (x, x._version)
-                self._latest = (x, x._version, collector)
+                self._fed[id(collector)] = (weakref.ref(x), x._version)
+                self._latest = (weakref.ref(x), x._version, collector)
             else:
                 fed = self._fed.get(id(collector))
-                self.consistent &= fed is not None and fed[0] is x and fed[1] == x._version
+                self.consistent &= fed is not None and fed[0]() is x and fed[1] == x._version
 
         return record
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..calibration import BlockRef, BlockStream, HeldBatches, windows_per_batch
 from ..errors import SparselmError
@@ -35,7 +36,7 @@ from ..io import atomic_dir, atomic_write_json
 from ..masks import NM, Block, prune_count
 from ..models import (
     INDEX, Checkpoint, empty_model, free_heap, has_generation_config, load_config, load_tokenizer, model_class,
-    put_tensor, tensor_bytes,
+    put_tensor, resident_bytes, tensor_bytes,
 )
 from ..progress import SILENT, Progress
 from ..sources import ModelSource, resolve, write_provenance
@@ -46,6 +47,7 @@ from .magnitude import _abs_into, apply_cut, global_cut, prune_global
 from .report import PrunedModel
 from .settings import PruneSettings
 
+SETTLE_SLACK = 16 * 2**20  # freed pages a streamed run keeps before trimming them (`ShardStream.settle`)
 WORK_BYTES = 32 * 10**6  # the interpreter's own growth while pruning: allocator slack, one batch's temporaries
 MMAP_THRESHOLD = 1 << 20  # allocations this large get their own mapping, unmapped when freed
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -174,6 +176,8 @@ class ShardStream:
         self.total_bytes = 0
         blocks = [b for s in find_block_lists(model) for b in s.blocks]
         self.buffers = buffers if buffers is not None else {id(b): _keep_buffers(b) for b in blocks}
+        self.settling: dict[int, RemovableHandle] = {}  # per loaded block: its hook that settles after each call
+        self.settled = 0  # resident bytes after the last trim
 
     def reading(self) -> BlockStream:
         reader = ShardStream(
@@ -260,13 +264,30 @@ class ShardStream:
             put_tensor(block, n, tensors[f"{ref.name}.{n}"])
         for n, buffer in self.buffers.get(id(block), {}).items():
             put_tensor(block, n, buffer.to(self.device))
+        self.settling[id(block)] = block.register_forward_hook(lambda *_: self.settle())
 
     def unload(self, ref: BlockRef) -> None:
+        handle = self.settling.pop(id(ref.module), None)
+        if handle is not None:
+            handle.remove()
         if self.out is not None:
             state = {f"{ref.name}.{n}": t for n, t in ref.module.state_dict().items()}
             self._write(state, self._shard_number(ref))
         ref.module.to("meta")
         free_heap()
+        self.settled = resident_bytes() or 0
+
+    def settle(self) -> None:
+        """Hand the heap pages that the last steps' temporaries used back to the OS once they add up to SETTLE_SLACK.
+        glibc serves even large allocations from free heap space when it has some, and keeps a freed chunk's pages
+        until trimmed; each block call and each matrix pruned lands its temporaries on partly other pages than the
+        last, so without settling a streamed run held ~100 MB more by the end of a block than at its start
+        (smollm2-135m, Wanda, 32 × 512 tokens). Trimming after every step instead costs the page faults of
+        touching those pages again (~10 ms a call, a fifth of the run)."""
+        now = resident_bytes()
+        if now is None or now > self.settled + SETTLE_SLACK:
+            free_heap()
+            self.settled = resident_bytes() or 0
 
     def _shard_number(self, ref: BlockRef) -> int:
         number = 1
