@@ -23,6 +23,31 @@ def test_capture_stops_at_the_last_block_and_batches_windows(family, monkeypatch
     assert issubclass(StopForward, Exception) and not issubclass(StopForward, ValueError)
 
 
+def test_what_every_batch_passes_alike_is_held_once(monkeypatch):
+    """Rotary tables (equal for every batch of equal shape) are recorded once and shared by later batches; what
+    differs from batch to batch (the hidden states) is each batch's own."""
+    monkeypatch.setattr(calibration, "BATCH_TOKENS", 12)  # one window of 12 tokens per batch
+    model = tiny_model("llama")
+    stack = find_block_lists(model)[0]
+    windows = torch.randint(0, 96, (4, 12))
+    captured = capture(model, stack, windows)
+
+    def tensors(call) -> list[torch.Tensor]:
+        args, kwargs = call
+        found = [a for a in args if isinstance(a, torch.Tensor)]
+        for value in kwargs.values():
+            items = value if isinstance(value, (tuple, list)) else [value]
+            found += [v for v in items if isinstance(v, torch.Tensor)]
+        return found
+
+    for calls in captured.extra:
+        first = tensors(calls[0])
+        assert first  # the rotary tables at least
+        for call in calls[1:]:
+            assert all(a is b for a, b in zip(first, tensors(call)))
+    assert len({id(h) for h in captured.hidden}) == 4 and not torch.equal(captured.hidden[0], captured.hidden[1])
+
+
 def test_replay_matches_the_models_own_forward(family):
     """With no pruning, the driver's block outputs equal what each block outputs inside a normal forward."""
     model = tiny_model(family)
