@@ -195,7 +195,7 @@ class ShardStream:
         looked_up = _looked_up_names(self.model, self.resident)
         self._park([n for n in self.resident if n in head])
         self._put_outside([n for n in self.resident if n not in head and n not in looked_up])
-        free_heap()
+        self._trim()
         with self._rows_per_call(looked_up[0] if looked_up else None):
             yield
         self._park(self.resident)
@@ -252,7 +252,7 @@ class ShardStream:
                 self.loaded.discard(name)
         del state
         self.model.tie_weights()
-        free_heap()
+        self._trim()
 
     def load(self, ref: BlockRef) -> None:
         block = ref.module
@@ -274,8 +274,7 @@ class ShardStream:
             state = {f"{ref.name}.{n}": t for n, t in ref.module.state_dict().items()}
             self._write(state, self._shard_number(ref))
         ref.module.to("meta")
-        free_heap()
-        self.settled = resident_bytes() or 0
+        self._trim()
 
     def settle(self) -> None:
         """Hand the heap pages that the last steps' temporaries used back to the OS once they add up to SETTLE_SLACK.
@@ -286,8 +285,12 @@ class ShardStream:
         touching those pages again (~10 ms a call, a fifth of the run)."""
         now = resident_bytes()
         if now is None or now > self.settled + SETTLE_SLACK:
-            free_heap()
-            self.settled = resident_bytes() or 0
+            self._trim()
+
+    def _trim(self) -> None:
+        """Trim the heap and note the resident set it leaves, the level `settle` measures growth from."""
+        free_heap()
+        self.settled = resident_bytes() or 0
 
     def _shard_number(self, ref: BlockRef) -> int:
         number = 1
