@@ -142,6 +142,15 @@ def test_encoder_stack_comes_first_and_decoder_sees_pruned_encoder():
     assert cross_inputs[0].shape == (2, 8, 32) and not bool(cross_inputs[0].any())
 
 
+class SumOfSquares:
+    def __init__(self, in_features: int) -> None:
+        self.total, self.tokens = torch.zeros(in_features, dtype=torch.float64), 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        self.total += inputs.reshape(-1, inputs.shape[-1]).double().pow(2).sum(0)
+        self.tokens += inputs.reshape(-1, inputs.shape[-1]).shape[0]
+
+
 def test_collect_inputs_sums_every_token_each_matrix_sees():
     """Each matrix's collector receives exactly its module's inputs over all batches; hooks are gone afterwards."""
     model = tiny_model("llama")
@@ -150,14 +159,6 @@ def test_collect_inputs_sums_every_token_each_matrix_sees():
     seen: dict[str, list[torch.Tensor]] = {m.name: [] for m in mats}
     handles = [m.module.register_forward_hook(lambda _mod, i, _o, n=m.name: seen[n].append(i[0].reshape(-1, i[0].shape[-1])))
                for m in mats]
-
-    class SumOfSquares:
-        def __init__(self, in_features: int) -> None:
-            self.total, self.tokens = torch.zeros(in_features, dtype=torch.float64), 0
-
-        def add(self, inputs: torch.Tensor) -> None:
-            self.total += inputs.reshape(-1, inputs.shape[-1]).double().pow(2).sum(0)
-            self.tokens += inputs.reshape(-1, inputs.shape[-1]).shape[0]
 
     collected = {}
 
@@ -175,7 +176,63 @@ def test_collect_inputs_sums_every_token_each_matrix_sees():
         expected = torch.cat(seen[m.name]).double()
         assert collected[m.name].tokens == expected.shape[0] == 36
         torch.testing.assert_close(collected[m.name].total, expected.pow(2).sum(0))
-        assert not m.module._forward_hooks
+        assert not m.module._forward_hooks and not m.module._forward_pre_hooks
+
+
+def test_a_statistics_pass_ends_each_later_call_once_every_matrix_had_its_input(monkeypatch):
+    """Given the block, collect_inputs stops each call after the first at the last matrix's input: the same
+    statistics, and the last matrix's own product (Llama's down projection) runs only in the first call."""
+    monkeypatch.setattr(calibration, "BATCH_TOKENS", 12)  # one window of 12 tokens per call: 4 calls
+    model = tiny_model("llama")
+    windows = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(2))
+    mats = by_block(select_matrices(model))["model.layers.1"]
+    last = model.get_submodule("model.layers.1.mlp.down_proj")
+    products = []
+    handle = last.register_forward_hook(lambda *_: products.append(1))
+    collected: dict[str, dict] = {}
+
+    def visit(ref, run):
+        if ref.name == "model.layers.1":
+            products.clear()
+            collected["whole"] = collect_inputs(mats, SumOfSquares, run)
+            collected["whole products"] = len(products)
+            products.clear()
+            collected["stopped"] = collect_inputs(mats, SumOfSquares, run, ref.module)
+            collected["stopped products"] = len(products)
+
+    try:
+        run_blocks(model, windows, visit)
+    finally:
+        handle.remove()
+    assert collected["whole products"] == 4 and collected["stopped products"] == 1
+    for m in mats:
+        whole, stopped = collected["whole"][m.name], collected["stopped"][m.name]
+        assert whole.tokens == stopped.tokens == 48
+        assert torch.equal(whole.total, stopped.total)
+    assert not find_block_lists(model)[0].blocks[1]._forward_pre_hooks
+
+
+def test_early_stop_waits_for_a_first_call_with_every_matrix_called_exactly_once():
+    stop = calibration.EarlyStop(["a", "b"])
+    stop.block_starts(None, (), {})
+    stop.called("a"), stop.called("b")  # first call: learns, never stops
+    stop.block_starts(None, (), {})
+    stop.called("b")
+    with pytest.raises(StopForward):
+        stop.called("a")  # every matrix had its input, in any order
+
+    twice = calibration.EarlyStop(["a", "b"])
+    twice.block_starts(None, (), {})
+    twice.called("a"), twice.called("b"), twice.called("a")  # "a" is called again after "b"
+    twice.block_starts(None, (), {})
+    twice.called("a"), twice.called("b"), twice.called("a")  # so no call is ever cut short
+
+    uncalled = calibration.EarlyStop(["a", "b"])
+    uncalled.block_starts(None, (), {})
+    uncalled.called("a")  # "b" saw nothing in the first call (a routed expert, say)
+    uncalled.block_starts(None, (), {})
+    uncalled.called("a"), uncalled.called("b")
+    assert uncalled.once is False and twice.once is False and stop.once is True
 
 
 def test_token_ids_outside_the_vocabulary_are_refused():

@@ -15,6 +15,7 @@ from torch import nn
 from sparselm.errors import SparselmError
 from sparselm.masks import NM, Block, Unstructured, is_n_of_m, keep_mask, parse_pattern, prune_count
 from sparselm.pruning import PruneSettings, owl_allocation, prune, registered_methods, settings_from
+from sparselm import calibration
 from sparselm.calibration import collect_inputs
 from sparselm.pruning import driver, magnitude, registry
 from sparselm.pruning.driver import collect_shared_inputs
@@ -625,3 +626,36 @@ def test_sharing_broken_on_a_later_batch_falls_back_to_one_statistic_per_matrix(
     expected_b = sum(2 * (x * (1 if i == 0 else 2)).t() @ (x * (1 if i == 0 else 2)) for i, x in enumerate(batches))
     torch.testing.assert_close(stats["b"].hessian, expected_b)
     torch.testing.assert_close(stats["a"].hessian, sum(2 * x.t() @ x for x in batches))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_statistics_passes_cut_short_prune_exactly_as_whole_ones(method, monkeypatch):
+    """Each block's statistics pass ends its later calls at the last matrix's input (`calibration.EarlyStop`): the
+    pruned weights are bit for bit those of whole block calls."""
+    monkeypatch.setattr(calibration, "BATCH_TOKENS", WINDOWS.shape[1])  # one window per call
+    stopped = []
+    original = calibration.EarlyStop.called
+
+    def counted(self, name: str) -> None:
+        try:
+            original(self, name)
+        except calibration.StopForward:
+            stopped.append(name)
+            raise
+
+    def whole(self, name: str) -> None:
+        self.seen[name] = self.seen.get(name, 0) + 1
+
+    def pruned(called) -> nn.Module:
+        model = tiny_model("llama")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(calibration.EarlyStop, "called", called)
+            prune(model, windows=WINDOWS, method=method, sparsity=0.5)
+        return model
+
+    short, full = pruned(counted), pruned(whole)
+    blocks = len({m.block for m in select_matrices(full)})
+    assert blocks == 2 and stopped == [f"model.layers.{b}.mlp.down_proj.weight" for b in (0, 1)
+                                       for _call in range(WINDOWS.shape[0] - 1)]  # every call after the first
+    for a, b in zip(select_matrices(short), select_matrices(full)):
+        assert torch.equal(a.weight(), b.weight()), a.name

@@ -8,7 +8,8 @@ with `StopForward` at the last block. Only the first block's hidden states are k
 their extra arguments, which do not depend on the weights being pruned (so only the first block computes: the later
 ones hand its output on, `_first_block_only`). Blocks are then visited in order: the
 visitor collects statistics (by calling `run()`, typically inside hooks) and prunes, after which the driver runs the
-block again so the next block is fed the already-pruned outputs. The hidden states are held once and overwritten in
+block again so the next block is fed the already-pruned outputs. A statistics pass that names its block
+(`collect_inputs(..., block)`) ends each call after the first once every hooked matrix had its input (`EarlyStop`). The hidden states are held once and overwritten in
 place, batch by batch (a stream may hold them on disk: `BlockStream.held_batches`); a block's outputs are kept
 beside them only for a read-only visitor, whose outputs feed the next block.
 For encoder-decoder models the decoder stack is captured after the encoder is pruned, so cross-attention sees the
@@ -51,6 +52,37 @@ BATCH_TOKENS = 1024
 
 class StopForward(Exception):
     """Raised by a capture hook to end a forward pass once the inputs it needs are recorded."""
+
+
+class EarlyStop:
+    """Ends each block call of a statistics pass once every hooked matrix has received its input for that call:
+    what the block computes after the last of them (that matrix's own product, the residual) feeds nothing the pass
+    keeps. In a Llama block that is the MLP's down projection, about a quarter of the block's multiply-adds.
+
+    The block's first call runs whole and shows how often each matrix is called per call; later calls stop early
+    only if that was exactly once for every matrix (a matrix called twice, or not at all, would be cut short).
+    The caller's `run()` catches the `StopForward` (`run_blocks`)."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = set(names)
+        self.seen: dict[str, int] = {}
+        self.once: bool | None = None  # every matrix called exactly once per call (None: first call not done yet)
+
+    def block_starts(self, _module: nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any]) -> None:
+        if self.seen and self.once is None:
+            self.once = set(self.seen) == self.names and all(n == 1 for n in self.seen.values())
+        self.seen = {}
+
+    def called(self, name: str) -> None:
+        """Count a matrix's call (after its input was recorded); ends the block call once every matrix had its."""
+        self.seen[name] = self.seen.get(name, 0) + 1
+        if self.once and len(self.seen) == len(self.names):
+            raise StopForward
+
+    @contextmanager
+    def watching(self, block: nn.Module) -> Iterator[None]:
+        with module_hooks({block: self.block_starts}, pre=True):
+            yield
 
 
 @dataclass(frozen=True)
@@ -435,7 +467,11 @@ def run_blocks(
                         outputs[:] = _forward_all(block, zip(hidden, extra))
                         return
                     for h, (args, kwargs) in zip(hidden, extra):
-                        block(h, *args, **kwargs)
+                        try:
+                            block(h, *args, **kwargs)
+                        except StopForward:  # a statistics pass had all it needs (`EarlyStop`)
+                            if stream is not None:
+                                stream.settle()  # the block's own end-of-call hook did not run
 
                 visit(ref, run)
                 recovered = None
@@ -458,16 +494,24 @@ def run_blocks(
 
 
 def collect_inputs(
-    matrices: list[Matrix], make: Callable[[int], Collector], run: Callable[[], object]
+    matrices: list[Matrix], make: Callable[[int], Collector], run: Callable[[], object], block: nn.Module | None = None
 ) -> dict[str, Collector]:
-    """Run a block once (`run`) with hooks feeding each matrix's inputs to a new collector; hooks are then removed."""
+    """Run a block once (`run`) with hooks feeding each matrix's inputs to a new collector; hooks are then removed.
+    With the `block` that `run` calls, each call ends once every matrix had its input (`EarlyStop`)."""
     stats = {m.name: make(m.shape[1]) for m in matrices}
+    stop = EarlyStop(stats) if block is not None else None
 
     def hook_for(name: str) -> Callable[..., None]:
-        return lambda _module, inputs, _output: stats[name].add(inputs[0])
+        def record(_module: nn.Module, args: tuple[Any, ...], _kwargs: dict[str, Any]) -> None:
+            stats[name].add(args[0])
+            if stop is not None:
+                stop.called(name)
 
-    with module_hooks({m.module: hook_for(m.name) for m in matrices}):
-        run()
+        return record
+
+    with module_hooks({m.module: hook_for(m.name) for m in matrices}, pre=True):
+        with stop.watching(block) if stop is not None and block is not None else nullcontext():
+            run()
     return stats
 
 

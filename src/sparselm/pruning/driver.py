@@ -27,13 +27,14 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ..calibration import (
-    Batches, BlockRef, BlockStream, Collector, collect_inputs, module_hooks, run_blocks, total_blocks,
+    Batches, BlockRef, BlockStream, Collector, EarlyStop, collect_inputs, module_hooks, run_blocks, total_blocks,
 )
 from ..errors import SparselmError
 from ..masks import apply_keep, check_shape
@@ -254,7 +255,8 @@ def _prune_block_by_block(
             return None
         entries, outputs = [], None
         for k in range(settings.steps):
-            prune_round(mats, k, collect_shared_inputs(mats, method.collector, run) if scores else None)
+            stop_in = ref.module if batches is None else None  # reconstruction's `run` needs the block's outputs
+            prune_round(mats, k, collect_shared_inputs(mats, method.collector, run, stop_in) if scores else None)
             entry = {"round": k + 1, "sparsity": sparsity_of(mats)} if recorded else {}
             if batches is not None:
                 result = reconstruct_block(
@@ -324,8 +326,9 @@ class _SharedInputs:
     matrix only checks that it again reads what its collector was just fed; `consistent` turns False otherwise, or if
     the matrices of a collector were called a different number of times."""
 
-    def __init__(self, make: Callable[[int], Collector]) -> None:
+    def __init__(self, make: Callable[[int], Collector], stop: EarlyStop | None = None) -> None:
         self._make = make
+        self._stop = stop
         self.collectors: dict[str, Collector] = {}
         self._leader: dict[str, bool] = {}
         self._calls: dict[str, int] = {}
@@ -335,8 +338,8 @@ class _SharedInputs:
         self.consistent = True
 
     def hook(self, name: str, in_features: int) -> Callable[..., None]:
-        def record(_module: nn.Module, inputs: tuple[Any, ...], _output: Any) -> None:
-            x = inputs[0]
+        def record(_module: nn.Module, args: tuple[Any, ...], _kwargs: dict[str, Any]) -> None:
+            x = args[0]
             self._calls[name] = self._calls.get(name, 0) + 1
             if name not in self.collectors:
                 latest = self._latest
@@ -351,6 +354,8 @@ class _SharedInputs:
             else:
                 fed = self._fed.get(id(collector))
                 self.consistent &= fed is not None and fed[0]() is x and fed[1] == x._version
+            if self._stop is not None:
+                self._stop.called(name)
 
         return record
 
@@ -361,17 +366,20 @@ class _SharedInputs:
 
 
 def collect_shared_inputs(
-    matrices: list[Matrix], make: Callable[[int], Collector], run: Callable[[], object]
+    matrices: list[Matrix], make: Callable[[int], Collector], run: Callable[[], object], block: nn.Module | None = None
 ) -> dict[str, Collector]:
     """`calibration.collect_inputs`, with one collector per distinct input instead of one per matrix: matrices that
     read the same inputs share their statistic (and SparseGPT, through it, one inverse factor), which is what pruning
     each with its own copy would compute. Should the block break that sharing on a later batch (the first batch
-    decides it), the statistics are collected again, one collector per matrix."""
-    shared = _SharedInputs(make)
-    with module_hooks({m.module: shared.hook(m.name, m.shape[1]) for m in matrices}):
-        run()
+    decides it), the statistics are collected again, one collector per matrix. With the `block` that `run` calls,
+    each call ends once every matrix had its input (`calibration.EarlyStop`)."""
+    stop = EarlyStop(m.name for m in matrices) if block is not None else None
+    shared = _SharedInputs(make, stop)
+    with module_hooks({m.module: shared.hook(m.name, m.shape[1]) for m in matrices}, pre=True):
+        with stop.watching(block) if stop is not None and block is not None else nullcontext():
+            run()
     if not (shared.consistent and shared.groups_called_alike()):
-        return collect_inputs(matrices, make, run)
+        return collect_inputs(matrices, make, run, block)
     return {m.name: shared.collectors.get(m.name) or make(m.shape[1]) for m in matrices}  # uncalled: no tokens
 
 
