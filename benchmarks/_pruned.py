@@ -1,12 +1,30 @@
 """Pruned copies of the embedded models for the storage and runtime benchmarks, made once with sparselm.pruning
-(global magnitude unless a pattern is given) and kept under $SPARSELM_CACHE/bench so both benchmarks share them."""
+(global magnitude unless a pattern is given) and kept under $SPARSELM_CACHE/bench so both benchmarks share them.
+Each copy's name carries a hash of the code that made it (`pruning_code`): a copy made by other code is made again."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from pathlib import Path
 
+import sparselm
 from sparselm.sources import cache_dir
 from sparselm.pruning import PruneSettings, prune_to_dir
+
+NOT_PRUNING = ("runtime", "cli", "study")  # subpackages that cannot change a pruned model's files
+
+
+@functools.cache
+def pruning_code() -> str:
+    """A short hash of every sparselm source file that can change what a pruned model directory holds."""
+    package = Path(sparselm.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package)
+        if relative.parts[0] not in NOT_PRUNING:
+            digest.update(str(relative).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def setting_name(sparsity: float | None, pattern: str) -> str:
@@ -15,7 +33,7 @@ def setting_name(sparsity: float | None, pattern: str) -> str:
 
 def pruned_dir(model: str, sparsity: float | None, pattern: str = "unstructured") -> Path:
     """A directory holding `model` pruned by magnitude: global ranking for unstructured, per layer for patterns."""
-    out = cache_dir() / "bench" / f"{model}-{setting_name(sparsity, pattern)}"
+    out = cache_dir() / "bench" / f"{model}-{setting_name(sparsity, pattern)}-{pruning_code()}"
     if not (out / "config.json").exists():
         scope = "global" if pattern == "unstructured" else "layer"
         settings = PruneSettings(method="magnitude", sparsity=sparsity, scope=scope, pattern=pattern)

@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _pruned import pruned_dir  # noqa: E402
+from _pruned import pruned_dir, pruning_code  # noqa: E402
 
-import sparselm  # noqa: E402
 from sparselm.data import joined_text  # noqa: E402
 from sparselm.evaluation import perplexity  # noqa: E402
 from sparselm.models import load, load_tokenizer  # noqa: E402
@@ -76,7 +75,7 @@ QUALITY_TARGETS = {"bf16": 0.01, "int8": 0.02}  # relative perplexity change all
 
 def sparsegpt_dir() -> Path:
     s = SPARSEGPT
-    name = f"{MODEL}-sparsegpt-{s.sparsity:g}-{s.calib}{s.calib_samples}x{s.calib_seqlen}-v{sparselm.__version__}"
+    name = f"{MODEL}-sparsegpt-{s.sparsity:g}-{s.calib}{s.calib_samples}x{s.calib_seqlen}-{pruning_code()}"
     out = cache_dir() / "bench" / name
     if not (out / "config.json").exists():
         prune_to_dir(MODEL, SPARSEGPT, out)

@@ -214,6 +214,23 @@ def test_dispatch_cache_keys_differ_by_precision():
     assert len(keys) == 3
 
 
+def test_dispatch_cache_keys_name_the_kernels_measured(monkeypatch):
+    """A decision measured with other kernel sources, another code path, or torch's kernels alone is not reused."""
+    from sparselm.runtime import dispatch, extension
+
+    w = torch.zeros(8, 8)
+    ids = iter(["0123456789abcdef-avx2", "fedcba9876543210-avx2", "0123456789abcdef-portable", "torch"])
+    keys = set()
+    for _ in range(4):
+        monkeypatch.setattr(extension, "kernels_id", lambda chosen=next(ids): chosen)
+        keys.add(dispatch.cache_key(w, 0.9, "unstructured", 1, 1))
+    assert len(keys) == 4 and all(k.startswith(f"v{dispatch.CACHE_SCHEMA}|") for k in keys)
+    monkeypatch.undo()
+    state = extension.status()
+    expected = f"{extension.source_digest()}-{state.path}" if state.available else "torch"
+    assert dispatch.cache_key(w, 0.9, "unstructured", 1, 1).endswith(f"|kernels-{expected}")
+
+
 def test_kernel_table_knows_the_own_kernels():
     assert KERNELS["csr16"].index_bytes == 2 and KERNELS["csr16-int8"].index_bytes == 2
     assert sys.modules["sparselm.runtime.kernels"].MAX_CSR16_COLUMNS == 65536

@@ -11,7 +11,8 @@ Three rules keep one noisy measurement from deciding for good:
   ignores what was cached before (the new decisions replace the old ones). Within one accelerate() call, layers
   with the same key share one measurement.
 Decisions are cached in a JSON file under $SPARSELM_CACHE keyed by shape, dtype, precision (fp32|bf16|int8: what
-dense and sparse compute in), device, sparsity bucket, mask structure, token count, threads and torch version.
+dense and sparse compute in), device, sparsity bucket, mask structure, token count, threads, torch version and the
+kernels measured (the C++ sources' hash and code path: a changed kernel is measured again).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from ..io import atomic_write_json
 from ..sources import cache_dir
+from . import extension
 from .kernels import KERNELS
 from .timing import Sampler, Speedup, Timing, alternating, repeats_for, sampler, speedup
 
@@ -36,7 +38,7 @@ MAX_ROUNDS = 21
 MIN_SAMPLE_SECONDS = 0.002
 SPARSITY_BUCKET = 0.02
 CACHE_FILE = "runtime-dispatch.json"
-CACHE_SCHEMA = 4
+CACHE_SCHEMA = 5
 
 
 def min_winning_sparsity(kernel: str, value_bytes: int) -> float:
@@ -226,5 +228,5 @@ def cache_key(
     dtype = str(weight.dtype).removeprefix("torch.")
     return (
         f"v{CACHE_SCHEMA}|{rows}x{cols}|{dtype}|{precision}|{weight.device.type}|s{bucket:.2f}|{structure}|T{tokens}"
-        f"|threads{threads}|torch{torch.__version__}"
+        f"|threads{threads}|torch{torch.__version__}|kernels-{extension.kernels_id()}"
     )

@@ -46,14 +46,30 @@ class Status:
     note: str | None
 
 
-def build_key() -> str:
-    """The cache key of a build: sources, torch version, CPU capability, machine and Python ABI."""
+def source_digest() -> str:
+    """A short hash of the kernels' sources: what a build, and every speed measured with it, was made from."""
+    return _digest_of(SOURCE_DIR)
+
+
+@functools.cache
+def _digest_of(directory: Path) -> str:
     digest = hashlib.sha256()
     for name in SOURCES:
-        digest.update((SOURCE_DIR / name).read_bytes())
+        digest.update((directory / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_key() -> str:
+    """The cache key of a build: sources, torch version, CPU capability, machine and Python ABI."""
     cpu = torch.backends.cpu.get_cpu_capability()
     python = f"py{sys.version_info[0]}{sys.version_info[1]}"
-    return f"{digest.hexdigest()[:16]}-torch{torch.__version__}-{cpu}-{platform.machine()}-{python}"
+    return f"{source_digest()}-torch{torch.__version__}-{cpu}-{platform.machine()}-{python}"
+
+
+def kernels_id() -> str:
+    """Which kernels a measurement ran: the loaded extension's source hash and code path, or "torch" without it."""
+    state = status()
+    return f"{source_digest()}-{state.path}" if state.available else "torch"
 
 
 def compile_command(source: Path, target: Path) -> list[str]:
