@@ -213,7 +213,7 @@ def test_a_statistics_pass_ends_each_later_call_once_every_matrix_had_its_input(
 
 
 def test_early_stop_waits_for_a_first_call_with_every_matrix_called_exactly_once():
-    stop = calibration.EarlyStop(["a", "b"])
+    stop = calibration.EarlyStop(["a", "b"], torch.nn.Identity())
     stop.block_starts(None, (), {})
     stop.called("a"), stop.called("b")  # first call: learns, never stops
     stop.block_starts(None, (), {})
@@ -221,13 +221,13 @@ def test_early_stop_waits_for_a_first_call_with_every_matrix_called_exactly_once
     with pytest.raises(StopForward):
         stop.called("a")  # every matrix had its input, in any order
 
-    twice = calibration.EarlyStop(["a", "b"])
+    twice = calibration.EarlyStop(["a", "b"], torch.nn.Identity())
     twice.block_starts(None, (), {})
     twice.called("a"), twice.called("b"), twice.called("a")  # "a" is called again after "b"
     twice.block_starts(None, (), {})
     twice.called("a"), twice.called("b"), twice.called("a")  # so no call is ever cut short
 
-    uncalled = calibration.EarlyStop(["a", "b"])
+    uncalled = calibration.EarlyStop(["a", "b"], torch.nn.Identity())
     uncalled.block_starts(None, (), {})
     uncalled.called("a")  # "b" saw nothing in the first call (a routed expert, say)
     uncalled.block_starts(None, (), {})

@@ -9,9 +9,10 @@ their extra arguments, which do not depend on the weights being pruned (so only 
 ones hand its output on, `_first_block_only`). Blocks are then visited in order: the
 visitor collects statistics (by calling `run()`, typically inside hooks) and prunes, after which the driver runs the
 block again so the next block is fed the already-pruned outputs. A statistics pass that names its block
-(`collect_inputs(..., block)`) ends each call after the first once every hooked matrix had its input (`EarlyStop`). The hidden states are held once and overwritten in
-place, batch by batch (a stream may hold them on disk: `BlockStream.held_batches`); a block's outputs are kept
-beside them only for a read-only visitor, whose outputs feed the next block.
+(`collect_inputs(..., block)`) ends each call after the first once every hooked matrix had its input (`EarlyStop`).
+The hidden states are held once and overwritten in place, batch by batch (a stream may hold them on disk:
+`BlockStream.held_batches`); a block's outputs are kept beside them only for a read-only visitor, whose outputs feed
+the next block.
 For encoder-decoder models the decoder stack is captured after the encoder is pruned, so cross-attention sees the
 pruned encoder's output.
 
@@ -61,10 +62,12 @@ class EarlyStop:
 
     The block's first call runs whole and shows how often each matrix is called per call; later calls stop early
     only if that was exactly once for every matrix (a matrix called twice, or not at all, would be cut short).
-    The caller's `run()` catches the `StopForward` (`run_blocks`)."""
+    The caller's `run()` catches the `StopForward` (`run_blocks`). Without a block no call is seen to start, so none
+    is ever stopped."""
 
-    def __init__(self, names: Iterable[str]) -> None:
+    def __init__(self, names: Iterable[str], block: nn.Module | None) -> None:
         self.names = set(names)
+        self.block = block
         self.seen: dict[str, int] = {}
         self.once: bool | None = None  # every matrix called exactly once per call (None: first call not done yet)
 
@@ -80,8 +83,9 @@ class EarlyStop:
             raise StopForward
 
     @contextmanager
-    def watching(self, block: nn.Module) -> Iterator[None]:
-        with module_hooks({block: self.block_starts}, pre=True):
+    def watching(self) -> Iterator[None]:
+        """While the pass runs: learn where the block's calls start (nothing to watch without a block)."""
+        with module_hooks({self.block: self.block_starts} if self.block is not None else {}, pre=True):
             yield
 
 
@@ -499,19 +503,17 @@ def collect_inputs(
     """Run a block once (`run`) with hooks feeding each matrix's inputs to a new collector; hooks are then removed.
     With the `block` that `run` calls, each call ends once every matrix had its input (`EarlyStop`)."""
     stats = {m.name: make(m.shape[1]) for m in matrices}
-    stop = EarlyStop(stats) if block is not None else None
+    stop = EarlyStop(stats, block)
 
     def hook_for(name: str) -> Callable[..., None]:
         def record(_module: nn.Module, args: tuple[Any, ...], _kwargs: dict[str, Any]) -> None:
             stats[name].add(args[0])
-            if stop is not None:
-                stop.called(name)
+            stop.called(name)
 
         return record
 
-    with module_hooks({m.module: hook_for(m.name) for m in matrices}, pre=True):
-        with stop.watching(block) if stop is not None and block is not None else nullcontext():
-            run()
+    with module_hooks({m.module: hook_for(m.name) for m in matrices}, pre=True), stop.watching():
+        run()
     return stats
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -326,7 +325,7 @@ class _SharedInputs:
     matrix only checks that it again reads what its collector was just fed; `consistent` turns False otherwise, or if
     the matrices of a collector were called a different number of times."""
 
-    def __init__(self, make: Callable[[int], Collector], stop: EarlyStop | None = None) -> None:
+    def __init__(self, make: Callable[[int], Collector], stop: EarlyStop) -> None:
         self._make = make
         self._stop = stop
         self.collectors: dict[str, Collector] = {}
@@ -354,8 +353,7 @@ class _SharedInputs:
             else:
                 fed = self._fed.get(id(collector))
                 self.consistent &= fed is not None and fed[0]() is x and fed[1] == x._version
-            if self._stop is not None:
-                self._stop.called(name)
+            self._stop.called(name)
 
         return record
 
@@ -373,11 +371,10 @@ def collect_shared_inputs(
     each with its own copy would compute. Should the block break that sharing on a later batch (the first batch
     decides it), the statistics are collected again, one collector per matrix. With the `block` that `run` calls,
     each call ends once every matrix had its input (`calibration.EarlyStop`)."""
-    stop = EarlyStop(m.name for m in matrices) if block is not None else None
+    stop = EarlyStop((m.name for m in matrices), block)
     shared = _SharedInputs(make, stop)
-    with module_hooks({m.module: shared.hook(m.name, m.shape[1]) for m in matrices}, pre=True):
-        with stop.watching(block) if stop is not None and block is not None else nullcontext():
-            run()
+    with module_hooks({m.module: shared.hook(m.name, m.shape[1]) for m in matrices}, pre=True), stop.watching():
+        run()
     if not (shared.consistent and shared.groups_called_alike()):
         return collect_inputs(matrices, make, run, block)
     return {m.name: shared.collectors.get(m.name) or make(m.shape[1]) for m in matrices}  # uncalled: no tokens
