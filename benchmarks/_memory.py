@@ -6,19 +6,21 @@ beside the measured work; otherwise a thread samples /proc every 2 ms.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from sparselm.models import resident_bytes
+
 T = TypeVar("T")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * PAGE
+    now = resident_bytes()
+    if now is None:
+        raise RuntimeError("peak memory is read from /proc/self, which this OS does not have (Linux only)")
+    return now
 
 
 def peak_rss_during(fn: Callable[[], T], interval: float = 0.002) -> tuple[T, int, int]:

@@ -8,7 +8,7 @@ import functools
 import hashlib
 from pathlib import Path
 
-import sparselm
+from _code import PACKAGE, with_sources
 from sparselm.sources import cache_dir
 from sparselm.pruning import PruneSettings, prune_to_dir
 
@@ -18,13 +18,8 @@ NOT_PRUNING = ("runtime", "cli", "study")  # subpackages that cannot change a pr
 @functools.cache
 def pruning_code() -> str:
     """A short hash of every sparselm source file that can change what a pruned model directory holds."""
-    package = Path(sparselm.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        relative = path.relative_to(package)
-        if relative.parts[0] not in NOT_PRUNING:
-            digest.update(str(relative).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
+    files = (p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] not in NOT_PRUNING)
+    return with_sources(hashlib.sha256(), files).hexdigest()[:12]
 
 
 def setting_name(sparsity: float | None, pattern: str) -> str:

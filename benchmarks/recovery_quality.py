@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _code import PACKAGE, with_sources
 
 from sparselm.data import joined_text
 from sparselm.distill import Distillation
@@ -120,13 +121,8 @@ def main() -> None:
 
 def code_hash() -> str:
     """A hash of the sources that determine a row's numbers, and of this script."""
-    package = Path(__import__("sparselm").__file__).parent
-    files = sorted(p for name in CODE for p in ([package / name] if name.endswith(".py") else
-                                                (package / name).rglob("*.py")))
-    digest = hashlib.sha256(Path(__file__).read_bytes())
-    for path in files:
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
+    files = (p for name in CODE for p in ([PACKAGE / name] if name.endswith(".py") else (PACKAGE / name).rglob("*.py")))
+    return with_sources(hashlib.sha256(Path(__file__).read_bytes()), files).hexdigest()[:16]
 
 
 def row_key(code: str, setup: dict, row: str) -> str:
