@@ -76,17 +76,18 @@ def test_every_kernel_path_equals_the_dense_product(path, values, activations):
 
 @needs_extension
 @pytest.mark.parametrize("tokens", [1, 5, 40])
-def test_every_output_element_is_written_over_whatever_memory_held(tokens):
+@pytest.mark.parametrize("layout", ["token-major", "feature-major", "strided"])
+@pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16])
+def test_every_output_element_is_written_over_whatever_memory_held(tokens, layout, activations):
     w = sparse_matrix(23, 50, 0.3, 0)
     csr = build_csr16(w)
-    x = torch.randn(tokens, 50)
-    out = torch.full((23, tokens), float("nan"))
-    if tokens == 1:
-        torch.ops.sparselm_kernels.spmv(csr.rowptr, csr.cols, csr.values, csr.scales, x[0], out.view(-1), 0)
-    else:
-        torch.ops.sparselm_kernels.spmm(csr.rowptr, csr.cols, csr.values, csr.scales, x.t().contiguous(), out, 0)
+    x = torch.randn(tokens, 50).to(activations)
+    given = {"token-major": x, "feature-major": x.t().contiguous().t(), "strided": torch.stack([x, x], 2)[:, :, 0]}[layout]
+    assert torch.equal(given, x)
+    out = torch.full((23, tokens), float("nan"), dtype=activations)
+    torch.ops.sparselm_kernels.mm_out(csr.rowptr, csr.cols, csr.values, csr.scales, given, out, 0)
     assert not out.isnan().any()
-    assert_close(out.t(), reference(csr, x), torch.float32)
+    assert_close(out.t(), reference(csr, x), activations)
 
 
 @needs_extension

@@ -33,12 +33,21 @@ class FakeClock:
         return fn
 
 
-def test_rounds_alternate_and_reverse_order():
+def test_rounds_alternate_and_rotate_order():
     clock, log = FakeClock(), []
     samplers = {n: sampler(clock.costs([1.0], log, n), clock=clock) for n in ("a", "b", "c")}
     timed = alternating(samplers, rounds=4)
-    assert log == ["a", "b", "c"] + ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]  # warm-up first
+    assert log == ["a", "b", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]  # warm-up first
     assert all(t.values == (1.0,) * 4 for t in timed.values())
+    rounds = log[3:]
+    assert all(x != y for x, y in zip(rounds, rounds[1:]))  # nobody runs twice in a row, across rounds either
+
+
+def test_two_sides_swap_every_round():
+    clock, log = FakeClock(), []
+    samplers = {n: sampler(clock.costs([1.0], log, n), clock=clock) for n in ("a", "b")}
+    alternating(samplers, rounds=3, warmup=False)
+    assert log == ["a", "b", "b", "a", "a", "b"]
 
 
 def test_speedup_is_paired_per_round_with_its_range():

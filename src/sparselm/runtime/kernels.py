@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,19 @@ class Kernel:
     name: str
     index_bytes: float  # bytes of index stored per stored value (what the dispatch's sparsity bound is made of)
     build: Callable[[torch.Tensor], torch.Tensor]
-    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (built weight, x [..., in]) → [..., out]
+
+
+def any_rank(matmul2d: Callable[[Any, torch.Tensor], torch.Tensor]) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """A (tokens × in) → (tokens × out) product applied to activations [..., in], giving [..., out]."""
+
+    def matmul(weight: Any, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return matmul2d(weight, x)
+        y = matmul2d(weight, x.reshape(-1, x.shape[-1]))
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    return matmul
 
 
 def build_csr(weight: torch.Tensor) -> torch.Tensor:
@@ -67,8 +80,11 @@ def transposed_copy(x2d: torch.Tensor) -> torch.Tensor:
 
 
 def token_major(y: torch.Tensor) -> torch.Tensor:
-    """A (tokens × out) result of `feature_major_mm`, made contiguous."""
-    return y if y.is_contiguous() else transposed_copy(y.t())
+    """A [..., out] result of a sparse product (feature-major underneath), made contiguous."""
+    if y.is_contiguous():
+        return y
+    rows = y.reshape(-1, y.shape[-1])  # a view: the leading dimensions of a feature-major result merge
+    return transposed_copy(rows.t()).view(y.shape)
 
 
 def semi_structured_mm(sparse_weight: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
@@ -125,18 +141,13 @@ def build_csr16(weight: torch.Tensor, int8: bool = False) -> Csr16:
     return Csr16(rowptr, cols, values_of[keep].contiguous(), scales.contiguous(), tuple(weight.shape))
 
 
-def csr16_mm(sparse_weight: Csr16, x2d: torch.Tensor, path: str | None = None) -> torch.Tensor:
-    """(tokens × in) → (tokens × out), feature-major like `feature_major_mm`: an SpMV for one token, else an SpMM on
-    the transposed activations. `path` forces a CPU code path (portable|avx2|avx512; default: the best one)."""
-    w, code = sparse_weight, extension.path_code(path)
-    ops = torch.ops.sparselm_kernels
-    if x2d.shape[0] == 1:
-        out = torch.empty(w.shape[0], dtype=x2d.dtype)
-        ops.spmv(w.rowptr, w.cols, w.values, w.scales, x2d.reshape(-1).contiguous(), out, code)
-        return out.view(1, -1)
-    out = torch.empty(w.shape[0], x2d.shape[0], dtype=x2d.dtype)
-    ops.spmm(w.rowptr, w.cols, w.values, w.scales, transposed_copy(x2d), out, code)
-    return out.t()
+def csr16_mm(sparse_weight: Csr16, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """[..., in] → [..., out], feature-major like `feature_major_mm` (contiguous for one token): an SpMV for one
+    token, else an SpMM; the kernel transposes (and widens bf16) the activations itself unless they already are a
+    feature-major view, and reshapes in C++ (a Python reshape on each side cost more than a small layer's product).
+    `path` forces a CPU code path (portable|avx2|avx512; default: the best one)."""
+    w = sparse_weight
+    return torch.ops.sparselm_kernels.mm(w.rowptr, w.cols, w.values, w.scales, x, extension.path_code(path))
 
 
 def build_csr16_int8(weight: torch.Tensor) -> Csr16:
@@ -181,13 +192,13 @@ def dense_w8a8_mm(packed: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
-        Kernel("csr", 4, build_csr, feature_major_mm),  # an int32 column index per value
+        Kernel("csr", 4, build_csr, any_rank(feature_major_mm)),  # an int32 column index per value
         Kernel("csr16", 2, build_csr16, csr16_mm),  # sparselm's C++ kernel: a 16-bit column index per value
         Kernel("csr16-int8", 2, build_csr16_int8, csr16_mm),  # the same with int8 values and a scale per row
-        Kernel("dense-int8", 0, build_dense_int8, dense_int8_mm),  # the dense baseline of weight-only int8
-        Kernel("dense-w8a8", 0, build_dense_w8a8, dense_w8a8_mm),  # dense int8 × dynamically quantised activations
-        *(Kernel(f"bsr{b}", 8 / b**2, bsr_builder(b), feature_major_mm) for b in BLOCK_SIZES),  # int64 per tile
-        Kernel("semi-structured", 0.25, build_semi_structured, semi_structured_mm),  # 2-bit position per kept value
+        Kernel("dense-int8", 0, build_dense_int8, any_rank(dense_int8_mm)),  # the dense baseline of weight-only int8
+        Kernel("dense-w8a8", 0, build_dense_w8a8, any_rank(dense_w8a8_mm)),  # dense int8 × dynamically quantised activations
+        *(Kernel(f"bsr{b}", 8 / b**2, bsr_builder(b), any_rank(feature_major_mm)) for b in BLOCK_SIZES),  # int64 per tile
+        Kernel("semi-structured", 0.25, build_semi_structured, any_rank(semi_structured_mm)),  # 2-bit position per kept value
     )
 }
 

@@ -42,6 +42,7 @@ class SparseLinear(nn.Module):
         self.group: SiblingGroup | None = None  # set by SiblingGroup when fused with layers reading the same input
         self.group_index = 0
         self.token_major = False  # contiguous outputs instead of feature-major views (see runtime.fusion)
+        self.has_bias = module.bias is not None  # a plain attribute: reading a parameter goes through __getattr__
 
     def out_in(self) -> torch.Tensor:
         return self.weight.t() if self.transposed else self.weight
@@ -56,20 +57,18 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // self.in_features
-        kernel = self.kernel_for(tokens)
+        kernel = self._kernel_by_tokens.get(tokens) or self.kernel_for(tokens)
         if kernel == "dense" and self.dense_kernel is None:  # as the original module computes it, no extra work
             return F.linear(x, self.out_in(), self.bias)
         if kernel == "dense":
-            y = KERNELS[self.dense_kernel].matmul(self.sparse[self.dense_kernel], x.reshape(-1, self.in_features))
+            y = KERNELS[self.dense_kernel].matmul(self.sparse[self.dense_kernel], x)
         elif self.group is not None and self.group.kernel_for(tokens) == kernel:
             y = self.group.part(self.group_index, x, kernel)
         else:
-            y = KERNELS[kernel].matmul(self.sparse[kernel], x.reshape(-1, self.in_features))
+            y = KERNELS[kernel].matmul(self.sparse[kernel], x)
         if self.token_major:
             y = token_major(y)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.has_bias else y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, choices={self.choices}"
@@ -112,7 +111,7 @@ class SiblingGroup:
         return self._kernel_by_tokens[tokens]
 
     def part(self, index: int, x: torch.Tensor, kernel: str) -> torch.Tensor:
-        """Member `index`'s output (tokens × out, feature-major like any sparse product) for input x, computing the
+        """Member `index`'s output ([..., out], feature-major like any sparse product) for input x, computing the
         fused product when x is new."""
         if self._input is not x or self._version != version_of(x) or index not in self._pending:
             self._compute(x, kernel)
@@ -123,7 +122,7 @@ class SiblingGroup:
         return part
 
     def _compute(self, x: torch.Tensor, kernel: str) -> None:
-        stacked = KERNELS[kernel].matmul(self.fused[kernel], x.reshape(-1, x.shape[-1]))  # tokens × Σ out, a view
-        self._parts = list(stacked.split(self.sizes, dim=1))
+        stacked = KERNELS[kernel].matmul(self.fused[kernel], x)  # [..., Σ out], a view
+        self._parts = list(stacked.split(self.sizes, dim=-1))
         self._input, self._version = x, version_of(x)
         self._pending = set(range(len(self.members)))

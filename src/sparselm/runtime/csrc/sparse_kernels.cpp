@@ -1,19 +1,26 @@
 // sparselm's CPU sparse kernels: CSR with 16-bit column indices and fp32, bf16 or int8 (per-row scale) values,
-// multiplied by fp32 or bf16 activations. Row-parallel (at::parallel_for); one SpMM for many tokens (feature-major
-// activations) and one SpMV for a single token. Three code paths from one kernel text (sparse_body.inc): portable
-// (the baseline ISA), AVX2+FMA and AVX-512F, chosen at run time from the CPU's features unless forced.
+// multiplied by fp32 or bf16 activations. Row-parallel (at::parallel_for); one SpMM for many tokens and one SpMV for
+// a single token, both computing in fp32. Three code paths from one kernel text (sparse_body.inc): portable (the
+// baseline ISA), AVX2+FMA and AVX-512F, chosen at run time from the CPU's features unless forced.
 //
-// Ops (torch.ops.sparselm_kernels.*), all writing into a preallocated `out`:
-//   spmm(rowptr int32[N+1], cols int16[nnz], values f32|bf16|i8[nnz], scales f32[N] (empty: none), xt f32|bf16[K,T],
-//        out like xt [N,T], path) ; spmv(... x f32|bf16[K], out [N], path) ; best_path() -> int
+// Ops (torch.ops.sparselm_kernels.*):
+//   mm_out(rowptr int32[N+1], cols int16[nnz], values f32|bf16|i8[nnz], scales f32[N] (empty: none),
+//          x f32|bf16[T,K] (token-major rows, or a transposed view of a feature-major [K,T]), out like x [N,T], path)
+//   mm(same but out; x [..., K]) -> Tensor [..., N]: a view of a new [N,T] (contiguous when T is 1)
+//   best_path() -> int ; supports(path) -> bool
+// The SpMM reads the activations feature-major in fp32: token-major or bf16 ones are transposed and widened here,
+// in one pass into a scratch buffer (torch's transposing copy of a [T,1536] matrix took as long as the product).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -52,6 +59,7 @@ namespace portable {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SPARSELM_X86 1
+#include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -122,18 +130,65 @@ Csr check_csr(const at::Tensor& rowptr, const at::Tensor& cols, const at::Tensor
           has_scales ? scales.data_ptr<float>() : nullptr, rows, values.numel()};
 }
 
-template <typename V, typename X>
-void spmm_typed(const Csr& w, const X* xt, X* yt, int64_t T, int64_t path) {
+template <typename V, typename Y>
+void spmm_typed(const Csr& w, const float* xt, Y* yt, int64_t T, int64_t path) {
   const V* vals = static_cast<const V*>(w.values);
   const int64_t per_row = w.rows ? (w.nnz * T) / w.rows + 1 : 1;
   const int64_t grain = std::max<int64_t>(1, 16384 / per_row);
   at::parallel_for(0, w.rows, grain, [&](int64_t begin, int64_t end) {
 #ifdef SPARSELM_X86
-    if (path == AVX512) return avx512::spmm_rows<V, X>(w.rowptr, w.cols, vals, w.scales, xt, yt, T, begin, end);
-    if (path == AVX2) return avx2::spmm_rows<V, X>(w.rowptr, w.cols, vals, w.scales, xt, yt, T, begin, end);
+    if (path == AVX512) return avx512::spmm_rows<V, Y>(w.rowptr, w.cols, vals, w.scales, xt, yt, T, begin, end);
+    if (path == AVX2) return avx2::spmm_rows<V, Y>(w.rowptr, w.cols, vals, w.scales, xt, yt, T, begin, end);
 #endif
-    portable::spmm_rows<V, X>(w.rowptr, w.cols, vals, w.scales, xt, yt, T, begin, end);
+    portable::spmm_rows<V, Y>(w.rowptr, w.cols, vals, w.scales, xt, yt, T, begin, end);
   });
+}
+
+template <typename X>
+void transpose_with(const X* x, float* xt, int64_t T, int64_t K, int64_t begin, int64_t end, int64_t path) {
+#ifdef SPARSELM_X86
+  if (path == AVX512) return avx512::transpose_blocks(x, xt, T, K, begin, end);
+  if (path == AVX2) return avx2::transpose_blocks(x, xt, T, K, begin, end);
+#endif
+  portable::transpose_blocks(x, xt, T, K, begin, end);
+}
+
+// The activations x [T, K] as fp32 feature-major [K, T]: x's own memory when it is that already, else `scratch`
+// filled by widening (bf16 feature-major) or transposing (token-major rows, either dtype).
+const float* feature_major_fp32(const at::Tensor& x, std::unique_ptr<float[]>& scratch, int64_t path) {
+  const int64_t T = x.size(0), K = x.size(1);
+  const bool feature_major = x.stride(0) == 1 && x.stride(1) == T;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (feature_major && !bf16) return x.data_ptr<float>();
+  scratch.reset(new float[K * T]);  // uninitialised: every element is written below
+  float* dst = scratch.get();
+  const void* src = x.data_ptr();
+  if (feature_major) {
+    const uint16_t* xb = static_cast<const uint16_t*>(src);
+    at::parallel_for(0, K * T, 1 << 15, [&](int64_t begin, int64_t end) {
+#ifdef SPARSELM_X86
+      if (path == AVX512) return avx512::widen(xb, dst, begin, end);
+      if (path == AVX2) return avx2::widen(xb, dst, begin, end);
+#endif
+      portable::widen(xb, dst, begin, end);
+    });
+    return dst;
+  }
+  const int64_t blocks = (K + 7) / 8;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, (1 << 12) / T), [&](int64_t begin, int64_t end) {
+    if (bf16) return transpose_with<uint16_t>(static_cast<const uint16_t*>(src), dst, T, K, begin, end, path);
+    transpose_with<float>(static_cast<const float*>(src), dst, T, K, begin, end, path);
+  });
+  return dst;
+}
+
+// x [1, K] as K contiguous fp32 values: x's own memory, or `scratch` with the bf16 values widened.
+const float* vector_fp32(const at::Tensor& x, std::unique_ptr<float[]>& scratch) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  scratch.reset(new float[x.numel()]);
+  for (int64_t i = 0; i < x.numel(); ++i) scratch[i] = bf16_to_f32(xb[i]);
+  return scratch.get();
 }
 
 template <typename V, typename X>
@@ -160,60 +215,55 @@ void by_values(at::ScalarType type, Fn&& fn) {
   }
 }
 
-void spmm(const at::Tensor& rowptr, const at::Tensor& cols, const at::Tensor& values, const at::Tensor& scales,
-          const at::Tensor& xt, const at::Tensor& out, int64_t path) {
-  TORCH_CHECK(xt.dim() == 2 && xt.is_contiguous(), "xt: contiguous [K, T]");
-  const Csr w = check_csr(rowptr, cols, values, scales, xt.size(0));
-  const int64_t T = xt.size(1);
+void mm_out(const at::Tensor& rowptr, const at::Tensor& cols, const at::Tensor& values, const at::Tensor& scales,
+            const at::Tensor& x_in, const at::Tensor& out, int64_t path) {
+  TORCH_CHECK(x_in.dim() == 2, "x: [T, K]");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+              "activations must be float32 or bfloat16");
+  const int64_t T = x_in.size(0), K = x_in.size(1);
+  const bool known_layout = (x_in.stride(0) == 1 && x_in.stride(1) == T) || (x_in.stride(1) == 1 && x_in.stride(0) == K);
+  const at::Tensor x = known_layout || T == 1 ? x_in : x_in.contiguous();
+  const Csr w = check_csr(rowptr, cols, values, scales, K);
   TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == w.rows && out.size(1) == T, "out: [N, T]");
-  TORCH_CHECK(out.scalar_type() == xt.scalar_type(), "out and xt must share a dtype");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out and x must share a dtype");
   path = resolve(path);
+  std::unique_ptr<float[]> scratch;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (T == 1) {
+    const at::Tensor row = x.stride(1) == 1 ? x : x.contiguous();
+    const float* xf = vector_fp32(row, scratch);
+    return by_values(values.scalar_type(), [&](auto v) {
+      using V = decltype(v);
+      if (bf16) return spmv_typed<V, uint16_t>(w, xf, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), path);
+      spmv_typed<V, float>(w, xf, out.data_ptr<float>(), path);
+    });
+  }
+  const float* xf = feature_major_fp32(x, scratch, path);
   by_values(values.scalar_type(), [&](auto v) {
     using V = decltype(v);
-    if (xt.scalar_type() == at::kFloat) {
-      spmm_typed<V, float>(w, xt.data_ptr<float>(), out.data_ptr<float>(), T, path);
-    } else {
-      TORCH_CHECK(xt.scalar_type() == at::kBFloat16, "activations must be float32 or bfloat16");
-      spmm_typed<V, uint16_t>(w, reinterpret_cast<const uint16_t*>(xt.data_ptr<at::BFloat16>()),
-                              reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), T, path);
-    }
+    if (bf16) return spmm_typed<V, uint16_t>(w, xf, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), T, path);
+    spmm_typed<V, float>(w, xf, out.data_ptr<float>(), T, path);
   });
 }
 
-void spmv(const at::Tensor& rowptr, const at::Tensor& cols, const at::Tensor& values, const at::Tensor& scales,
-          const at::Tensor& x, const at::Tensor& out, int64_t path) {
-  TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "x: contiguous [K]");
-  const Csr w = check_csr(rowptr, cols, values, scales, x.size(0));
-  TORCH_CHECK(out.is_contiguous() && out.numel() == w.rows && out.scalar_type() == x.scalar_type(), "out: [N]");
-  path = resolve(path);
-  std::vector<float> widened;
-  const float* xf;
-  if (x.scalar_type() == at::kFloat) {
-    xf = x.data_ptr<float>();
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "activations must be float32 or bfloat16");
-    const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    widened.resize(x.numel());
-    for (int64_t i = 0; i < x.numel(); ++i) widened[i] = bf16_to_f32(xb[i]);
-    xf = widened.data();
-  }
-  by_values(values.scalar_type(), [&](auto v) {
-    using V = decltype(v);
-    if (x.scalar_type() == at::kFloat) {
-      spmv_typed<V, float>(w, xf, out.data_ptr<float>(), path);
-    } else {
-      spmv_typed<V, uint16_t>(w, xf, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), path);
-    }
-  });
+at::Tensor mm(const at::Tensor& rowptr, const at::Tensor& cols, const at::Tensor& values, const at::Tensor& scales,
+              const at::Tensor& x, int64_t path) {
+  TORCH_CHECK(x.dim() >= 1, "x: [..., K]");
+  const at::Tensor x2d = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});  // a view for either layout
+  at::Tensor out = at::empty({rowptr.numel() - 1, x2d.size(0)}, x.options());
+  mm_out(rowptr, cols, values, scales, x2d, out, path);
+  if (x.dim() == 2) return out.t();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out.size(0);
+  return out.t().view(shape);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(sparselm_kernels, m) {
-  m.def("spmm(Tensor rowptr, Tensor cols, Tensor values, Tensor scales, Tensor xt, Tensor(a!) out, int path) -> ()",
-        &spmm);
-  m.def("spmv(Tensor rowptr, Tensor cols, Tensor values, Tensor scales, Tensor x, Tensor(a!) out, int path) -> ()",
-        &spmv);
+  m.def("mm_out(Tensor rowptr, Tensor cols, Tensor values, Tensor scales, Tensor x, Tensor(a!) out, int path) -> ()",
+        &mm_out);
+  m.def("mm(Tensor rowptr, Tensor cols, Tensor values, Tensor scales, Tensor x, int path) -> Tensor", &mm);
   m.def("best_path() -> int", &best_path);
   m.def("supports(int path) -> bool", [](int64_t path) { return supports(path); });
 }
