@@ -81,14 +81,19 @@ def test_bound_follows_from_the_bytes_a_sparse_product_reads():
     bsr = KERNELS["bsr16"].build(torch.ones(32, 32))
     assert KERNELS["bsr16"].index_bytes == bsr.col_indices().element_size() / 16**2
     for kernel in KERNELS:
-        assert not dispatch.can_win(kernel, 0.0, 2) and not dispatch.can_win(kernel, 0.0, 4)
+        indexed = dispatch.min_winning_sparsity(kernel, 1) > 0
+        assert dispatch.can_win(kernel, 0.0, 2) == dispatch.can_win(kernel, 0.0, 4) == (not indexed)
+    assert [k for k in KERNELS if dispatch.min_winning_sparsity(k, 1) == 0] == ["dense-int8", "dense-w8a8"]
     assert dispatch.can_win("csr", 0.51, 4) and not dispatch.can_win("csr", 0.5, 4)
+    # a bitmap pays one bit per weight, stored or not: (1-s)·2 + 1/8 < 2 for bf16, (1-s)·4 + 1/8 < 4 for fp32
+    assert dispatch.min_winning_sparsity("bitmap", 2) == pytest.approx(1 / 16)
+    assert dispatch.min_winning_sparsity("bitmap", 4) == pytest.approx(1 / 32)
 
 
 @pytest.fixture
 def torch_kernels_only(monkeypatch):
     """Candidates as without sparselm's C++ kernels (torch's CSR/BSR only)."""
-    monkeypatch.setattr(sys.modules["sparselm.runtime.accelerate"], "own_kernel_fits", lambda weight: False)
+    monkeypatch.setattr(sys.modules["sparselm.runtime.accelerate"], "kernel_fits", lambda weight, kernel: False)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.45])
@@ -144,7 +149,7 @@ def layer_keys(model: torch.nn.Module, tokens: int) -> list[str]:
     return keys
 
 
-def test_cached_decisions_contradicting_the_rules_are_not_trusted(cache_dir, monkeypatch):
+def test_cached_decisions_contradicting_the_rules_are_not_trusted(cache_dir, monkeypatch, torch_kernels_only):
     clear_csr = {"choice": "csr", "seconds": {"dense": 1e-3, "csr": 1e-4}, "ratios": {"csr": [10.0] * 7}}
     noisy_csr = {"choice": "csr", "seconds": {"dense": 1e-3, "csr": 5e-4}, "ratios": {"csr": [2.0] * 6 + [0.5]}}
     light, heavy = model_at(0.2), model_at(0.95)

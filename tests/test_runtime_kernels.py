@@ -1,9 +1,10 @@
-"""sparselm's C++ sparse kernels (runtime.extension, runtime.kernels' csr16 family) against dense products.
+"""sparselm's C++ sparse kernels (runtime.extension, runtime.kernels' csr16 family and bitmap) against dense products.
 
-Every value dtype (fp32, bf16, int8 with per-row scales) × activation dtype (fp32, bf16) × CPU code path this machine
-can run (portable, AVX2+FMA, AVX-512F; the others are skipped with the reason) × token count (the SpMV for 1 token,
-the SpMM's vector, chunk and scalar tails otherwise) equals the float64 product of the same matrix, on random shapes
-with empty rows and empty columns. Tolerances: 1e-5 of the largest output with fp32 activations (fp32 accumulation),
+Every format (CSR16, bitmap) × value dtype (fp32, bf16, int8 with per-row scales for CSR16) × activation dtype (fp32,
+bf16) × CPU code path this machine can run (portable, AVX2+FMA, AVX-512F, AVX-512 with bf16 dot products; the others
+are skipped with the reason) × token count (the SpMV for 1 token, the SpMM's vector, chunk and scalar tails otherwise)
+equals the float64 product of the same matrix, on random shapes with empty rows and empty columns and widths that
+are not whole 32-column blocks. Tolerances: 1e-5 of the largest output with fp32 activations (fp32 accumulation),
 1e-2 with bf16 activations (the output is rounded to bf16: 2^-8 relative).
 """
 
@@ -18,13 +19,25 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from sparselm.errors import SparselmError
 from sparselm.runtime import accelerate, extension
-from sparselm.runtime.kernels import KERNELS, build_csr16, build_dense_int8, csr16_mm, dense_int8_mm
+from sparselm.runtime.kernels import (
+    KERNELS,
+    build_bitmap,
+    build_csr16,
+    build_dense_int8,
+    csr16_mm,
+    dense_int8_mm,
+)
 from sparselm.runtime.modules import SparseLinear
 from sparselm.storage.int8 import dequantize_rows, quantize_rows
 from sparselm.weights import select_matrices
 from test_storage import prune_smallest
 
 VALUES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "int8": (torch.float32, True)}
+FORMATS = {  # name: (build(weight, int8), the kernel's matmul, whether it stores int8)
+    "csr16": (build_csr16, csr16_mm, True),
+    "bitmap": (lambda w, int8: build_bitmap(w), KERNELS["bitmap"].matmul, False),
+}
+PATHS = ["portable", "avx2", "avx512", "avx512bf16"]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 TOKENS = [1, 2, 7, 8, 33, 64, 131]
 
@@ -56,22 +69,51 @@ def path_or_skip(path: str) -> str:
 
 
 @needs_extension
-@pytest.mark.parametrize("path", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("form", list(FORMATS))
 @pytest.mark.parametrize("values", list(VALUES))
 @pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16])
-def test_every_kernel_path_equals_the_dense_product(path, values, activations):
+def test_every_kernel_path_equals_the_dense_product(path, form, values, activations):
     path_or_skip(path)
     weight_dtype, int8 = VALUES[values]
+    build, matmul, has_int8 = FORMATS[form]
+    if int8 and not has_int8:
+        pytest.skip(f"{form} stores no int8 values")
     for seed, (rows, cols, density) in enumerate([(67, 300, 0.2), (5, 17, 0.5), (40, 33, 0.05), (9, 64, 0.0)]):
         w = sparse_matrix(rows, cols, density, seed).to(weight_dtype)
-        csr = build_csr16(w, int8=int8)
-        assert csr.values.dtype == (torch.int8 if int8 else weight_dtype)
+        built = build(w, int8)
+        assert built.values.dtype == (torch.int8 if int8 else weight_dtype)
         for tokens in TOKENS:
             x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens)).to(activations)
-            y = csr16_mm(csr, x, path)
+            y = matmul(built, x, path)
             assert y.shape == (tokens, rows) and y.dtype == activations
-            assert_close(y, reference(csr, x), activations)
+            assert_close(y, reference(built, x), activations)
             assert torch.all(y[:, 1 % rows] == 0)  # the empty row gives exact zeros, never leftover memory
+
+
+@needs_extension
+@pytest.mark.parametrize("density", [0.5, 0.97])
+def test_bitmap_rows_dense_enough_to_fill_whole_blocks_take_the_vector_paths(density):
+    """Rows with most of their 32-column blocks full (the expand and dot-product paths' common case), the last
+    block partial, and bf16 values and activations as the bf16 path multiplies them."""
+    w = sparse_matrix(130, 600, density, 7).to(torch.bfloat16)
+    bitmap = build_bitmap(w)
+    assert torch.equal(bitmap.to_dense(), w.float())
+    x = torch.randn(1, 600).to(torch.bfloat16)
+    for path in extension.supported_paths():
+        assert_close(KERNELS["bitmap"].matmul(bitmap, x, path), reference(bitmap, x), torch.bfloat16)
+        wide = build_bitmap(w.float())
+        assert_close(KERNELS["bitmap"].matmul(wide, x.float(), path), reference(wide, x.float()), torch.float32)
+
+
+def test_bitmap_words_hold_all_32_columns_of_a_block():
+    w = torch.zeros(2, 70)
+    w[0, [0, 31, 32, 63, 64, 69]] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    bitmap = build_bitmap(w)
+    assert bitmap.masks.dtype == torch.int32 and bitmap.masks.shape == (2, 3)
+    assert bitmap.masks[0, 0] == -(2**31) + 1  # bits 0 and 31: the sign bit is a column like any other
+    assert bitmap.offsets.tolist() == [0, 6, 6] and bitmap.values[6:].eq(0).all() and len(bitmap.values) == 6 + 32
+    assert torch.equal(bitmap.to_dense(), w)
 
 
 @needs_extension
@@ -80,14 +122,20 @@ def test_every_kernel_path_equals_the_dense_product(path, values, activations):
 @pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16])
 def test_every_output_element_is_written_over_whatever_memory_held(tokens, layout, activations):
     w = sparse_matrix(23, 50, 0.3, 0)
-    csr = build_csr16(w)
+    csr, bitmap = build_csr16(w), build_bitmap(w)
     x = torch.randn(tokens, 50).to(activations)
     given = {"token-major": x, "feature-major": x.t().contiguous().t(), "strided": torch.stack([x, x], 2)[:, :, 0]}[layout]
     assert torch.equal(given, x)
-    out = torch.full((23, tokens), float("nan"), dtype=activations)
-    torch.ops.sparselm_kernels.mm_out(csr.rowptr, csr.cols, csr.values, csr.scales, given, out, 0)
-    assert not out.isnan().any()
-    assert_close(out.t(), reference(csr, x), activations)
+    for write in (
+        lambda out: torch.ops.sparselm_kernels.mm_out(csr.rowptr, csr.cols, csr.values, csr.scales, given, out, 0),
+        lambda out: torch.ops.sparselm_kernels.bitmap_mm_out(
+            bitmap.masks, bitmap.offsets, bitmap.values, given, out, 0
+        ),
+    ):
+        out = torch.full((23, tokens), float("nan"), dtype=activations)
+        write(out)
+        assert not out.isnan().any()
+        assert_close(out.t(), reference(csr, x), activations)
 
 
 @needs_extension
@@ -193,18 +241,30 @@ def test_accelerated_model_in_a_dtype_computes_what_the_dense_model_in_it_does(d
     assert float((got - expected).abs().max()) <= tolerance * float(expected.abs().max())
 
 
-@needs_extension
-def test_int8_dense_layers_run_on_the_int8_dense_kernel():
-    model = tiny_model("opt")  # no zeros: every layer stays dense, in int8
+@pytest.mark.parametrize("faster", ["dense", "dense-int8"])
+def test_int8_dense_layers_run_on_whichever_dense_form_measures_faster(faster, monkeypatch, tmp_path):
+    """A layer without zeros in int8 runs on F.linear over its dequantised weights or on torch's int8 GEMM, as the
+    dispatch measures them (a fake timer decides here); both compute the same dequantised product."""
+    from sparselm.runtime import dispatch
+
+    monkeypatch.setenv("SPARSELM_CACHE", str(tmp_path))
+
+    def timer(weight, built, tokens, dense=None):
+        seconds = {name: (1e-4 if name == faster else 1e-3) for name in ("dense", *built)}
+        return {name: (lambda s=s: s) for name, s in seconds.items()}
+
+    monkeypatch.setattr(dispatch, "kernel_samplers", timer)
+    model = tiny_model("opt")  # no zeros
     report = accelerate(model, policy="auto", dtype="int8", use_cache=False)
-    assert report.replaced == 0
+    assert {k for layer in report.layers for k in layer.choices.values()} == {faster}
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
-    assert len(layers) == report.layers_total and all(m.dense_kernel == "dense-int8" for m in layers)
-    layer = layers[0]
-    x = torch.randn(3, layer.in_features)
-    expected = F.linear(x, layer.out_in(), layer.bias)  # the parameters hold the dequantised values
-    with torch.inference_mode():
-        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+    assert len(layers) == (report.layers_total if faster == "dense-int8" else 0)
+    if layers:
+        layer = layers[0]
+        x = torch.randn(3, layer.in_features)
+        expected = F.linear(x, layer.out_in(), layer.bias)  # the parameters hold the dequantised values
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_dispatch_cache_keys_differ_by_precision():
@@ -234,6 +294,7 @@ def test_dispatch_cache_keys_name_the_kernels_measured(monkeypatch):
 
 def test_kernel_table_knows_the_own_kernels():
     assert KERNELS["csr16"].index_bytes == 2 and KERNELS["csr16-int8"].index_bytes == 2
+    assert KERNELS["bitmap"].index_bytes == 0 and KERNELS["bitmap"].index_bytes_per_weight == 1 / 8
     assert sys.modules["sparselm.runtime.kernels"].MAX_CSR16_COLUMNS == 65536
 
 

@@ -16,7 +16,7 @@ from ..weights import Matrix, select_matrices
 from . import dispatch, extension
 from .fusion import trace_layers
 from .inputs import random_prefill
-from .kernels import block_sizes_of, cpu_candidates, is_two_four, own_kernel_fits, require_cuda
+from .kernels import block_sizes_of, cpu_candidates, is_two_four, kernel_fits, require_cuda
 from .modules import SiblingGroup, SparseLinear
 from .timing import Speedup
 
@@ -30,25 +30,28 @@ TRACE_TOKENS = 8
 @dataclass(frozen=True)
 class Precision:
     """How the accelerated model computes: its activations' dtype, the bytes of a stored weight value, the dense
-    kernel it is measured against (None: `F.linear` on the weight), sparselm's own sparse kernel in it (None: no
-    sparse kernel computes in this precision) and whether the weights are rounded to per-row int8 first."""
+    kernel it is measured against (None: `F.linear` on the weight), the kernels measured against that dense besides
+    torch's CSR/BSR (sparselm's own, and torch's weight-only int8 GEMM: on AMD Zen 4 it ran 5× slower than fp32
+    `F.linear` for one token and 38× for 128, so it is measured, not assumed) and whether the weights are rounded to
+    per-row int8 first (the parameters then hold the dequantised values every kernel computes with)."""
 
     name: str
     activations: torch.dtype | None  # None: the model's dtype as loaded
     value_bytes: int | None  # None: the weight's element size
     dense_kernel: str | None
-    own_kernel: str | None
+    kernels: tuple[str, ...]
     torch_kernels: bool  # torch's CSR/BSR kernels compute in this precision
     int8_weights: bool = False
 
 
 PRECISIONS = {
-    "fp32": Precision("fp32", None, None, None, "csr16", True),
-    "bf16": Precision("bf16", torch.bfloat16, 2, None, "csr16", False),  # torch's sparse CSR has no bf16 CPU GEMM
-    "int8": Precision("int8", None, 1, "dense-int8", "csr16-int8", False, True),  # weight-only: activations as loaded
+    "fp32": Precision("fp32", None, None, None, ("csr16", "bitmap"), True),
+    "bf16": Precision("bf16", torch.bfloat16, 2, None, ("csr16", "bitmap"), False),  # torch's CSR: no bf16 CPU GEMM
+    # weight-only int8, activations as loaded; dense is F.linear over the dequantised weights or torch's int8 GEMM
+    "int8": Precision("int8", None, 1, None, ("csr16-int8", "dense-int8"), False, True),
     # int8 weights and dynamically quantised activations: lossy on models with activation outliers, so `bench` and
     # `generate` offer it only with its measured perplexity change (runtime.quality)
-    "w8a8": Precision("w8a8", None, 1, "dense-w8a8", None, False, True),
+    "w8a8": Precision("w8a8", None, 1, "dense-w8a8", (), False, True),
 }
 DTYPES = tuple(PRECISIONS)
 
@@ -97,7 +100,7 @@ class AccelerateReport:
     layers: list[LayerChoice]
     fused_groups: list[FusedGroup]
     dtype: str = "fp32"
-    kernel_path: str = "torch"  # the C++ kernels' CPU code path (portable|avx2|avx512), "torch" without them
+    kernel_path: str = "torch"  # the C++ kernels' CPU code path (portable|avx2|avx512|avx512bf16), "torch" without them
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -151,8 +154,7 @@ def candidates(
         half = weight.dtype in (torch.float16, torch.bfloat16)
         return ["semi-structured"] if half and is_two_four(keep) else []
     torch_kernels = cpu_candidates(blocks) if precision.torch_kernels else []
-    fits = precision.own_kernel and own_kernel_fits(weight) and weight.dtype != torch.float16
-    own = [precision.own_kernel] if fits else []
+    own = [k for k in precision.kernels if weight.dtype != torch.float16 and kernel_fits(weight, k)]
     return torch_kernels + own
 
 
@@ -176,7 +178,7 @@ def choose(
     precision: Precision = PRECISIONS["fp32"],
 ) -> tuple[dict[int, str], dict[int, dict[str, Any]], bool]:
     """Per token count: the kernel to use, the decision behind it (policy auto) and whether nothing was measured."""
-    if policy == "dense" or sparsity == 0.0 or not kernels:
+    if policy == "dense" or not kernels or (sparsity == 0.0 and policy != "auto"):
         return {t: "dense" for t in tokens}, {}, True
     if policy in ("sparse", "semi-structured"):
         return {t: sparse_policy_kernel(kernels) for t in tokens}, {}, True
@@ -238,8 +240,9 @@ def accelerate(
 
     dtype: `fp32` keeps the model's dtype as loaded; `bf16` converts the model to bfloat16 (activations and values);
     `int8` quantises every prunable matrix to weight-only int8 (a scale per output row; zeros stay zero; the
-    parameters then hold the dequantised values the model computes with) and runs each on dense int8 or a sparse
-    int8 kernel, activations as loaded; `w8a8` quantises the weights alike and runs every matrix on torch's dense
+    parameters then hold the dequantised values the model computes with) and runs each on whichever measures
+    fastest of `F.linear` over those values, torch's dense int8 GEMM and the sparse int8 kernel, activations as
+    loaded; `w8a8` quantises the weights alike and runs every matrix on torch's dense
     int8 GEMM with dynamically quantised activations (no sparse kernel computes in it): fast, but lossy where
     activations have outlier channels, so measure it with `runtime.quality` first (`bench` and `generate` do, and
     refuse it beyond a 2% perplexity change). Dense and sparse are measured in that dtype, and cached per dtype.

@@ -2,7 +2,8 @@
 
 Three rules keep one noisy measurement from deciding for good:
 - a bound from first principles (`min_winning_sparsity`): below it a kernel is never measured nor chosen, and a
-  dense (0-sparsity) layer is always dense;
+  dense (0-sparsity) layer is never put on a sparse kernel (a dense form in another precision, torch's weight-only
+  int8 GEMM, stores no index and is measured at any sparsity);
 - a sparse kernel wins only clearly: its median speed-up over dense (rounds alternate dense and sparse, see
   runtime.timing) is at least 1/MARGIN and the speed-up is not within noise (every round agrees sparse is faster).
   An apparent win the rounds disagree on is measured again in more rounds, up to MAX_ROUNDS; if it stays unclear
@@ -44,22 +45,26 @@ CACHE_SCHEMA = 5
 def min_winning_sparsity(kernel: str, value_bytes: int) -> float:
     """The sparsity at or below which `kernel` cannot beat dense `F.linear` on the same weight, whatever a timer says.
 
-    A sparse product must read every stored value and its index: at least (1 - s)·(v + i) bytes per weight (v value
-    bytes, i index bytes per stored value), where dense reads v. With few tokens both are bound by memory
-    bandwidth, so sparse can win only if (1 - s)·(v + i) < v, i.e. s > i / (v + i): 0.5 for fp32 CSR (int32
-    indices), 0.67 for fp16 CSR, under 0.01–0.03 for 8×8/16×16 BSR (one int64 index per tile). With many tokens the
-    work per stored weight decides instead, and a sparse product does more of it than dense GEMM (an index load and
+    A sparse product must read every stored value and its index: at least (1 - s)·(v + i) + b bytes per weight (v
+    value bytes, i index bytes per stored value, b index bytes per weight, stored or not: a bitmap's 1/8), where
+    dense reads v. With few tokens both are bound by memory bandwidth, so sparse can win only if
+    (1 - s)·(v + i) + b < v, i.e. s > (i + b) / (v + i): 0.5 for fp32 CSR (int32 indices), 0.5 for bf16 CSR16,
+    0.06 for a bf16 bitmap, under 0.01–0.03 for 8×8/16×16 BSR (one int64 index per tile). With many tokens the work
+    per stored weight decides instead, and a sparse product does more of it than dense GEMM (an index load and
     a gathered activation row per multiply-add, which GEMM reuses from registers), so the real crossover is higher
     still (measured about 0.7–0.9 for CSR on 2 CPU cores, depending on tokens and shape). The bound is therefore
     below every real crossover: it never rules out a real win, and it rules out every "win" on a dense or lightly
     sparse layer.
     """
-    index = KERNELS[kernel].index_bytes
-    return index / (value_bytes + index)
+    kernel_of = KERNELS[kernel]
+    index = kernel_of.index_bytes
+    return (index + kernel_of.index_bytes_per_weight) / (value_bytes + index)
 
 
 def can_win(kernel: str, sparsity: float, value_bytes: int) -> bool:
-    return sparsity > min_winning_sparsity(kernel, value_bytes)
+    """Above the bound; a kernel that stores no index (a dense form in another precision) can win at any sparsity."""
+    bound = min_winning_sparsity(kernel, value_bytes)
+    return sparsity > bound or bound == 0
 
 
 def clear_win(gain: Speedup) -> bool:

@@ -6,8 +6,9 @@ running torch (one g++ command, about 15–40 s) into the sparselm cache directo
 torch version and the CPU's capability, so a changed kernel, torch or machine rebuilds and nothing else does.
 Without a compiler (or when the build fails) every caller keeps torch's own kernels and `status()` carries one note.
 
-The code path inside the kernels (portable, AVX2+FMA, AVX-512F) is chosen from the CPU's features; SPARSELM_KERNEL_PATH
-(portable|avx2|avx512) forces one, and SPARSELM_NO_EXTENSION=1 disables the extension altogether.
+The code path inside the kernels (portable, AVX2+FMA, AVX-512F, AVX-512 with bf16 dot products: avx512_bf16 and
+avx512_vbmi2, as on AMD Zen 4 and Intel Sapphire Rapids) is chosen from the CPU's features; SPARSELM_KERNEL_PATH
+(portable|avx2|avx512|avx512bf16) forces one, and SPARSELM_NO_EXTENSION=1 disables the extension altogether.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..sources import cache_dir
 SOURCE_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("sparse_kernels.cpp", "sparse_body.inc")
 LIBRARY = "sparselm_kernels"
-PATHS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
+PATHS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3, "avx512bf16": 4}
 PATH_ENV = "SPARSELM_KERNEL_PATH"
 DISABLE_ENV = "SPARSELM_NO_EXTENSION"
 BUILD_TIMEOUT_S = 600

@@ -34,6 +34,7 @@ class Kernel:
     index_bytes: float  # bytes of index stored per stored value (what the dispatch's sparsity bound is made of)
     build: Callable[[torch.Tensor], torch.Tensor]
     matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (built weight, x [..., in]) → [..., out]
+    index_bytes_per_weight: float = 0.0  # bytes of index per weight of the matrix, stored or not (a bitmap's bit)
 
 
 def any_rank(matmul2d: Callable[[Any, torch.Tensor], torch.Tensor]) -> Callable[[Any, torch.Tensor], torch.Tensor]:
@@ -145,9 +146,56 @@ def csr16_mm(sparse_weight: Csr16, x: torch.Tensor, path: str | None = None) -> 
     """[..., in] → [..., out], feature-major like `feature_major_mm` (contiguous for one token): an SpMV for one
     token, else an SpMM; the kernel transposes (and widens bf16) the activations itself unless they already are a
     feature-major view, and reshapes in C++ (a Python reshape on each side cost more than a small layer's product).
-    `path` forces a CPU code path (portable|avx2|avx512; default: the best one)."""
+    `path` forces a CPU code path (portable|avx2|avx512|avx512bf16; default: the best one)."""
     w = sparse_weight
     return torch.ops.sparselm_kernels.mm(w.rowptr, w.cols, w.values, w.scales, x, extension.path_code(path))
+
+
+BITMAP_BLOCK = 32
+BITMAP_PADDING = 32  # values after the last row: the vector kernels load a whole block's worth past a row's start
+
+
+@dataclass(frozen=True)
+class Bitmap:
+    """A (rows × cols) matrix as one bit per weight and its stored values: bit i of masks[r, b] (int32 words, read as
+    unsigned) says whether column 32·b + i of row r is stored; row r's values, in column order, start at
+    offsets[r] in `values`, which ends in BITMAP_PADDING zeros. At 50% sparsity bf16 this reads 1.125 bytes per
+    weight where dense reads 2 and CSR16 2: the one sparse form that can beat dense at moderate sparsity."""
+
+    masks: torch.Tensor
+    offsets: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, int]
+
+    def to_dense(self) -> torch.Tensor:
+        rows, cols = self.shape
+        bits = (self.masks[:, :, None] >> torch.arange(BITMAP_BLOCK, dtype=torch.int32)) & 1
+        keep = bits.reshape(rows, -1)[:, :cols].bool()
+        dense = torch.zeros(self.shape, dtype=torch.float32)
+        dense[keep] = self.values[: int(self.offsets[-1])].float()
+        return dense
+
+
+def build_bitmap(weight: torch.Tensor) -> Bitmap:
+    """The bitmap form of a (out × in) weight, values in the weight's dtype."""
+    weight = weight.detach()
+    rows, cols = weight.shape
+    blocks = -(-cols // BITMAP_BLOCK)
+    keep = torch.zeros(rows, blocks * BITMAP_BLOCK, dtype=torch.bool)
+    keep[:, :cols] = weight != 0
+    words = (keep.view(rows, blocks, BITMAP_BLOCK).long() << torch.arange(BITMAP_BLOCK)).sum(-1)
+    masks = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # the same 32 bits, as int32
+    offsets = torch.zeros(rows + 1, dtype=torch.int32)
+    offsets[1:] = keep.sum(dim=1).cumsum(0)
+    values = torch.cat([weight[weight != 0], weight.new_zeros(BITMAP_PADDING)])
+    return Bitmap(masks.contiguous(), offsets, values.contiguous(), (rows, cols))
+
+
+def bitmap_mm(sparse_weight: Bitmap, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """[..., in] → [..., out], like `csr16_mm`; one token's product expands each block's values to their columns
+    (AVX-512) and, for bf16 values and activations on CPUs with avx512_bf16, multiplies them with VDPBF16PS."""
+    w = sparse_weight
+    return torch.ops.sparselm_kernels.bitmap_mm(w.masks, w.offsets, w.values, x, extension.path_code(path))
 
 
 def build_csr16_int8(weight: torch.Tensor) -> Csr16:
@@ -195,6 +243,7 @@ KERNELS: dict[str, Kernel] = {
         Kernel("csr", 4, build_csr, any_rank(feature_major_mm)),  # an int32 column index per value
         Kernel("csr16", 2, build_csr16, csr16_mm),  # sparselm's C++ kernel: a 16-bit column index per value
         Kernel("csr16-int8", 2, build_csr16_int8, csr16_mm),  # the same with int8 values and a scale per row
+        Kernel("bitmap", 0, build_bitmap, bitmap_mm, index_bytes_per_weight=1 / 8),  # sparselm's: a bit per weight
         Kernel("dense-int8", 0, build_dense_int8, any_rank(dense_int8_mm)),  # the dense baseline of weight-only int8
         Kernel("dense-w8a8", 0, build_dense_w8a8, any_rank(dense_w8a8_mm)),  # dense int8 × dynamically quantised activations
         *(Kernel(f"bsr{b}", 8 / b**2, bsr_builder(b), any_rank(feature_major_mm)) for b in BLOCK_SIZES),  # int64 per tile
@@ -237,9 +286,12 @@ def cpu_candidates(blocks: list[int]) -> list[str]:
     return ["csr", *(f"bsr{b}" for b in blocks)]
 
 
-def own_kernel_fits(weight: torch.Tensor) -> bool:
-    """Whether sparselm's C++ kernels are loaded and can hold this weight (16-bit column indices)."""
-    return extension.status().available and weight.shape[1] <= MAX_CSR16_COLUMNS
+def kernel_fits(weight: torch.Tensor, kernel: str) -> bool:
+    """Whether `kernel` can run this weight here: sparselm's C++ kernels need the extension loaded, and csr16 its
+    16-bit column indices; torch's kernels always can."""
+    if kernel.startswith("csr16"):
+        return extension.status().available and weight.shape[1] <= MAX_CSR16_COLUMNS
+    return extension.status().available if kernel == "bitmap" else True
 
 
 def require_cuda(kernel: str) -> None:

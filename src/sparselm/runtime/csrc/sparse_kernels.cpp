@@ -21,11 +21,12 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-enum Path : int64_t { AUTO = 0, PORTABLE = 1, AVX2 = 2, AVX512 = 3 };
+enum Path : int64_t { AUTO = 0, PORTABLE = 1, AVX2 = 2, AVX512 = 3, AVX512BF16 = 4 };
 
 inline float bf16_to_f32(uint16_t b) {
   uint32_t u = uint32_t(b) << 16;
@@ -69,12 +70,22 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx512f,fma")
+#pragma GCC target("avx512f,fma,popcnt")
 namespace avx512 {
 #define W 16
 #include "sparse_body.inc"
 #undef W
 }  // namespace avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vbmi2,avx512bf16,fma,popcnt")
+namespace avx512bf16 {  // the AVX-512F kernels, and bitmap rows of bf16 values · bf16 activations with VDPBF16PS
+#define W 16
+#define SPARSELM_BF16_DOT 1
+#include "sparse_body.inc"
+#undef SPARSELM_BF16_DOT
+#undef W
+}  // namespace avx512bf16
 #pragma GCC pop_options
 #endif
 
@@ -86,12 +97,16 @@ bool supports(int64_t path) {
   __builtin_cpu_init();
   if (path == AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (path == AVX512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  if (path == AVX512BF16) {
+    return supports(AVX512) && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi2") &&
+           __builtin_cpu_supports("avx512bf16");
+  }
 #endif
   return false;
 }
 
 int64_t best_path() {
-  for (int64_t path : {AVX512, AVX2}) {
+  for (int64_t path : {AVX512BF16, AVX512, AVX2}) {
     if (supports(path)) return path;
   }
   return PORTABLE;
@@ -99,58 +114,31 @@ int64_t best_path() {
 
 int64_t resolve(int64_t path) {
   if (path == AUTO) return best_path();
-  TORCH_CHECK(path >= PORTABLE && path <= AVX512, "unknown kernel path ", path);
+  TORCH_CHECK(path >= PORTABLE && path <= AVX512BF16, "unknown kernel path ", path);
   TORCH_CHECK(supports(path), "kernel path ", path, " needs CPU features this CPU lacks");
   return path;
 }
 
-struct Csr {
-  const int32_t* rowptr;
-  const uint16_t* cols;
-  const void* values;
-  const float* scales;
-  int64_t rows;
-  int64_t nnz;
-};
-
-Csr check_csr(const at::Tensor& rowptr, const at::Tensor& cols, const at::Tensor& values, const at::Tensor& scales,
-              int64_t in_features) {
-  TORCH_CHECK(rowptr.scalar_type() == at::kInt && rowptr.dim() == 1 && rowptr.is_contiguous(), "rowptr: int32 [N+1]");
-  TORCH_CHECK(cols.scalar_type() == at::kShort && cols.is_contiguous(), "cols: contiguous int16");
-  TORCH_CHECK(values.is_contiguous() && values.numel() == cols.numel(), "values: contiguous, one per column index");
-  TORCH_CHECK(in_features <= 65536, "16-bit column indices address at most 65536 input features");
-  const int64_t rows = rowptr.numel() - 1;
-  const bool has_scales = scales.numel() > 0;
-  TORCH_CHECK(!has_scales || (scales.scalar_type() == at::kFloat && scales.numel() == rows && scales.is_contiguous()),
-              "scales: float32 [N] or empty");
-  TORCH_CHECK(values.scalar_type() != at::kChar || has_scales, "int8 values need per-row scales");
-  const int32_t* rp = rowptr.data_ptr<int32_t>();
-  TORCH_CHECK(rows >= 0 && rp[0] == 0 && rp[rows] == values.numel(), "rowptr must run from 0 to nnz");
-  return {rp, reinterpret_cast<const uint16_t*>(cols.data_ptr<int16_t>()), values.data_ptr(),
-          has_scales ? scales.data_ptr<float>() : nullptr, rows, values.numel()};
+// Calls fn(ops) with the kernels of the chosen code path (each path's namespace has an `Ops`).
+template <typename Fn>
+void on_path(int64_t path, Fn&& fn) {
+#ifdef SPARSELM_X86
+  if (path == AVX512BF16) return fn(avx512bf16::Ops{});
+  if (path == AVX512) return fn(avx512::Ops{});
+  if (path == AVX2) return fn(avx2::Ops{});
+#endif
+  fn(portable::Ops{});
 }
 
-template <typename V, typename Y>
-void spmm_typed(const Csr& w, const float* xt, Y* yt, int64_t T, int64_t path) {
-  const V* vals = static_cast<const V*>(w.values);
-  const int64_t per_row = w.rows ? (w.nnz * T) / w.rows + 1 : 1;
-  const int64_t grain = std::max<int64_t>(1, 16384 / per_row);
-  at::parallel_for(0, w.rows, grain, [&](int64_t begin, int64_t end) {
-#ifdef SPARSELM_X86
-    if (path == AVX512) return avx512::spmm_rows<V, Y>(w.rowptr, w.cols, vals, w.scales, xt, yt, T, begin, end);
-    if (path == AVX2) return avx2::spmm_rows<V, Y>(w.rowptr, w.cols, vals, w.scales, xt, yt, T, begin, end);
-#endif
-    portable::spmm_rows<V, Y>(w.rowptr, w.cols, vals, w.scales, xt, yt, T, begin, end);
-  });
-}
-
-template <typename X>
-void transpose_with(const X* x, float* xt, int64_t T, int64_t K, int64_t begin, int64_t end, int64_t path) {
-#ifdef SPARSELM_X86
-  if (path == AVX512) return avx512::transpose_blocks(x, xt, T, K, begin, end);
-  if (path == AVX2) return avx2::transpose_blocks(x, xt, T, K, begin, end);
-#endif
-  portable::transpose_blocks(x, xt, T, K, begin, end);
+// Calls fn(v) with v a value of the C++ type of the stored values.
+template <typename Fn>
+void by_values(at::ScalarType type, Fn&& fn) {
+  switch (type) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(uint16_t{});
+    case at::kChar: return fn(int8_t{});
+    default: TORCH_CHECK(false, "values must be float32, bfloat16 or int8, got ", type);
+  }
 }
 
 // The activations x [T, K] as fp32 feature-major [K, T]: x's own memory when it is that already, else `scratch`
@@ -163,99 +151,162 @@ const float* feature_major_fp32(const at::Tensor& x, std::unique_ptr<float[]>& s
   scratch.reset(new float[K * T]);  // uninitialised: every element is written below
   float* dst = scratch.get();
   const void* src = x.data_ptr();
-  if (feature_major) {
-    const uint16_t* xb = static_cast<const uint16_t*>(src);
-    at::parallel_for(0, K * T, 1 << 15, [&](int64_t begin, int64_t end) {
-#ifdef SPARSELM_X86
-      if (path == AVX512) return avx512::widen(xb, dst, begin, end);
-      if (path == AVX2) return avx2::widen(xb, dst, begin, end);
-#endif
-      portable::widen(xb, dst, begin, end);
+  on_path(path, [&](auto ops) {
+    using Ops = decltype(ops);
+    if (feature_major) {
+      const uint16_t* xb = static_cast<const uint16_t*>(src);
+      return at::parallel_for(0, K * T, 1 << 15, [&](int64_t b, int64_t e) { Ops::widen_bf16(xb, dst, b, e); });
+    }
+    at::parallel_for(0, (K + 7) / 8, std::max<int64_t>(1, (1 << 12) / T), [&](int64_t b, int64_t e) {
+      if (bf16) return Ops::transpose(static_cast<const uint16_t*>(src), dst, T, K, b, e);
+      Ops::transpose(static_cast<const float*>(src), dst, T, K, b, e);
     });
-    return dst;
-  }
-  const int64_t blocks = (K + 7) / 8;
-  at::parallel_for(0, blocks, std::max<int64_t>(1, (1 << 12) / T), [&](int64_t begin, int64_t end) {
-    if (bf16) return transpose_with<uint16_t>(static_cast<const uint16_t*>(src), dst, T, K, begin, end, path);
-    transpose_with<float>(static_cast<const float*>(src), dst, T, K, begin, end, path);
   });
   return dst;
 }
 
-// x [1, K] as K contiguous fp32 values: x's own memory, or `scratch` with the bf16 values widened.
-const float* vector_fp32(const at::Tensor& x, std::unique_ptr<float[]>& scratch) {
-  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
-  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  scratch.reset(new float[x.numel()]);
-  for (int64_t i = 0; i < x.numel(); ++i) scratch[i] = bf16_to_f32(xb[i]);
+// One token's K activations as `length` fp32 values (zeros past K): x's own memory when that is what it holds,
+// else `scratch`.
+const float* vector_fp32(const at::Tensor& x, int64_t length, std::unique_ptr<float[]>& scratch) {
+  const int64_t K = x.numel();
+  if (x.scalar_type() == at::kFloat && length == K) return x.data_ptr<float>();
+  scratch.reset(new float[length]);
+  if (x.scalar_type() == at::kFloat) {
+    std::memcpy(scratch.get(), x.data_ptr<float>(), K * sizeof(float));
+  } else {
+    const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    for (int64_t i = 0; i < K; ++i) scratch[i] = bf16_to_f32(xb[i]);
+  }
+  std::fill(scratch.get() + K, scratch.get() + length, 0.0f);
   return scratch.get();
 }
 
-template <typename V, typename X>
-void spmv_typed(const Csr& w, const float* x, X* y, int64_t path) {
-  const V* vals = static_cast<const V*>(w.values);
-  const int64_t grain = std::max<int64_t>(1, 16384 / (w.rows ? w.nnz / w.rows + 1 : 1));
-  at::parallel_for(0, w.rows, grain, [&](int64_t begin, int64_t end) {
-#ifdef SPARSELM_X86
-    if (path == AVX512) return avx512::spmv_rows<V, X>(w.rowptr, w.cols, vals, w.scales, x, y, begin, end);
-    if (path == AVX2) return avx2::spmv_rows<V, X>(w.rowptr, w.cols, vals, w.scales, x, y, begin, end);
-#endif
-    portable::spmv_rows<V, X>(w.rowptr, w.cols, vals, w.scales, x, y, begin, end);
-  });
+// One token's bf16 activations as `length` values (zeros past K): x's own memory or `scratch`.
+const uint16_t* vector_bf16(const at::Tensor& x, int64_t length, std::unique_ptr<uint16_t[]>& scratch) {
+  const int64_t K = x.numel();
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  if (length == K) return xb;
+  scratch.reset(new uint16_t[length]);
+  std::memcpy(scratch.get(), xb, K * sizeof(uint16_t));
+  std::fill(scratch.get() + K, scratch.get() + length, uint16_t{0});
+  return scratch.get();
 }
 
-// Calls fn.template operator()<V>() with V the C++ type of the stored values.
-template <typename Fn>
-void by_values(at::ScalarType type, Fn&& fn) {
-  switch (type) {
-    case at::kFloat: return fn(float{});
-    case at::kBFloat16: return fn(uint16_t{});
-    case at::kChar: return fn(int8_t{});
-    default: TORCH_CHECK(false, "values must be float32, bfloat16 or int8, got ", type);
-  }
-}
+// The shape of one sparse weight, checked against its activations and output.
+struct Shape {
+  int64_t rows;
+  int64_t nnz;
+  int64_t padded_k;  // how many activations the one-token kernel may read (K, or K rounded up to whole blocks)
+};
 
-void mm_out(const at::Tensor& rowptr, const at::Tensor& cols, const at::Tensor& values, const at::Tensor& scales,
-            const at::Tensor& x_in, const at::Tensor& out, int64_t path) {
+// out [N, T] = W · xᵀ for activations x_in [T, K] (token-major, or a transposed view of feature-major [K, T]).
+// rows_of(ops, v) makes W's row visitor of the path's `ops` for stored values of v's type.
+template <typename RowsOf>
+void product(const at::Tensor& x_in, const at::Tensor& out, at::ScalarType value_type, const Shape& w,
+             int64_t path, RowsOf&& rows_of) {
   TORCH_CHECK(x_in.dim() == 2, "x: [T, K]");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
               "activations must be float32 or bfloat16");
   const int64_t T = x_in.size(0), K = x_in.size(1);
-  const bool known_layout = (x_in.stride(0) == 1 && x_in.stride(1) == T) || (x_in.stride(1) == 1 && x_in.stride(0) == K);
-  const at::Tensor x = known_layout || T == 1 ? x_in : x_in.contiguous();
-  const Csr w = check_csr(rowptr, cols, values, scales, K);
+  const bool feature_major = x_in.stride(0) == 1 && x_in.stride(1) == T;
+  const bool token_major = x_in.stride(1) == 1 && x_in.stride(0) == K;
+  const at::Tensor x = feature_major || token_major ? x_in : x_in.contiguous();
   TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == w.rows && out.size(1) == T, "out: [N, T]");
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out and x must share a dtype");
   path = resolve(path);
-  std::unique_ptr<float[]> scratch;
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  if (T == 1) {
-    const at::Tensor row = x.stride(1) == 1 ? x : x.contiguous();
-    const float* xf = vector_fp32(row, scratch);
-    return by_values(values.scalar_type(), [&](auto v) {
-      using V = decltype(v);
-      if (bf16) return spmv_typed<V, uint16_t>(w, xf, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), path);
-      spmv_typed<V, float>(w, xf, out.data_ptr<float>(), path);
+  std::unique_ptr<float[]> scratch;
+  std::unique_ptr<uint16_t[]> scratch_bf16;
+  const float* xf = T == 1 ? vector_fp32(x, w.padded_k, scratch) : feature_major_fp32(x, scratch, path);
+  const uint16_t* xb = T == 1 && bf16 && path == AVX512BF16 ? vector_bf16(x, w.padded_k, scratch_bf16) : nullptr;
+  const int64_t per_row = (w.nnz * T) / std::max<int64_t>(w.rows, 1) + 1;
+  const int64_t grain = std::max<int64_t>(1, 16384 / per_row);
+  by_values(value_type, [&](auto v) {
+    on_path(path, [&](auto ops) {
+      using Ops = decltype(ops);
+      const auto rows = rows_of(ops, v);
+      at::parallel_for(0, w.rows, grain, [&](int64_t begin, int64_t end) {
+        if (bf16) {
+          uint16_t* y = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+          return T == 1 ? Ops::spmv(rows, xf, xb, y, begin, end) : Ops::spmm(rows, xf, y, T, begin, end);
+        }
+        float* y = out.data_ptr<float>();
+        T == 1 ? Ops::spmv(rows, xf, xb, y, begin, end) : Ops::spmm(rows, xf, y, T, begin, end);
+      });
     });
-  }
-  const float* xf = feature_major_fp32(x, scratch, path);
-  by_values(values.scalar_type(), [&](auto v) {
-    using V = decltype(v);
-    if (bf16) return spmm_typed<V, uint16_t>(w, xf, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), T, path);
-    spmm_typed<V, float>(w, xf, out.data_ptr<float>(), T, path);
   });
+}
+
+void mm_out(const at::Tensor& rowptr, const at::Tensor& cols, const at::Tensor& values, const at::Tensor& scales,
+            const at::Tensor& x, const at::Tensor& out, int64_t path) {
+  TORCH_CHECK(x.dim() == 2, "x: [T, K]");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(rowptr.scalar_type() == at::kInt && rowptr.dim() == 1 && rowptr.is_contiguous(), "rowptr: int32 [N+1]");
+  TORCH_CHECK(cols.scalar_type() == at::kShort && cols.is_contiguous(), "cols: contiguous int16");
+  TORCH_CHECK(values.is_contiguous() && values.numel() == cols.numel(), "values: contiguous, one per column index");
+  TORCH_CHECK(K <= 65536, "16-bit column indices address at most 65536 input features");
+  const int64_t rows = rowptr.numel() - 1;
+  const bool has_scales = scales.numel() > 0;
+  TORCH_CHECK(!has_scales || (scales.scalar_type() == at::kFloat && scales.numel() == rows && scales.is_contiguous()),
+              "scales: float32 [N] or empty");
+  TORCH_CHECK(values.scalar_type() != at::kChar || has_scales, "int8 values need per-row scales");
+  const int32_t* rp = rowptr.data_ptr<int32_t>();
+  TORCH_CHECK(rows >= 0 && rp[0] == 0 && rp[rows] == values.numel(), "rowptr must run from 0 to nnz");
+  const uint16_t* cp = reinterpret_cast<const uint16_t*>(cols.data_ptr<int16_t>());
+  const float* sp = has_scales ? scales.data_ptr<float>() : nullptr;
+  const void* vp = values.data_ptr();
+  product(x, out, values.scalar_type(), {rows, values.numel(), K}, path, [&](auto ops, auto v) {
+    using V = decltype(v);
+    return typename decltype(ops)::template Csr<V>{rp, cp, static_cast<const V*>(vp), sp};
+  });
+}
+
+void bitmap_mm_out(const at::Tensor& masks, const at::Tensor& offsets, const at::Tensor& values, const at::Tensor& x,
+                   const at::Tensor& out, int64_t path) {
+  TORCH_CHECK(x.dim() == 2, "x: [T, K]");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(masks.scalar_type() == at::kInt && masks.dim() == 2 && masks.is_contiguous(), "masks: int32 [N, B]");
+  const int64_t rows = masks.size(0), blocks = masks.size(1);
+  TORCH_CHECK(blocks == (K + 31) / 32, "masks: one 32-bit word per 32 input features");
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 1 && offsets.numel() == rows + 1 &&
+              offsets.is_contiguous(), "offsets: int32 [N+1]");
+  TORCH_CHECK(values.is_contiguous() && (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
+              "values: contiguous float32 or bfloat16");
+  const int32_t* op = offsets.data_ptr<int32_t>();
+  TORCH_CHECK(op[0] == 0 && op[rows] + 32 <= values.numel(), "values: every row's values, then 32 values of padding");
+  const uint32_t* mp = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
+  const void* vp = values.data_ptr();
+  product(x, out, values.scalar_type(), {rows, op[rows], 32 * blocks}, path, [&](auto ops, auto v) {
+    using V = decltype(v);
+    return typename decltype(ops)::template Bitmap<V>{mp, blocks, op, static_cast<const V*>(vp)};
+  });
+}
+
+// A new [N, T] output for x [..., K], the product written by `fill`, returned as [..., N] (a view).
+template <typename Fill>
+at::Tensor functional(int64_t rows, const at::Tensor& x, Fill&& fill) {
+  TORCH_CHECK(x.dim() >= 1, "x: [..., K]");
+  const at::Tensor x2d = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});  // a view for either layout
+  at::Tensor out = at::empty({rows, x2d.size(0)}, x.options());
+  fill(x2d, out);
+  if (x.dim() == 2) return out.t();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = rows;
+  return out.t().view(shape);
 }
 
 at::Tensor mm(const at::Tensor& rowptr, const at::Tensor& cols, const at::Tensor& values, const at::Tensor& scales,
               const at::Tensor& x, int64_t path) {
-  TORCH_CHECK(x.dim() >= 1, "x: [..., K]");
-  const at::Tensor x2d = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});  // a view for either layout
-  at::Tensor out = at::empty({rowptr.numel() - 1, x2d.size(0)}, x.options());
-  mm_out(rowptr, cols, values, scales, x2d, out, path);
-  if (x.dim() == 2) return out.t();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out.size(0);
-  return out.t().view(shape);
+  return functional(rowptr.numel() - 1, x, [&](const at::Tensor& x2d, const at::Tensor& out) {
+    mm_out(rowptr, cols, values, scales, x2d, out, path);
+  });
+}
+
+at::Tensor bitmap_mm(const at::Tensor& masks, const at::Tensor& offsets, const at::Tensor& values, const at::Tensor& x,
+                     int64_t path) {
+  return functional(masks.size(0), x, [&](const at::Tensor& x2d, const at::Tensor& out) {
+    bitmap_mm_out(masks, offsets, values, x2d, out, path);
+  });
 }
 
 }  // namespace
@@ -264,6 +315,9 @@ TORCH_LIBRARY(sparselm_kernels, m) {
   m.def("mm_out(Tensor rowptr, Tensor cols, Tensor values, Tensor scales, Tensor x, Tensor(a!) out, int path) -> ()",
         &mm_out);
   m.def("mm(Tensor rowptr, Tensor cols, Tensor values, Tensor scales, Tensor x, int path) -> Tensor", &mm);
+  m.def("bitmap_mm_out(Tensor masks, Tensor offsets, Tensor values, Tensor x, Tensor(a!) out, int path) -> ()",
+        &bitmap_mm_out);
+  m.def("bitmap_mm(Tensor masks, Tensor offsets, Tensor values, Tensor x, int path) -> Tensor", &bitmap_mm);
   m.def("best_path() -> int", &best_path);
   m.def("supports(int path) -> bool", [](int64_t path) { return supports(path); });
 }
