@@ -295,6 +295,8 @@ def test_dispatch_cache_keys_name_the_kernels_measured(monkeypatch):
 def test_kernel_table_knows_the_own_kernels():
     assert KERNELS["csr16"].index_bytes == 2 and KERNELS["csr16-int8"].index_bytes == 2
     assert KERNELS["bitmap"].index_bytes == 0 and KERNELS["bitmap"].index_bytes_per_weight == 1 / 8
+    assert [k for k in KERNELS if KERNELS[k].native] == ["csr16", "csr16-int8", "bitmap"]
+    assert KERNELS["csr16"].max_columns == KERNELS["csr16-int8"].max_columns == 65536 and not KERNELS["bitmap"].max_columns
     assert sys.modules["sparselm.runtime.kernels"].MAX_CSR16_COLUMNS == 65536
 
 

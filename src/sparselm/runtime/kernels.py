@@ -35,6 +35,8 @@ class Kernel:
     build: Callable[[torch.Tensor], torch.Tensor]
     matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (built weight, x [..., in]) → [..., out]
     index_bytes_per_weight: float = 0.0  # bytes of index per weight of the matrix, stored or not (a bitmap's bit)
+    native: bool = False  # sparselm's C++ kernel: runs only when the extension is loaded
+    max_columns: int | None = None  # the widest weight (input features) its indices can address
 
 
 def any_rank(matmul2d: Callable[[Any, torch.Tensor], torch.Tensor]) -> Callable[[Any, torch.Tensor], torch.Tensor]:
@@ -241,13 +243,16 @@ KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
         Kernel("csr", 4, build_csr, any_rank(feature_major_mm)),  # an int32 column index per value
-        Kernel("csr16", 2, build_csr16, csr16_mm),  # sparselm's C++ kernel: a 16-bit column index per value
-        Kernel("csr16-int8", 2, build_csr16_int8, csr16_mm),  # the same with int8 values and a scale per row
-        Kernel("bitmap", 0, build_bitmap, bitmap_mm, index_bytes_per_weight=1 / 8),  # sparselm's: a bit per weight
-        Kernel("dense-int8", 0, build_dense_int8, any_rank(dense_int8_mm)),  # the dense baseline of weight-only int8
-        Kernel("dense-w8a8", 0, build_dense_w8a8, any_rank(dense_w8a8_mm)),  # dense int8 × dynamically quantised activations
-        *(Kernel(f"bsr{b}", 8 / b**2, bsr_builder(b), any_rank(feature_major_mm)) for b in BLOCK_SIZES),  # int64 per tile
-        Kernel("semi-structured", 0.25, build_semi_structured, any_rank(semi_structured_mm)),  # 2-bit position per kept value
+        # sparselm's C++ kernels: a 16-bit column index per value (fp32/bf16 values, or int8 with a scale per row)
+        Kernel("csr16", 2, build_csr16, csr16_mm, native=True, max_columns=MAX_CSR16_COLUMNS),
+        Kernel("csr16-int8", 2, build_csr16_int8, csr16_mm, native=True, max_columns=MAX_CSR16_COLUMNS),
+        Kernel("bitmap", 0, build_bitmap, bitmap_mm, index_bytes_per_weight=1 / 8, native=True),  # a bit per weight
+        Kernel("dense-int8", 0, build_dense_int8, any_rank(dense_int8_mm)),  # torch's weight-only int8 GEMM
+        # dense int8 × dynamically quantised activations
+        Kernel("dense-w8a8", 0, build_dense_w8a8, any_rank(dense_w8a8_mm)),
+        *(Kernel(f"bsr{b}", 8 / b**2, bsr_builder(b), any_rank(feature_major_mm)) for b in BLOCK_SIZES),  # int64/tile
+        # a 2-bit position per kept value
+        Kernel("semi-structured", 0.25, build_semi_structured, any_rank(semi_structured_mm)),
     )
 }
 
@@ -287,11 +292,12 @@ def cpu_candidates(blocks: list[int]) -> list[str]:
 
 
 def kernel_fits(weight: torch.Tensor, kernel: str) -> bool:
-    """Whether `kernel` can run this weight here: sparselm's C++ kernels need the extension loaded, and csr16 its
-    16-bit column indices; torch's kernels always can."""
-    if kernel.startswith("csr16"):
-        return extension.status().available and weight.shape[1] <= MAX_CSR16_COLUMNS
-    return extension.status().available if kernel == "bitmap" else True
+    """Whether `kernel` can run this weight here: its indices address the weight's columns, and a native kernel
+    needs sparselm's C++ extension loaded."""
+    of = KERNELS[kernel]
+    if of.max_columns is not None and weight.shape[1] > of.max_columns:
+        return False
+    return not of.native or extension.status().available
 
 
 def require_cuda(kernel: str) -> None:

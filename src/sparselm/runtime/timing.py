@@ -1,12 +1,13 @@
 """The one timing harness for side-by-side measurements: the dispatch's per-layer choice, `bench`, the study.
 
 Callables are timed in alternating rounds: every round takes one sample of each, in an order that rotates from one
-round to the next (A B C, B C A, C A B, …; with two callables A B, B A, …), so drifting load from other processes and
-any advantage of going first affect all sides alike. With three or more no callable ever runs twice in a row (a
+round to the next (A B C, B C A, C A B, …; with two callables A B, B A, …), so drifting load from other processes
+and any advantage of going first affect all sides alike. With three or more no callable ever runs twice in a row (a
 reversed order would repeat the last one across rounds and never let the middle one go first or follow itself). A
-speed-up is computed per round from the paired samples (the baseline's seconds over the candidate's, same round); the
-median over rounds is the result and the range over rounds (min–max) its spread. A speed-up whose spread reaches 1.0×
-is *within noise*: the rounds do not agree on which side is faster. Fewer than MIN_ROUNDS_FOR_VERDICT rounds cannot show agreement, so such a speed-up is always within noise.
+speed-up is computed per round from the paired samples (the baseline's seconds over the candidate's, same round);
+the median over rounds is the result and the range over rounds (min–max) its spread. A speed-up whose spread reaches
+1.0× is *within noise*: the rounds do not agree on which side is faster. Fewer than MIN_ROUNDS_FOR_VERDICT rounds
+cannot show agreement, so such a speed-up is always within noise.
 """
 
 from __future__ import annotations

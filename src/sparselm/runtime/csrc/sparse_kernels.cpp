@@ -167,7 +167,7 @@ const float* feature_major_fp32(const at::Tensor& x, std::unique_ptr<float[]>& s
 
 // One token's K activations as `length` fp32 values (zeros past K): x's own memory when that is what it holds,
 // else `scratch`.
-const float* vector_fp32(const at::Tensor& x, int64_t length, std::unique_ptr<float[]>& scratch) {
+const float* vector_fp32(const at::Tensor& x, int64_t length, std::unique_ptr<float[]>& scratch, int64_t path) {
   const int64_t K = x.numel();
   if (x.scalar_type() == at::kFloat && length == K) return x.data_ptr<float>();
   scratch.reset(new float[length]);
@@ -175,7 +175,7 @@ const float* vector_fp32(const at::Tensor& x, int64_t length, std::unique_ptr<fl
     std::memcpy(scratch.get(), x.data_ptr<float>(), K * sizeof(float));
   } else {
     const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    for (int64_t i = 0; i < K; ++i) scratch[i] = bf16_to_f32(xb[i]);
+    on_path(path, [&](auto ops) { decltype(ops)::widen_bf16(xb, scratch.get(), 0, K); });
   }
   std::fill(scratch.get() + K, scratch.get() + length, 0.0f);
   return scratch.get();
@@ -217,7 +217,7 @@ void product(const at::Tensor& x_in, const at::Tensor& out, at::ScalarType value
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   std::unique_ptr<float[]> scratch;
   std::unique_ptr<uint16_t[]> scratch_bf16;
-  const float* xf = T == 1 ? vector_fp32(x, w.padded_k, scratch) : feature_major_fp32(x, scratch, path);
+  const float* xf = T == 1 ? vector_fp32(x, w.padded_k, scratch, path) : feature_major_fp32(x, scratch, path);
   const uint16_t* xb = T == 1 && bf16 && path == AVX512BF16 ? vector_bf16(x, w.padded_k, scratch_bf16) : nullptr;
   const int64_t per_row = (w.nnz * T) / std::max<int64_t>(w.rows, 1) + 1;
   const int64_t grain = std::max<int64_t>(1, 16384 / per_row);
