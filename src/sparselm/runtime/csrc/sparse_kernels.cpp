@@ -1,15 +1,19 @@
-// sparselm's CPU sparse kernels: CSR with 16-bit column indices and fp32, bf16 or int8 (per-row scale) values,
-// multiplied by fp32 or bf16 activations. Row-parallel (at::parallel_for); one SpMM for many tokens and one SpMV for
-// a single token, both computing in fp32. Three code paths from one kernel text (sparse_body.inc): portable (the
-// baseline ISA), AVX2+FMA and AVX-512F, chosen at run time from the CPU's features unless forced.
+// sparselm's CPU sparse kernels: CSR with 16-bit column indices and fp32, bf16 or int8 (per-row scale) values, and
+// a bitmap (one bit per weight, the kept fp32 or bf16 values packed per row), multiplied by fp32 or bf16
+// activations. Row-parallel (at::parallel_for); one SpMM for many tokens and one SpMV for a single token, both
+// accumulating in fp32. Four code paths from one kernel text (sparse_body.inc): portable (the baseline ISA),
+// AVX2+FMA, AVX-512F, and AVX-512 with bf16 dot products (VDPBF16PS), chosen at run time from the CPU's features
+// unless forced.
 //
 // Ops (torch.ops.sparselm_kernels.*):
 //   mm_out(rowptr int32[N+1], cols int16[nnz], values f32|bf16|i8[nnz], scales f32[N] (empty: none),
 //          x f32|bf16[T,K] (token-major rows, or a transposed view of a feature-major [K,T]), out like x [N,T], path)
 //   mm(same but out; x [..., K]) -> Tensor [..., N]: a view of a new [N,T] (contiguous when T is 1)
+//   bitmap_mm_out / bitmap_mm(masks int32[N, ceil(K/32)], offsets int32[N+1], values f32|bf16, x, ...): the same
 //   best_path() -> int ; supports(path) -> bool
-// The SpMM reads the activations feature-major in fp32: token-major or bf16 ones are transposed and widened here,
-// in one pass into a scratch buffer (torch's transposing copy of a [T,1536] matrix took as long as the product).
+// The SpMM reads the activations feature-major: token-major ones are transposed here, in one pass into a scratch
+// buffer (torch's transposing copy of a [T,1536] matrix took as long as the product) — widened to fp32, except bf16
+// activations times bf16 values on the bf16 dot-product path, which stay bf16 and are multiplied in pairs.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -192,6 +196,28 @@ const uint16_t* vector_bf16(const at::Tensor& x, int64_t length, std::unique_ptr
   return scratch.get();
 }
 
+// bf16 activations x [T, K] (token-major, or a view of feature-major [K, T]) as feature-major bf16 [K + 1, Tp] for
+// the bf16 dot-product SpMM: tokens T..Tp and row K are zeros.
+template <typename Ops>
+std::unique_ptr<uint16_t[]> feature_major_bf16(const at::Tensor& x, int64_t Tp) {
+  const int64_t T = x.size(0), K = x.size(1);
+  const bool feature_major = x.stride(0) == 1 && x.stride(1) == T;
+  std::unique_ptr<uint16_t[]> xt(new uint16_t[(K + 1) * Tp]);  // uninitialised: every element is written below
+  uint16_t* dst = xt.get();
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  at::parallel_for(0, (K + 7) / 8, std::max<int64_t>(1, (1 << 12) / T), [&](int64_t b, int64_t e) {
+    const int64_t k_end = std::min(K, 8 * e);
+    if (feature_major) {
+      for (int64_t k = 8 * b; k < k_end; ++k) std::memcpy(dst + k * Tp, src + k * T, T * sizeof(uint16_t));
+    } else {
+      Ops::transpose_bf16(src, dst, T, K, Tp, b, e);
+    }
+    for (int64_t k = 8 * b; k < k_end; ++k) std::fill(dst + k * Tp + T, dst + (k + 1) * Tp, uint16_t{0});
+  });
+  std::fill(dst + K * Tp, dst + (K + 1) * Tp, uint16_t{0});
+  return xt;
+}
+
 // The shape of one sparse weight, checked against its activations and output.
 struct Shape {
   int64_t rows;
@@ -215,12 +241,29 @@ void product(const at::Tensor& x_in, const at::Tensor& out, at::ScalarType value
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out and x must share a dtype");
   path = resolve(path);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const int64_t per_row = (w.nnz * T) / std::max<int64_t>(w.rows, 1) + 1;
+  const int64_t grain = std::max<int64_t>(1, 16384 / per_row);
+  if (bf16 && T > 1 && value_type == at::kBFloat16) {  // bf16 · bf16 in pairs where the path has VDPBF16PS
+    bool done = false;
+    on_path(path, [&](auto ops) {
+      using Ops = decltype(ops);
+      if constexpr (Ops::bf16_dot) {
+        const int64_t Tp = (T + 31) / 32 * 32;
+        const auto xt = feature_major_bf16<Ops>(x, Tp);
+        const auto rows = rows_of(ops, uint16_t{});
+        uint16_t* y = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+        at::parallel_for(0, w.rows, grain, [&](int64_t begin, int64_t end) {
+          Ops::spmm_bf16(rows, xt.get(), Tp, K, y, T, begin, end);
+        });
+        done = true;
+      }
+    });
+    if (done) return;
+  }
   std::unique_ptr<float[]> scratch;
   std::unique_ptr<uint16_t[]> scratch_bf16;
   const float* xf = T == 1 ? vector_fp32(x, w.padded_k, scratch, path) : feature_major_fp32(x, scratch, path);
   const uint16_t* xb = T == 1 && bf16 && path == AVX512BF16 ? vector_bf16(x, w.padded_k, scratch_bf16) : nullptr;
-  const int64_t per_row = (w.nnz * T) / std::max<int64_t>(w.rows, 1) + 1;
-  const int64_t grain = std::max<int64_t>(1, 16384 / per_row);
   by_values(value_type, [&](auto v) {
     on_path(path, [&](auto ops) {
       using Ops = decltype(ops);
