@@ -139,6 +139,26 @@ def test_every_output_element_is_written_over_whatever_memory_held(tokens, layou
 
 
 @needs_extension
+@pytest.mark.parametrize("form", list(FORMATS))
+def test_an_activation_outside_a_rows_columns_never_reaches_its_output(form):
+    """The bf16 dot-product SpMM multiplies a row's stored values in pairs; an odd row's last value is paired with a
+    zero value and zero activations, never with another column's activation (0 · inf would be NaN)."""
+    w = torch.zeros(4, 40)
+    w[0, [3, 9, 20]] = torch.tensor([1.0, -2.0, 0.5])  # odd: the last value has no partner
+    w[2, [1]] = 3.0
+    w[3, [0, 5, 6, 7, 39]] = 1.0
+    built = FORMATS[form][0](w.to(torch.bfloat16), False)
+    x = torch.randn(37, 40).to(torch.bfloat16)
+    x[:, [2, 4, 38]] = float("inf")  # columns no row stores
+    for path in extension.supported_paths():
+        y = FORMATS[form][1](built, x, path)
+        assert torch.isfinite(y).all()
+        finite = x.clone()
+        finite[:, [2, 4, 38]] = 0
+        assert_close(y, finite.double() @ w.double().t(), torch.bfloat16)
+
+
+@needs_extension
 def test_sixteen_bit_column_indices_reach_beyond_32767():
     w = torch.zeros(3, 65536)
     w[0, [0, 32767, 32768, 65535]] = torch.tensor([1.0, 2.0, 3.0, 4.0])
