@@ -79,7 +79,8 @@ def test_every_kernel_path_equals_the_dense_product(path, form, values, activati
     build, matmul, has_int8 = FORMATS[form]
     if int8 and not has_int8:
         pytest.skip(f"{form} stores no int8 values")
-    for seed, (rows, cols, density) in enumerate([(67, 300, 0.2), (5, 17, 0.5), (40, 33, 0.05), (9, 64, 0.0)]):
+    shapes = [(67, 300, 0.2), (5, 17, 0.5), (40, 33, 0.05), (9, 64, 0.0), (6, 700, 0.1)]
+    for seed, (rows, cols, density) in enumerate(shapes):
         w = sparse_matrix(rows, cols, density, seed).to(weight_dtype)
         built = build(w, int8)
         assert built.values.dtype == (torch.int8 if int8 else weight_dtype)
@@ -120,10 +121,11 @@ def test_bitmap_words_hold_all_32_columns_of_a_block():
 @pytest.mark.parametrize("tokens", [1, 5, 40])
 @pytest.mark.parametrize("layout", ["token-major", "feature-major", "strided"])
 @pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16])
-def test_every_output_element_is_written_over_whatever_memory_held(tokens, layout, activations):
-    w = sparse_matrix(23, 50, 0.3, 0)
-    csr, bitmap = build_csr16(w), build_bitmap(w)
-    x = torch.randn(tokens, 50).to(activations)
+@pytest.mark.parametrize("width", [50, 700])
+def test_every_output_element_is_written_over_whatever_memory_held(tokens, layout, activations, width):
+    w = sparse_matrix(23, width, 0.3, 0)
+    csr, bitmap = build_csr16(w.to(activations)), build_bitmap(w.to(activations))  # bf16 values: the pair SpMM
+    x = torch.randn(tokens, width).to(activations)
     given = {"token-major": x, "feature-major": x.t().contiguous().t(), "strided": torch.stack([x, x], 2)[:, :, 0]}[layout]
     assert torch.equal(given, x)
     for write in (
