@@ -162,8 +162,8 @@ const float* feature_major_fp32(const at::Tensor& x, std::unique_ptr<float[]>& s
       return at::parallel_for(0, K * T, 1 << 15, [&](int64_t b, int64_t e) { Ops::widen_bf16(xb, dst, b, e); });
     }
     at::parallel_for(0, (K + 7) / 8, std::max<int64_t>(1, (1 << 12) / T), [&](int64_t b, int64_t e) {
-      if (bf16) return Ops::transpose(static_cast<const uint16_t*>(src), dst, T, K, b, e);
-      Ops::transpose(static_cast<const float*>(src), dst, T, K, b, e);
+      if (bf16) return Ops::transpose(static_cast<const uint16_t*>(src), dst, T, K, T, b, e);
+      Ops::transpose(static_cast<const float*>(src), dst, T, K, T, b, e);
     });
   });
   return dst;
@@ -210,7 +210,7 @@ std::unique_ptr<uint16_t[]> feature_major_bf16(const at::Tensor& x, int64_t Tp) 
     if (feature_major) {
       for (int64_t k = 8 * b; k < k_end; ++k) std::memcpy(dst + k * Tp, src + k * T, T * sizeof(uint16_t));
     } else {
-      Ops::transpose_bf16(src, dst, T, K, Tp, b, e);
+      Ops::transpose(src, dst, T, K, Tp, b, e);
     }
     for (int64_t k = 8 * b; k < k_end; ++k) std::fill(dst + k * Tp + T, dst + (k + 1) * Tp, uint16_t{0});
   });
@@ -243,8 +243,7 @@ void product(const at::Tensor& x_in, const at::Tensor& out, at::ScalarType value
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const int64_t per_row = (w.nnz * T) / std::max<int64_t>(w.rows, 1) + 1;
   const int64_t grain = std::max<int64_t>(1, 16384 / per_row);
-  if (bf16 && T > 1 && value_type == at::kBFloat16) {  // bf16 · bf16 in pairs where the path has VDPBF16PS
-    bool done = false;
+  if (bf16 && T > 1 && value_type == at::kBFloat16 && path == AVX512BF16) {  // bf16 · bf16 in pairs (VDPBF16PS)
     on_path(path, [&](auto ops) {
       using Ops = decltype(ops);
       if constexpr (Ops::bf16_dot) {
@@ -255,10 +254,9 @@ void product(const at::Tensor& x_in, const at::Tensor& out, at::ScalarType value
         at::parallel_for(0, w.rows, grain, [&](int64_t begin, int64_t end) {
           Ops::spmm_bf16(rows, xt.get(), Tp, K, y, T, begin, end);
         });
-        done = true;
       }
     });
-    if (done) return;
+    return;
   }
   std::unique_ptr<float[]> scratch;
   std::unique_ptr<uint16_t[]> scratch_bf16;
