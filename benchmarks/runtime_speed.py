@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rows", default="fp32,bf16,int8,sparsegpt,block",
-                        help="row groups: fp32 (every sparsity), bf16 and int8 (0.9, 0.95), sparsegpt (50%%, bf16), "
+                        help="row groups: fp32 (every sparsity), bf16 and int8 (0.9, 0.95), sparsegpt (50%%, bf16 and int8), "
                              "block (block:16x16 at 0.9, fp32)")
     parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="fp32 rows: comma-separated")
     parser.add_argument("--quality", action="store_true",
@@ -204,7 +204,7 @@ def main() -> None:
         if dtype in groups:
             settings += [("magnitude", s, "unstructured", dtype) for s in (0.9, 0.95)]
     if "sparsegpt" in groups:
-        settings.append(("sparsegpt", 0.5, "unstructured", "bf16"))
+        settings += [("sparsegpt", 0.5, "unstructured", dtype) for dtype in ("bf16", "int8")]
     if "block" in groups:
         settings.append(("magnitude", 0.9, "block:16x16", "fp32"))
     rows = []

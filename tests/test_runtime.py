@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from conftest import DECODER_ONLY, tiny_model
 from sparselm.errors import SparselmError
-from sparselm.runtime import SparseLinear, accelerate, bench
+from sparselm.runtime import SparseLinear, accelerate, bench, extension
 from sparselm.runtime.modules import SiblingGroup
 from sparselm.runtime.kernels import block_sizes_of, build_csr, feature_major_mm, token_major, transposed_copy
 from sparselm.weights import select_matrices
 from test_storage import prune_smallest
 
+accelerate_module = importlib.import_module("sparselm.runtime.accelerate")  # the module, not the function
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_extension = pytest.mark.skipif(not extension.status().available, reason="sparselm's C++ kernels did not build")
 
 
 def inputs(family: str, tokens: int = 12) -> dict[str, torch.Tensor]:
@@ -129,6 +133,42 @@ def test_group_members_called_on_different_inputs_compute_their_own():
     assert torch.allclose(mlp.gate_proj(x), gate(x), atol=1e-5)
     x.add_(1.0)
     assert torch.allclose(mlp.up_proj(x), up(x), atol=1e-5)
+
+
+def measured(choice: str, seconds: dict[str, float]) -> dict:
+    """A dispatch decision for one token count: its choice and the median seconds of dense and each kernel."""
+    return {"choice": choice, "seconds": seconds, "ratios": {k: [seconds["dense"] / s] for k, s in seconds.items()}}
+
+
+@needs_extension
+def test_siblings_that_measured_different_kernels_agree_on_the_cheapest_for_all(monkeypatch):
+    """Layer-by-layer measurement cannot see that siblings sharing a kernel run as one product: where q/k/v (or
+    gate/up) chose different sparse kernels they are put on the one that costs the group least in total, then fused."""
+    model = prune_smallest(tiny_model("llama"), 0.9)
+    kw = inputs("llama")
+    reference = logits(model, kw)
+    # q: csr16 at 4 + bitmap at 7 µs; k, v: bitmap at 3 + csr16 at 5 µs → bitmap costs the group 13, csr16 14
+    seconds = {"q_proj": ("csr16", 4e-6, 7e-6), "k_proj": ("bitmap", 5e-6, 3e-6), "v_proj": ("bitmap", 5e-6, 3e-6)}
+    # accelerate visits the matrices in this order; the other layers (gate/up among them) all take csr16
+    decisions = iter(
+        seconds.get(m.module_name.rpartition(".")[2], ("csr16", 4e-6, 5e-6)) for m in select_matrices(model)
+    )
+
+    def choose(weight, kernels, policy, tokens, *args, **kwargs):
+        kernel, csr16, bitmap = next(decisions)
+        basis = {t: measured(kernel, {"dense": 1e-5, "csr16": csr16, "bitmap": bitmap}) for t in tokens}
+        return {t: kernel for t in tokens}, basis, False
+
+    monkeypatch.setattr(accelerate_module, "choose", choose)
+    report = accelerate(model, policy="auto", tokens=(12,), use_cache=False)
+    attention = [layer for layer in report.layers if layer.name.split(".")[-2] in seconds]
+    assert attention and all(layer.choices == {12: "bitmap"} for layer in attention)
+    assert {layer.choices[12] for layer in report.layers if layer not in attention} == {"csr16"}
+    fused = {tuple(n.rpartition(".")[2] for n in g.members): g.kernels for g in report.fused_groups}
+    assert fused[("q_proj", "k_proj", "v_proj")] == ["bitmap"]
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.kernel_for(12) == "bitmap" and q_proj.group.kernel_for(12) == "bitmap"
+    assert torch.allclose(logits(model, kw), reference, atol=1e-5, rtol=1e-4)
 
 
 def test_fusion_can_be_turned_off():

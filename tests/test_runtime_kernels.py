@@ -1,6 +1,6 @@
 """sparselm's C++ sparse kernels (runtime.extension, runtime.kernels' csr16 family and bitmap) against dense products.
 
-Every format (CSR16, bitmap) × value dtype (fp32, bf16, int8 with per-row scales for CSR16) × activation dtype (fp32,
+Every format (CSR16, bitmap) × value dtype (fp32, bf16, int8 with per-row scales) × activation dtype (fp32,
 bf16) × CPU code path this machine can run (portable, AVX2+FMA, AVX-512F, AVX-512 with bf16 dot products; the others
 are skipped with the reason) × token count (the SpMV for 1 token, the SpMM's vector, chunk and scalar tails otherwise)
 equals the float64 product of the same matrix, on random shapes with empty rows and empty columns and widths that
@@ -33,9 +33,9 @@ from sparselm.weights import select_matrices
 from test_storage import prune_smallest
 
 VALUES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "int8": (torch.float32, True)}
-FORMATS = {  # name: (build(weight, int8), the kernel's matmul, whether it stores int8)
-    "csr16": (build_csr16, csr16_mm, True),
-    "bitmap": (lambda w, int8: build_bitmap(w), KERNELS["bitmap"].matmul, False),
+FORMATS = {  # name: (build(weight, int8), the kernel's matmul)
+    "csr16": (build_csr16, csr16_mm),
+    "bitmap": (build_bitmap, KERNELS["bitmap"].matmul),
 }
 PATHS = ["portable", "avx2", "avx512", "avx512bf16"]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -76,9 +76,7 @@ def path_or_skip(path: str) -> str:
 def test_every_kernel_path_equals_the_dense_product(path, form, values, activations):
     path_or_skip(path)
     weight_dtype, int8 = VALUES[values]
-    build, matmul, has_int8 = FORMATS[form]
-    if int8 and not has_int8:
-        pytest.skip(f"{form} stores no int8 values")
+    build, matmul = FORMATS[form]
     shapes = [(67, 300, 0.2), (5, 17, 0.5), (40, 33, 0.05), (9, 64, 0.0), (6, 700, 0.1)]
     for seed, (rows, cols, density) in enumerate(shapes):
         w = sparse_matrix(rows, cols, density, seed).to(weight_dtype)
@@ -96,15 +94,15 @@ def test_every_kernel_path_equals_the_dense_product(path, form, values, activati
 @pytest.mark.parametrize("density", [0.5, 0.97])
 def test_bitmap_rows_dense_enough_to_fill_whole_blocks_take_the_vector_paths(density):
     """Rows with most of their 32-column blocks full (the expand and dot-product paths' common case), the last
-    block partial, and bf16 values and activations as the bf16 path multiplies them."""
+    block partial, and bf16 values and activations as the bf16 path multiplies them; fp32 and int8 values alike."""
     w = sparse_matrix(130, 600, density, 7).to(torch.bfloat16)
     bitmap = build_bitmap(w)
     assert torch.equal(bitmap.to_dense(), w.float())
     x = torch.randn(1, 600).to(torch.bfloat16)
     for path in extension.supported_paths():
         assert_close(KERNELS["bitmap"].matmul(bitmap, x, path), reference(bitmap, x), torch.bfloat16)
-        wide = build_bitmap(w.float())
-        assert_close(KERNELS["bitmap"].matmul(wide, x.float(), path), reference(wide, x.float()), torch.float32)
+        for wide in (build_bitmap(w.float()), build_bitmap(w.float(), int8=True)):
+            assert_close(KERNELS["bitmap"].matmul(wide, x.float(), path), reference(wide, x.float()), torch.float32)
 
 
 def test_bitmap_words_hold_all_32_columns_of_a_block():
@@ -113,7 +111,7 @@ def test_bitmap_words_hold_all_32_columns_of_a_block():
     bitmap = build_bitmap(w)
     assert bitmap.masks.dtype == torch.int32 and bitmap.masks.shape == (2, 3)
     assert bitmap.masks[0, 0] == -(2**31) + 1  # bits 0 and 31: the sign bit is a column like any other
-    assert bitmap.offsets.tolist() == [0, 6, 6] and bitmap.values[6:].eq(0).all() and len(bitmap.values) == 6 + 32
+    assert bitmap.offsets.tolist() == [0, 6, 6] and bitmap.values[6:].eq(0).all() and len(bitmap.values) == 6 + 16
     assert torch.equal(bitmap.to_dense(), w)
 
 
@@ -125,19 +123,22 @@ def test_bitmap_words_hold_all_32_columns_of_a_block():
 def test_every_output_element_is_written_over_whatever_memory_held(tokens, layout, activations, width):
     w = sparse_matrix(23, width, 0.3, 0)
     csr, bitmap = build_csr16(w.to(activations)), build_bitmap(w.to(activations))  # bf16 values: the pair SpMM
+    int8 = build_bitmap(w, int8=True)
+    ops = torch.ops.sparselm_kernels
     x = torch.randn(tokens, width).to(activations)
     given = {"token-major": x, "feature-major": x.t().contiguous().t(), "strided": torch.stack([x, x], 2)[:, :, 0]}[layout]
     assert torch.equal(given, x)
-    for write in (
-        lambda out: torch.ops.sparselm_kernels.mm_out(csr.rowptr, csr.cols, csr.values, csr.scales, given, out, 0),
-        lambda out: torch.ops.sparselm_kernels.bitmap_mm_out(
-            bitmap.masks, bitmap.offsets, bitmap.values, given, out, 0
+    for built, write in (
+        (csr, lambda out: ops.mm_out(csr.rowptr, csr.cols, csr.values, csr.scales, given, out, 0)),
+        *(
+            (b, lambda out, b=b: ops.bitmap_mm_out(b.masks, b.offsets, b.values, b.scales, given, out, 0))
+            for b in (bitmap, int8)
         ),
     ):
         out = torch.full((23, tokens), float("nan"), dtype=activations)
         write(out)
         assert not out.isnan().any()
-        assert_close(out.t(), reference(csr, x), activations)
+        assert_close(out.t(), reference(built, x), activations)
 
 
 @needs_extension
@@ -317,7 +318,8 @@ def test_dispatch_cache_keys_name_the_kernels_measured(monkeypatch):
 def test_kernel_table_knows_the_own_kernels():
     assert KERNELS["csr16"].index_bytes == 2 and KERNELS["csr16-int8"].index_bytes == 2
     assert KERNELS["bitmap"].index_bytes == 0 and KERNELS["bitmap"].index_bytes_per_weight == 1 / 8
-    assert [k for k in KERNELS if KERNELS[k].native] == ["csr16", "csr16-int8", "bitmap"]
+    assert KERNELS["bitmap-int8"].index_bytes == 0 and KERNELS["bitmap-int8"].index_bytes_per_weight == 1 / 8
+    assert [k for k in KERNELS if KERNELS[k].native] == ["csr16", "csr16-int8", "bitmap", "bitmap-int8"]
     assert KERNELS["csr16"].max_columns == KERNELS["csr16-int8"].max_columns == 65536 and not KERNELS["bitmap"].max_columns
     assert sys.modules["sparselm.runtime.kernels"].MAX_CSR16_COLUMNS == 65536
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -48,7 +48,7 @@ PRECISIONS = {
     "fp32": Precision("fp32", None, None, None, ("csr16", "bitmap"), True),
     "bf16": Precision("bf16", torch.bfloat16, 2, None, ("csr16", "bitmap"), False),  # torch's CSR: no bf16 CPU GEMM
     # weight-only int8, activations as loaded; dense is F.linear over the dequantised weights or torch's int8 GEMM
-    "int8": Precision("int8", None, 1, None, ("csr16-int8", "dense-int8"), False, True),
+    "int8": Precision("int8", None, 1, None, ("csr16-int8", "bitmap-int8", "dense-int8"), False, True),
     # int8 weights and dynamically quantised activations: lossy on models with activation outliers, so `bench` and
     # `generate` offer it only with its measured perplexity change (runtime.quality)
     "w8a8": Precision("w8a8", None, 1, "dense-w8a8", (), False, True),
@@ -236,12 +236,13 @@ def accelerate(
     CUDA 2:4 kernels and fails clearly without CUDA.
     One traced forward on `example_inputs` (by default a few random token ids) arranges the replaced layers: those
     that project an attention module's inputs return token-major outputs (attention's fast kernels need them), and
-    with `fuse` those that read the same activations run as one sparse product where they chose the same kernel.
+    with `fuse` those that read the same activations run as one sparse product (their kernels agreed first where
+    they measured different ones: `agreed_kernels`).
 
     dtype: `fp32` keeps the model's dtype as loaded; `bf16` converts the model to bfloat16 (activations and values);
     `int8` quantises every prunable matrix to weight-only int8 (a scale per output row; zeros stay zero; the
     parameters then hold the dequantised values the model computes with) and runs each on whichever measures
-    fastest of `F.linear` over those values, torch's dense int8 GEMM and the sparse int8 kernel, activations as
+    fastest of `F.linear` over those values, torch's dense int8 GEMM and the sparse int8 kernels, activations as
     loaded; `w8a8` quantises the weights alike and runs every matrix on torch's dense
     int8 GEMM with dynamically quantised activations (no sparse kernel computes in it): fast, but lossy where
     activations have outlier channels, so measure it with `runtime.quality` first (`bench` and `generate` do, and
@@ -266,7 +267,7 @@ def accelerate(
         model.to(precision.activations)
     path = dispatch.cache_path()
     decisions = dispatch.Decisions(dispatch.load_cache(path) if use_cache else {}, remeasure)
-    layers = []
+    layers: dict[str, LayerChoice] = {}  # by module name
     matrices = select_matrices(model)
     progress.start("choosing kernels", len(matrices))
     for matrix in matrices:
@@ -284,32 +285,48 @@ def accelerate(
         )
         if precision.dense_kernel or any(k != "dense" for k in choices.values()):
             replace_module(model, matrix, choices, built, precision.dense_kernel)
-        layers.append(
-            LayerChoice(
-                name=matrix.name,
-                shape=list(matrix.shape),
-                sparsity=sparsity,
-                structure=structure,
-                choices=choices,
-                microseconds={t: {k: v * 1e6 for k, v in b["seconds"].items()} for t, b in basis.items()},
-                speedups={t: speedups_of(b) for t, b in basis.items()},
-                cached=cached,
-            )
+        layers[matrix.module_name] = LayerChoice(
+            name=matrix.name,
+            shape=list(matrix.shape),
+            sparsity=sparsity,
+            structure=structure,
+            choices=choices,
+            microseconds={t: {k: v * 1e6 for k, v in b["seconds"].items()} for t, b in basis.items()},
+            speedups={t: speedups_of(b) for t, b in basis.items()},
+            cached=cached,
         )
         progress.advance()
     if use_cache and policy == "auto":
         dispatch.save_cache(path, decisions.cache)
-    groups = arrange_outputs(model, example_inputs, fuse)
+    groups = arrange_outputs(model, example_inputs, fuse, layers)
     kernels = extension.status()
     notes = [kernels.note] if kernels.note and policy in ("auto", "sparse") else []
     return AccelerateReport(
-        policy, torch.get_num_threads(), torch.__version__, tokens, layers, groups, dtype, kernels.path, notes
+        policy, torch.get_num_threads(), torch.__version__, tokens, list(layers.values()), groups, dtype, kernels.path,
+        notes,
     )
 
 
-def arrange_outputs(model: nn.Module, example_inputs: dict[str, Any] | None, fuse: bool) -> list[FusedGroup]:
+def agreed_kernels(members: list[LayerChoice]) -> dict[int, str]:
+    """Token counts at which sibling layers chose different sparse kernels, each with the kernel measured on every
+    member that costs them least in total: run by all of them it is one product (one transpose of the activations
+    and one call instead of one per layer), a saving that measuring layer by layer cannot see."""
+    agreed = {}
+    for t in members[0].choices:
+        chosen = {m.choices[t] for m in members}
+        measured = [m.microseconds.get(t, {}) for m in members]
+        common = set.intersection(*(set(us) for us in measured)) - {"dense"}
+        if len(chosen) > 1 and "dense" not in chosen and common:
+            agreed[t] = min(sorted(common), key=lambda k: sum(us[k] for us in measured))
+    return agreed
+
+
+def arrange_outputs(
+    model: nn.Module, example_inputs: dict[str, Any] | None, fuse: bool, layers: dict[str, LayerChoice]
+) -> list[FusedGroup]:
     """Trace one forward pass: projections of attention inputs return token-major outputs, and (with `fuse`)
-    layers called on the same tensor share one product. Returns the fused groups."""
+    layers called on the same tensor share one product, their kernels agreed where they chose different ones
+    (`layers`, by module name, then records the agreed choices). Returns the fused groups."""
     names = [name for name, module in model.named_modules() if isinstance(module, SparseLinear)]
     if not names:
         return []
@@ -319,6 +336,10 @@ def arrange_outputs(model: nn.Module, example_inputs: dict[str, Any] | None, fus
         model.get_submodule(name).token_major = True
     described = []
     for members in trace.groups if fuse else []:
+        for tokens, kernel in agreed_kernels([layers[n] for n in members]).items():
+            for name in members:
+                model.get_submodule(name).use(tokens, kernel)
+                layers[name] = replace(layers[name], choices={**layers[name].choices, tokens: kernel})
         group = SiblingGroup([model.get_submodule(n) for n in members])
         token_major = all(m.token_major for m in group.members)
         described.append(FusedGroup(members, sorted(group.fused), token_major))

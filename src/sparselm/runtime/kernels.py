@@ -3,9 +3,10 @@
 CPU kernels go through `torch.sparse.mm(W_sparse, Xᵀ)` with activations feature-major (in × tokens), which the
 measurements in the project notes show is 3–6× faster than `F.linear(x, W_sparse)`. CSR indices are int32 (MKL's
 native width, saving a conversion on every call). BSR is offered only when the mask is block-structured. The 2:4
-semi-structured kernel exists only on CUDA. `csr16` and `csr16-int8` are sparselm's own C++ kernels (runtime.extension):
-CSR with 16-bit column indices and fp32/bf16 values, or int8 values with a scale per output row (weight-only int8),
-for fp32 or bf16 activations; a row-parallel SpMM for many tokens and an SpMV for one.
+semi-structured kernel exists only on CUDA. `csr16`, `bitmap` and their `-int8` forms are sparselm's own C++ kernels
+(runtime.extension): CSR with 16-bit column indices, or one bit per weight, with fp32/bf16 values or int8 values
+with a scale per output row (weight-only int8), for fp32 or bf16 activations; a row-parallel SpMM for many tokens
+and an SpMV for one.
 """
 
 from __future__ import annotations
@@ -154,50 +155,61 @@ def csr16_mm(sparse_weight: Csr16, x: torch.Tensor, path: str | None = None) -> 
 
 
 BITMAP_BLOCK = 32
-BITMAP_PADDING = 32  # values after the last row: the vector kernels load a whole block's worth past a row's start
+BITMAP_PADDING_BYTES = 64  # after the last row: the vector kernels load a whole vector's worth past a row's start
 
 
 @dataclass(frozen=True)
 class Bitmap:
     """A (rows × cols) matrix as one bit per weight and its stored values: bit i of masks[r, b] (int32 words, read as
     unsigned) says whether column 32·b + i of row r is stored; row r's values, in column order, start at
-    offsets[r] in `values`, which ends in BITMAP_PADDING zeros. At 50% sparsity bf16 this reads 1.125 bytes per
-    weight where dense reads 2 and CSR16 2: the one sparse form that can beat dense at moderate sparsity."""
+    offsets[r] in `values`, which ends in BITMAP_PADDING_BYTES of zeros. int8 values come with one fp32 scale per
+    row (`scales` is empty otherwise). At 50% sparsity this reads 1.125 bytes per weight in bf16 where dense and
+    CSR16 read 2, and 0.625 in int8 where dense int8 reads 1: the sparse form that can beat dense at moderate
+    sparsity."""
 
     masks: torch.Tensor
     offsets: torch.Tensor
     values: torch.Tensor
+    scales: torch.Tensor
     shape: tuple[int, int]
 
     def to_dense(self) -> torch.Tensor:
+        """The matrix as the kernels compute with it (int8 values times their row scale), in float32."""
         rows, cols = self.shape
         bits = (self.masks[:, :, None] >> torch.arange(BITMAP_BLOCK, dtype=torch.int32)) & 1
         keep = bits.reshape(rows, -1)[:, :cols].bool()
         dense = torch.zeros(self.shape, dtype=torch.float32)
         dense[keep] = self.values[: int(self.offsets[-1])].float()
-        return dense
+        return dense * self.scales[:, None] if self.scales.numel() else dense
 
 
-def build_bitmap(weight: torch.Tensor) -> Bitmap:
-    """The bitmap form of a (out × in) weight, values in the weight's dtype."""
+def build_bitmap(weight: torch.Tensor, int8: bool = False) -> Bitmap:
+    """The bitmap form of a (out × in) weight, values in the weight's dtype or (int8) its per-row int8 quantisation."""
     weight = weight.detach()
     rows, cols = weight.shape
+    values_of, scales = quantize_rows(weight) if int8 else (weight, torch.empty(0))
     blocks = -(-cols // BITMAP_BLOCK)
     keep = torch.zeros(rows, blocks * BITMAP_BLOCK, dtype=torch.bool)
-    keep[:, :cols] = weight != 0
+    keep[:, :cols] = values_of != 0
     words = (keep.view(rows, blocks, BITMAP_BLOCK).long() << torch.arange(BITMAP_BLOCK)).sum(-1)
     masks = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # the same 32 bits, as int32
     offsets = torch.zeros(rows + 1, dtype=torch.int32)
     offsets[1:] = keep.sum(dim=1).cumsum(0)
-    values = torch.cat([weight[weight != 0], weight.new_zeros(BITMAP_PADDING)])
-    return Bitmap(masks.contiguous(), offsets, values.contiguous(), (rows, cols))
+    padding = values_of.new_zeros(BITMAP_PADDING_BYTES // values_of.element_size())
+    values = torch.cat([values_of[values_of != 0], padding])
+    return Bitmap(masks.contiguous(), offsets, values.contiguous(), scales.contiguous(), (rows, cols))
+
+
+def build_bitmap_int8(weight: torch.Tensor) -> Bitmap:
+    return build_bitmap(weight, int8=True)
 
 
 def bitmap_mm(sparse_weight: Bitmap, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """[..., in] → [..., out], like `csr16_mm`; one token's product expands each block's values to their columns
-    (AVX-512) and, for bf16 values and activations on CPUs with avx512_bf16, multiplies them with VDPBF16PS."""
+    (AVX-512; int8 values on CPUs with avx512_vbmi2) and, for bf16 values and activations on CPUs with avx512_bf16,
+    multiplies them with VDPBF16PS."""
     w = sparse_weight
-    return torch.ops.sparselm_kernels.bitmap_mm(w.masks, w.offsets, w.values, x, extension.path_code(path))
+    return torch.ops.sparselm_kernels.bitmap_mm(w.masks, w.offsets, w.values, w.scales, x, extension.path_code(path))
 
 
 def build_csr16_int8(weight: torch.Tensor) -> Csr16:
@@ -247,6 +259,7 @@ KERNELS: dict[str, Kernel] = {
         Kernel("csr16", 2, build_csr16, csr16_mm, native=True, max_columns=MAX_CSR16_COLUMNS),
         Kernel("csr16-int8", 2, build_csr16_int8, csr16_mm, native=True, max_columns=MAX_CSR16_COLUMNS),
         Kernel("bitmap", 0, build_bitmap, bitmap_mm, index_bytes_per_weight=1 / 8, native=True),  # a bit per weight
+        Kernel("bitmap-int8", 0, build_bitmap_int8, bitmap_mm, index_bytes_per_weight=1 / 8, native=True),
         Kernel("dense-int8", 0, build_dense_int8, any_rank(dense_int8_mm)),  # torch's weight-only int8 GEMM
         # dense int8 × dynamically quantised activations
         Kernel("dense-w8a8", 0, build_dense_w8a8, any_rank(dense_w8a8_mm)),

@@ -55,6 +55,13 @@ class SparseLinear(nn.Module):
             kernel = self._kernel_by_tokens[tokens] = self.choices[nearest]
         return kernel
 
+    def use(self, tokens: int, kernel: str) -> None:
+        """Run `kernel` at this measured token count from now on, building its sparse form if this layer has none."""
+        if kernel not in self.sparse:
+            self.sparse[kernel] = KERNELS[kernel].build(self.out_in())
+        self.choices[tokens] = kernel
+        self._kernel_by_tokens.clear()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // self.in_features
         kernel = self.kernel_for(tokens)

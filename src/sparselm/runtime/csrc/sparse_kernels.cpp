@@ -1,5 +1,5 @@
-// sparselm's CPU sparse kernels: CSR with 16-bit column indices and fp32, bf16 or int8 (per-row scale) values, and
-// a bitmap (one bit per weight, the kept fp32 or bf16 values packed per row), multiplied by fp32 or bf16
+// sparselm's CPU sparse kernels: CSR with 16-bit column indices and a bitmap (one bit per weight, the kept values
+// packed per row), each with fp32, bf16 or int8 (per-row scale) values, multiplied by fp32 or bf16
 // activations. Row-parallel (at::parallel_for); one SpMM for many tokens and one SpMV for a single token, both
 // accumulating in fp32. Four code paths from one kernel text (sparse_body.inc): portable (the baseline ISA),
 // AVX2+FMA, AVX-512F, and AVX-512 with bf16 dot products (VDPBF16PS), chosen at run time from the CPU's features
@@ -9,7 +9,8 @@
 //   mm_out(rowptr int32[N+1], cols int16[nnz], values f32|bf16|i8[nnz], scales f32[N] (empty: none),
 //          x f32|bf16[T,K] (token-major rows, or a transposed view of a feature-major [K,T]), out like x [N,T], path)
 //   mm(same but out; x [..., K]) -> Tensor [..., N]: a view of a new [N,T] (contiguous when T is 1)
-//   bitmap_mm_out / bitmap_mm(masks int32[N, ceil(K/32)], offsets int32[N+1], values f32|bf16, x, ...): the same
+//   bitmap_mm_out / bitmap_mm(masks int32[N, ceil(K/32)], offsets int32[N+1], values f32|bf16|i8 (then 64 bytes
+//          of padding), scales, x, ...): the same
 //   best_path() -> int ; supports(path) -> bool
 // The SpMM reads the activations feature-major: token-major ones are transposed here, in one pass into a scratch
 // buffer (torch's transposing copy of a [T,1536] matrix took as long as the product) — widened to fp32, except bf16
@@ -83,7 +84,7 @@ namespace avx512 {
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vbmi2,avx512bf16,fma,popcnt")
-namespace avx512bf16 {  // the AVX-512F kernels, and bitmap rows of bf16 values · bf16 activations with VDPBF16PS
+namespace avx512bf16 {  // the AVX-512F kernels, and bf16 values · bf16 activations with VDPBF16PS
 #define W 16
 #define SPARSELM_BF16_DOT 1
 #include "sparse_body.inc"
@@ -278,6 +279,15 @@ void product(const at::Tensor& x_in, const at::Tensor& out, at::ScalarType value
   });
 }
 
+// The per-row scales of int8 values (null when `scales` is empty), checked.
+const float* row_scales(const at::Tensor& scales, const at::Tensor& values, int64_t rows) {
+  const bool has_scales = scales.numel() > 0;
+  TORCH_CHECK(!has_scales || (scales.scalar_type() == at::kFloat && scales.numel() == rows && scales.is_contiguous()),
+              "scales: float32 [N] or empty");
+  TORCH_CHECK(values.scalar_type() != at::kChar || has_scales, "int8 values need per-row scales");
+  return has_scales ? scales.data_ptr<float>() : nullptr;
+}
+
 void mm_out(const at::Tensor& rowptr, const at::Tensor& cols, const at::Tensor& values, const at::Tensor& scales,
             const at::Tensor& x, const at::Tensor& out, int64_t path) {
   TORCH_CHECK(x.dim() == 2, "x: [T, K]");
@@ -287,14 +297,10 @@ void mm_out(const at::Tensor& rowptr, const at::Tensor& cols, const at::Tensor& 
   TORCH_CHECK(values.is_contiguous() && values.numel() == cols.numel(), "values: contiguous, one per column index");
   TORCH_CHECK(K <= 65536, "16-bit column indices address at most 65536 input features");
   const int64_t rows = rowptr.numel() - 1;
-  const bool has_scales = scales.numel() > 0;
-  TORCH_CHECK(!has_scales || (scales.scalar_type() == at::kFloat && scales.numel() == rows && scales.is_contiguous()),
-              "scales: float32 [N] or empty");
-  TORCH_CHECK(values.scalar_type() != at::kChar || has_scales, "int8 values need per-row scales");
+  const float* sp = row_scales(scales, values, rows);
   const int32_t* rp = rowptr.data_ptr<int32_t>();
   TORCH_CHECK(rows >= 0 && rp[0] == 0 && rp[rows] == values.numel(), "rowptr must run from 0 to nnz");
   const uint16_t* cp = reinterpret_cast<const uint16_t*>(cols.data_ptr<int16_t>());
-  const float* sp = has_scales ? scales.data_ptr<float>() : nullptr;
   const void* vp = values.data_ptr();
   product(x, out, values.scalar_type(), {rows, values.numel(), K}, path, [&](auto ops, auto v) {
     using V = decltype(v);
@@ -302,8 +308,8 @@ void mm_out(const at::Tensor& rowptr, const at::Tensor& cols, const at::Tensor& 
   });
 }
 
-void bitmap_mm_out(const at::Tensor& masks, const at::Tensor& offsets, const at::Tensor& values, const at::Tensor& x,
-                   const at::Tensor& out, int64_t path) {
+void bitmap_mm_out(const at::Tensor& masks, const at::Tensor& offsets, const at::Tensor& values,
+                   const at::Tensor& scales, const at::Tensor& x, const at::Tensor& out, int64_t path) {
   TORCH_CHECK(x.dim() == 2, "x: [T, K]");
   const int64_t K = x.size(1);
   TORCH_CHECK(masks.scalar_type() == at::kInt && masks.dim() == 2 && masks.is_contiguous(), "masks: int32 [N, B]");
@@ -311,15 +317,16 @@ void bitmap_mm_out(const at::Tensor& masks, const at::Tensor& offsets, const at:
   TORCH_CHECK(blocks == (K + 31) / 32, "masks: one 32-bit word per 32 input features");
   TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 1 && offsets.numel() == rows + 1 &&
               offsets.is_contiguous(), "offsets: int32 [N+1]");
-  TORCH_CHECK(values.is_contiguous() && (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
-              "values: contiguous float32 or bfloat16");
+  TORCH_CHECK(values.is_contiguous() && values.dim() == 1, "values: contiguous [nnz + padding]");
+  const float* sp = row_scales(scales, values, rows);
   const int32_t* op = offsets.data_ptr<int32_t>();
-  TORCH_CHECK(op[0] == 0 && op[rows] + 32 <= values.numel(), "values: every row's values, then 32 values of padding");
+  TORCH_CHECK(op[0] == 0 && (values.numel() - op[rows]) * values.element_size() >= 64,
+              "values: every row's values, then 64 bytes of padding");
   const uint32_t* mp = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
   const void* vp = values.data_ptr();
   product(x, out, values.scalar_type(), {rows, op[rows], 32 * blocks}, path, [&](auto ops, auto v) {
     using V = decltype(v);
-    return typename decltype(ops)::template Bitmap<V>{mp, blocks, op, static_cast<const V*>(vp)};
+    return typename decltype(ops)::template Bitmap<V>{mp, blocks, op, static_cast<const V*>(vp), sp};
   });
 }
 
@@ -343,10 +350,10 @@ at::Tensor mm(const at::Tensor& rowptr, const at::Tensor& cols, const at::Tensor
   });
 }
 
-at::Tensor bitmap_mm(const at::Tensor& masks, const at::Tensor& offsets, const at::Tensor& values, const at::Tensor& x,
-                     int64_t path) {
+at::Tensor bitmap_mm(const at::Tensor& masks, const at::Tensor& offsets, const at::Tensor& values,
+                     const at::Tensor& scales, const at::Tensor& x, int64_t path) {
   return functional(masks.size(0), x, [&](const at::Tensor& x2d, const at::Tensor& out) {
-    bitmap_mm_out(masks, offsets, values, x2d, out, path);
+    bitmap_mm_out(masks, offsets, values, scales, x2d, out, path);
   });
 }
 
@@ -356,9 +363,10 @@ TORCH_LIBRARY(sparselm_kernels, m) {
   m.def("mm_out(Tensor rowptr, Tensor cols, Tensor values, Tensor scales, Tensor x, Tensor(a!) out, int path) -> ()",
         &mm_out);
   m.def("mm(Tensor rowptr, Tensor cols, Tensor values, Tensor scales, Tensor x, int path) -> Tensor", &mm);
-  m.def("bitmap_mm_out(Tensor masks, Tensor offsets, Tensor values, Tensor x, Tensor(a!) out, int path) -> ()",
-        &bitmap_mm_out);
-  m.def("bitmap_mm(Tensor masks, Tensor offsets, Tensor values, Tensor x, int path) -> Tensor", &bitmap_mm);
+  m.def("bitmap_mm_out(Tensor masks, Tensor offsets, Tensor values, Tensor scales, Tensor x, Tensor(a!) out, "
+        "int path) -> ()", &bitmap_mm_out);
+  m.def("bitmap_mm(Tensor masks, Tensor offsets, Tensor values, Tensor scales, Tensor x, int path) -> Tensor",
+        &bitmap_mm);
   m.def("best_path() -> int", &best_path);
   m.def("supports(int path) -> bool", [](int64_t path) { return supports(path); });
 }
