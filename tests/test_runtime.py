@@ -168,6 +168,7 @@ def test_siblings_that_measured_different_kernels_agree_on_the_cheapest_for_all(
     assert fused[("q_proj", "k_proj", "v_proj")] == ["bitmap"]
     q_proj = model.model.layers[0].self_attn.q_proj
     assert q_proj.kernel_for(12) == "bitmap" and q_proj.group.kernel_for(12) == "bitmap"
+    assert set(q_proj.sparse) == {"bitmap"}  # its csr16 form, used at no token count any more, is dropped
     assert torch.allclose(logits(model, kw), reference, atol=1e-5, rtol=1e-4)
 
 

@@ -56,11 +56,14 @@ class SparseLinear(nn.Module):
         return kernel
 
     def use(self, tokens: int, kernel: str) -> None:
-        """Run `kernel` at this measured token count from now on, building its sparse form if this layer has none."""
+        """Run `kernel` at this measured token count from now on: its sparse form is built if this layer has none,
+        and a form no token count uses any more is dropped."""
         if kernel not in self.sparse:
             self.sparse[kernel] = KERNELS[kernel].build(self.out_in())
         self.choices[tokens] = kernel
         self._kernel_by_tokens.clear()
+        used = {*self.choices.values(), self.dense_kernel}
+        self.sparse = {k: form for k, form in self.sparse.items() if k in used}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // self.in_features
