@@ -189,8 +189,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rows", default="fp32,bf16,int8,sparsegpt,block",
-                        help="row groups: fp32 (every sparsity), bf16 and int8 (0.9, 0.95), sparsegpt (50%%, bf16 and int8), "
-                             "block (block:16x16 at 0.9, fp32)")
+                        help="row groups: fp32 (every sparsity), bf16 and int8 (0.9, 0.95), "
+                             "sparsegpt (50%%, bf16 and int8), block (block:16x16 at 0.9, fp32)")
     parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="fp32 rows: comma-separated")
     parser.add_argument("--quality", action="store_true",
                         help="also measure PTB perplexity of the 50%% SparseGPT model in each dtype")

@@ -206,7 +206,7 @@ def build_bitmap_int8(weight: torch.Tensor) -> Bitmap:
 
 def bitmap_mm(sparse_weight: Bitmap, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """[..., in] → [..., out], like `csr16_mm`; one token's product expands each block's values to their columns
-    (AVX-512; int8 values on CPUs with avx512_vbmi2) and, for bf16 values and activations on CPUs with avx512_bf16,
+    (AVX-512; int8 values widened to fp32 first) and, for bf16 values and activations on CPUs with avx512_bf16,
     multiplies them with VDPBF16PS."""
     w = sparse_weight
     return torch.ops.sparselm_kernels.bitmap_mm(w.masks, w.offsets, w.values, w.scales, x, extension.path_code(path))

@@ -317,7 +317,10 @@ void bitmap_mm_out(const at::Tensor& masks, const at::Tensor& offsets, const at:
   TORCH_CHECK(blocks == (K + 31) / 32, "masks: one 32-bit word per 32 input features");
   TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 1 && offsets.numel() == rows + 1 &&
               offsets.is_contiguous(), "offsets: int32 [N+1]");
-  TORCH_CHECK(values.is_contiguous() && values.dim() == 1, "values: contiguous [nnz + padding]");
+  const auto type = values.scalar_type();
+  TORCH_CHECK(values.is_contiguous() && values.dim() == 1 &&
+              (type == at::kFloat || type == at::kBFloat16 || type == at::kChar),
+              "values: contiguous float32, bfloat16 or int8 [nnz + padding]");
   const float* sp = row_scales(scales, values, rows);
   const int32_t* op = offsets.data_ptr<int32_t>();
   TORCH_CHECK(op[0] == 0 && (values.numel() - op[rows]) * values.element_size() >= 64,
